@@ -1,0 +1,1 @@
+"""One Ray Serve deployment per model role, and the loading and batching they share."""

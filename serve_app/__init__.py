@@ -1,0 +1,1 @@
+"""The RAG serving application: configuration, HTTP shapes, ingress and the app builder."""

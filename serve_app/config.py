@@ -1,0 +1,124 @@
+"""Every setting of the application, as typed models validated once.
+
+`serve_config.yaml` `applications[].args` become an `AppConfig` in `build_app`; environment
+variables (prefix `RAG_`, nested with `__`) are read here and nowhere else. Each deployment
+receives its own section, already resolved for the cluster it runs on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_GENERATION_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class Batching(Section):
+    """Dynamic batching of one deployment; sent as `user_config`, so it changes live."""
+
+    max_batch_size: int = Field(ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(ge=0.0, le=10.0)
+
+
+class ModelDeployment(Section):
+    """What every model deployment shares: which model, where it runs, how it batches."""
+
+    model: str = Field(description="Hub id or local path. Ids that a package bundles load offline.")
+    served_name: str | None = Field(
+        default=None, description="Name in /v1/models and responses; the model's last segment."
+    )
+    precision: Precision = "auto"
+    num_gpus: float = Field(default=0.0, ge=0.0, le=8.0, description="GPU share when GPUs exist.")
+    num_cpus: float = Field(default=0.5, gt=0.0, le=64.0)
+    threads: int | None = Field(
+        default=None, ge=1, le=256, description="Torch intra-op threads; default max(1, num_cpus)."
+    )
+    num_replicas: int = Field(default=1, ge=1, le=256)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    batching: Batching
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, round(self.num_cpus))
+
+
+class EmbedderConfig(ModelDeployment):
+    model: str = DEFAULT_EMBEDDING_MODEL
+    num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
+    max_ongoing_requests: int = Field(default=128, ge=1)
+    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.005)
+
+
+class RerankerConfig(ModelDeployment):
+    backend: Literal["query-likelihood", "cross-encoder"] = Field(
+        default="query-likelihood",
+        description="query-likelihood: mean log P(query | passage) under a causal LM. "
+        "cross-encoder: a sentence-transformers CrossEncoder.",
+    )
+    model: str = DEFAULT_GENERATION_MODEL
+    served_name: str | None = "query-likelihood-smollm2-135m"
+    num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
+    max_passage_tokens: int = Field(default=256, ge=8, le=8192)
+    max_query_tokens: int = Field(default=64, ge=1, le=1024)
+    batching: Batching = Batching(max_batch_size=32, batch_wait_timeout_s=0.005)
+
+
+class GeneratorConfig(ModelDeployment):
+    model: str = DEFAULT_GENERATION_MODEL
+    num_gpus: float = Field(default=0.5, ge=0.0, le=8.0)
+    max_new_tokens: int = Field(default=512, ge=1, le=32768, description="Cap on max_tokens.")
+    default_temperature: float = Field(
+        default=0.0, ge=0.0, le=2.0, description="Used when a request sets none; 0 is greedy."
+    )
+    batching: Batching = Batching(max_batch_size=8, batch_wait_timeout_s=0.02)
+
+
+class IngressConfig(Section):
+    num_cpus: float = Field(default=0.25, gt=0.0, le=64.0)
+    num_replicas: int = Field(default=1, ge=1, le=256)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    ready_timeout_s: float = Field(default=2.0, gt=0.0)
+
+
+class AppConfig(BaseSettings):
+    """The whole application. Built from `args`; `RAG_*` environment variables fill the rest."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        protected_namespaces=(),
+    )
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    reranker: RerankerConfig = RerankerConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    ingress: IngressConfig = IngressConfig()
+    model_cache_dir: Path = Field(
+        default=Path("~/.cache/rag-serve/models"),
+        description="Where converted model weights are kept (e.g. GGUF -> safetensors).",
+    )
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> AppConfig:
+        # Replicas may start in another working directory: resolve once, here.
+        object.__setattr__(self, "model_cache_dir", self.model_cache_dir.expanduser().resolve())
+        return self
+
+    def models(self) -> dict[str, ModelDeployment]:
+        return {"embedder": self.embedder, "reranker": self.reranker, "generator": self.generator}

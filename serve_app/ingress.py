@@ -1,0 +1,251 @@
+"""The HTTP ingress: thin routes that validate, call a model deployment's handle, shape the answer.
+
+Route -> protocol model (validation, 4xx in OpenAI's error shape) -> deployment handle
+(batched model call) -> protocol response.
+"""
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.generator import Delta, GenerationRequest
+from serve_app.config import AppConfig
+from serve_app.protocol import errors
+from serve_app.protocol.openai import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+)
+from serve_app.protocol.rerank import (
+    Document,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+)
+
+app = FastAPI(
+    title="rag-serve",
+    summary="Embedding, reranking and chat behind OpenAI-compatible routes, on Ray Serve.",
+    version="0.1.0",
+)
+errors.install(app)
+
+
+def _usage(delta: Delta) -> Usage:
+    return Usage(
+        prompt_tokens=delta.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+        total_tokens=delta.prompt_tokens + delta.completion_tokens,
+    )
+
+
+async def _sse_chunks(
+    first: Delta,
+    rest: AsyncIterator[Delta],
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk, content chunks, a finish chunk, usage if asked, [DONE]."""
+
+    def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=completion_id, created=created, model=model, choices=choices, usage=usage
+        )
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event([ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    last = first
+    try:
+        delta: Delta | None = first
+        while delta is not None:
+            last = delta
+            if delta.text:
+                yield event([ChunkChoice(delta=DeltaMessage(content=delta.text))])
+            delta = await anext(rest, None)
+    except Exception as exc:  # the status line is gone: report in-band, then end the stream
+        body = errors.ErrorBody(
+            message=f"Generation failed: {type(exc).__name__}", type="api_error"
+        )
+        yield f"data: {errors.ErrorResponse(error=body).model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    yield event([ChunkChoice(delta=DeltaMessage(), finish_reason=last.finish_reason)])
+    if include_usage:
+        yield event([], usage=_usage(last))
+    yield "data: [DONE]\n\n"
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """Composes the model deployments behind one FastAPI app."""
+
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        reranker: DeploymentHandle,
+        generator: DeploymentHandle,
+        config: AppConfig,
+    ) -> None:
+        self.embedder = embedder
+        self.reranker = reranker
+        self.generator = generator
+        self.config = config
+        self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
+
+    # --- health -----------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the ingress answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": errors.ErrorResponse}})
+    async def ready(self):
+        """200 once every model deployment has loaded its model, 503 until then."""
+        try:
+            infos = await asyncio.wait_for(self._model_infos(), self.config.ingress.ready_timeout_s)
+        except Exception:
+            return errors.error_response(
+                errors.APIError(503, "Models are still loading.", "unavailable", code="not_ready")
+            )
+        return {"status": "ready", "models": {role: i["model"] for role, i in infos.items()}}
+
+    @app.get("/v1/status")
+    async def status(self) -> dict[str, dict]:
+        """Each model deployment's model, precision, device, memory and batch sizes."""
+        return await self._model_infos()
+
+    async def _model_infos(self) -> dict[str, dict]:
+        roles = list(self.handles)
+        infos = await asyncio.gather(*(self.handles[r].model_info.remote() for r in roles))
+        return dict(zip(roles, infos, strict=True))
+
+    # --- models -----------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=m.name) for m in self.config.models().values()])
+
+    def _served_name(self, role: str, requested: str | None) -> str:
+        name = self.config.models()[role].name
+        if requested is not None and requested != name:
+            raise errors.APIError(
+                404,
+                f"The model '{requested}' does not exist; this route serves '{name}'.",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    # --- embeddings -------------------------------------------------------------------------
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(self, request: EmbeddingRequest) -> JSONResponse:
+        model = self._served_name("embedder", request.model)
+        result = await self.embedder.embed.remote(request.texts)
+        vectors = result.vectors
+        if request.dimensions is not None:
+            if request.dimensions > vectors.shape[1]:
+                raise errors.APIError(
+                    400,
+                    f"dimensions must be at most {vectors.shape[1]} for {model}.",
+                    param="dimensions",
+                    code="invalid_value",
+                )
+            vectors = vectors[:, : request.dimensions]
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        if request.encoding_format == "base64":
+            encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            encoded = vectors.tolist()
+        tokens = sum(result.tokens)
+        body = EmbeddingResponse.model_construct(
+            data=[
+                EmbeddingData.model_construct(index=i, embedding=e) for i, e in enumerate(encoded)
+            ],
+            model=model,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+        # Built without re-validation: these are thousands of floats the model just produced.
+        return JSONResponse(body.model_dump(mode="json"))
+
+    # --- rerank -----------------------------------------------------------------------------
+    @app.post("/v1/rerank")
+    @app.post("/rerank", include_in_schema=False)
+    async def rerank(self, request: RerankRequest) -> RerankResponse:
+        model = self._served_name("reranker", request.model)
+        texts = request.texts
+        scored = await self.reranker.rerank.remote(request.query, texts)
+        order = sorted(range(len(texts)), key=lambda i: scored[i][0], reverse=True)
+        results = [
+            RerankResult(
+                index=i,
+                relevance_score=scored[i][0],
+                document=Document(text=texts[i]) if request.return_documents else None,
+            )
+            for i in order[: request.top_n]
+        ]
+        usage = RerankUsage(total_tokens=sum(tokens for _, tokens in scored))
+        return RerankResponse(id=new_id("rerank"), model=model, results=results, usage=usage)
+
+    # --- chat -------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat(self, request: ChatCompletionRequest):
+        model = self._served_name("generator", request.model)
+        cap = self.config.generator.max_new_tokens
+        budget = request.token_budget or cap
+        if budget > cap:
+            raise errors.APIError(
+                400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
+            )
+        temperature = request.temperature
+        generation = GenerationRequest(
+            messages=[{"role": m.role, "content": m.text()} for m in request.messages],
+            max_tokens=budget,
+            temperature=self.config.generator.default_temperature
+            if temperature is None
+            else temperature,
+            top_p=request.top_p,
+            stop=request.stops,
+            seed=request.seed,
+        )
+        deltas = aiter(self.generator.options(stream=True).generate.remote(generation))
+        # Wait for the first token before answering, so overload or failure still gets a status.
+        first = await anext(deltas)
+        completion_id, created = new_id("chatcmpl"), int(time.time())
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = _sse_chunks(first, deltas, completion_id, created, model, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, last = first.text, first
+        async for delta in deltas:
+            text, last = text + delta.text, delta
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[
+                Choice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+            ],
+            usage=_usage(last),
+        )

@@ -1,0 +1,1 @@
+"""HTTP request and response shapes, and the error shape, in one place."""

@@ -1,0 +1,108 @@
+"""OpenAI's error shape, `{"error": {message, type, param, code}}`, for every failure."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+RETRY_AFTER_S = 1
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """An error to answer with `status` and OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code)
+        self.headers = headers
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(error=error.body).model_dump(),
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+def _field_path(loc: tuple) -> str | None:
+    """`body.input.list[constrained-str].0` -> `input.0`: field names and indices only."""
+    parts = [
+        str(p) for p in loc[1:] if isinstance(p, int) or (isinstance(p, str) and p.isidentifier())
+    ]
+    return ".".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    problems = exc.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    param = _field_path(tuple(problems[0].get("loc", ()))) if problems else None
+    # A union field fails once per alternative: report them together.
+    messages = dict.fromkeys(
+        p.get("msg", "invalid") for p in problems if _field_path(tuple(p.get("loc", ()))) == param
+    )
+    message = " or ".join(list(messages)[:3]) or "Invalid request"
+    return APIError(
+        400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
+    )
+
+
+_STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def install(app: FastAPI) -> None:
+    """Route every error the app can raise through OpenAI's shape; nothing leaks as plain text."""
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(BackPressureError)
+    async def _overloaded(_: Request, exc: BackPressureError) -> JSONResponse:
+        return error_response(
+            APIError(
+                503,
+                "The server is overloaded; retry shortly.",
+                type="overloaded",
+                code="overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"Internal error: {type(exc).__name__}", "api_error"))

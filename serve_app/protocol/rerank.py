@@ -1,0 +1,42 @@
+"""The rerank shape shared by Cohere and Jina: query and documents in, sorted scores out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from serve_app.protocol.openai import Request
+
+
+class Document(BaseModel):
+    text: str
+
+
+class RerankRequest(Request):
+    model: str | None = None
+    query: Annotated[str, Field(min_length=1)]
+    documents: list[str | Document] = Field(min_length=1)
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = False
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: Document | None = None
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
