@@ -68,7 +68,7 @@ class BatchedModel:
     """
 
     batched: str
-    max_batch_size: int
+    max_batch_size: int  # set by reconfigure, which Serve calls before the first request
 
     def __init__(self) -> None:
         self.stats = BatchStats()

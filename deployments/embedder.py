@@ -38,7 +38,6 @@ class Embedder(BatchedModel):
         model = SentenceTransformer(loading.local_path(config.model), device=self.device)
         self.model = model.to(loading.DTYPES[self.precision]).eval()
         self.dimensions = self.model.get_embedding_dimension()
-        self.max_batch_size = config.batching.max_batch_size
         self.info = {
             "role": "embedding",
             "model": config.name,

@@ -68,7 +68,6 @@ class Generator(BatchedModel):
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
         self.context_tokens = getattr(self.model.config, "max_position_embeddings", 2048)
-        self.max_batch_size = config.batching.max_batch_size
         self.info = {
             "role": "generation",
             "model": config.name,

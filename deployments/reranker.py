@@ -114,7 +114,6 @@ class Reranker(BatchedModel):
             if config.backend == "query-likelihood"
             else CrossEncoderScorer(config, self.device, self.precision)
         )
-        self.max_batch_size = config.batching.max_batch_size
         self.info = {
             "role": "rerank",
             "backend": config.backend,

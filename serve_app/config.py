@@ -45,6 +45,8 @@ class ModelDeployment(Section):
     )
     num_replicas: int = Field(default=1, ge=1, le=256)
     max_ongoing_requests: int = Field(default=64, ge=1)
+    # The default user_config. The serve config's `deployments[].user_config` overrides it and
+    # changes running replicas in place; a change to `args` restarts them.
     batching: Batching
 
     @property

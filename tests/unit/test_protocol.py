@@ -1,0 +1,103 @@
+"""Request validation and the error shape, without a cluster."""
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from serve_app.protocol import errors
+from serve_app.protocol.openai import ChatCompletionRequest, EmbeddingRequest
+from serve_app.protocol.rerank import RerankRequest
+
+
+def test_embedding_input_forms():
+    assert EmbeddingRequest(input="a").texts == ["a"]
+    assert EmbeddingRequest(input=["a", "b"]).texts == ["a", "b"]
+    for bad in ([], "", [""], [1, 2], None):
+        with pytest.raises(ValidationError):
+            EmbeddingRequest(input=bad)
+    with pytest.raises(ValidationError):
+        EmbeddingRequest(input="a", encoding_format="int8")
+    with pytest.raises(ValidationError):
+        EmbeddingRequest(input="a", dimensions=0)
+
+
+def test_chat_request_limits():
+    messages = [{"role": "user", "content": "hi"}]
+    request = ChatCompletionRequest(messages=messages, stop="END", max_completion_tokens=7)
+    assert request.stops == ("END",)
+    assert request.token_budget == 7
+    parts = ChatCompletionRequest(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            }
+        ]
+    )
+    assert parts.messages[0].text() == "ab"
+    for bad in (
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"messages": messages, "n": 2},
+        {"messages": messages, "temperature": 3},
+        {"messages": messages, "max_tokens": 0},
+        {"messages": messages, "stop": ["a", "b", "c", "d", "e"]},
+        {"messages": messages, "stop": [""]},
+        {"messages": messages, "presence_penalty": 0.5},
+    ):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(**bad)
+
+
+def test_rerank_documents_accept_strings_and_objects():
+    request = RerankRequest(query="q", documents=["a", {"text": "b"}])
+    assert request.texts == ["a", "b"]
+    with pytest.raises(ValidationError):
+        RerankRequest(query="q", documents=[])
+    with pytest.raises(ValidationError):
+        RerankRequest(query="", documents=["a"])
+
+
+@pytest.fixture
+def client() -> TestClient:
+    app = FastAPI()
+    errors.install(app)
+
+    @app.post("/echo")
+    async def echo(request: EmbeddingRequest) -> dict:
+        return {"n": len(request.texts)}
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("secret detail")
+
+    @app.get("/teapot")
+    async def teapot() -> dict:
+        raise errors.APIError(418, "short and stout", param="spout", code="teapot")
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def assert_error_shape(response, status: int) -> dict:
+    assert response.status_code == status
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["message"]
+    return body
+
+
+def test_errors_use_openai_shape(client):
+    assert client.post("/echo", json={"input": ["x"]}).json() == {"n": 1}
+    body = assert_error_shape(client.post("/echo", json={"input": []}), 400)
+    assert body["param"] == "input"
+    body = assert_error_shape(
+        client.post("/echo", content=b"{bad", headers={"content-type": "application/json"}), 400
+    )
+    assert body["code"] == "invalid_json"
+    assert assert_error_shape(client.post("/echo", json={"input": [1]}), 400)["param"] == "input"
+    assert assert_error_shape(client.get("/nowhere"), 404)["type"] == "not_found_error"
+    assert_error_shape(client.get("/echo"), 405)
+    body = assert_error_shape(client.get("/boom"), 500)
+    assert "secret detail" not in body["message"]
+    assert assert_error_shape(client.get("/teapot"), 418)["param"] == "spout"
