@@ -14,6 +14,11 @@ from deployments import loading
 from deployments.batching import BatchedModel, count_items, split, unflatten
 from serve_app.config import EmbedderConfig
 
+# Sentences per forward pass. sentence-transformers sorts a batch by length before cutting it
+# into passes, so passes of similar-length inputs pad little; one pass over a whole mixed
+# batch of 64 ran ~12% slower on the reference CPU.
+SENTENCES_PER_FORWARD = 16
+
 
 @dataclass(frozen=True)
 class Embeddings:
@@ -64,7 +69,8 @@ class Embedder(BatchedModel):
             truncated=sum(p.truncated for p in pieces),
         )
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
+    # Start-up values; reconfigure() applies the deployment's user_config before any request.
+    @serve.batch(**EmbedderConfig().batching.model_dump(), batch_size_fn=count_items)
     async def _embed_batch(self, requests: list[list[str]]) -> list[Embeddings]:
         flat = [text for request in requests for text in request]
         # The forward pass runs off the event loop, so the next batch queues up meanwhile.
@@ -88,7 +94,7 @@ class Embedder(BatchedModel):
         with torch.inference_mode():
             vectors = self.model.encode(
                 texts,
-                batch_size=len(texts),
+                batch_size=SENTENCES_PER_FORWARD,
                 convert_to_tensor=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,

@@ -1,8 +1,11 @@
 """The generation model: a transformers causal LM answering chat messages, token by token.
 
-Concurrent requests are decoded together: one left-padded prefill, then one forward pass per
-step for the whole batch, reusing the KV cache. Each request keeps its own sampling settings,
-stop strings and token budget; a finished request leaves the batch (and the cache) at once.
+Requests reach the model through `@serve.batch`: requests arriving together are prefilled
+together (one left-padded forward pass). Each admitted batch then joins one running decode
+loop, which takes one forward pass per step for every sequence in flight, with a KV cache.
+New batches join the loop between steps (continuous batching), so a request arriving while
+others decode does not wait for them to finish. Each sequence keeps its own sampling settings,
+stop strings and token budget, and leaves the loop (and the cache) as soon as it is done.
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from ray import serve
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from deployments import loading
 from deployments.batching import BatchedModel
 from serve_app.config import GeneratorConfig
+
+# Admission batches that may be in flight at once; they share the one decode loop.
+CONCURRENT_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -42,17 +50,37 @@ class Delta:
 
 
 @dataclass
-class _Row:
+class _Sequence:
     request: GenerationRequest
-    prompt_tokens: int
+    prompt: list[int]
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     rng: torch.Generator | None = None
+    delta: Delta | None = None  # this step's output
+
+
+@dataclass
+class _Admission:
+    """One `@serve.batch` call: its sequences, and a queue of per-step outputs for them."""
+
+    sequences: list[_Sequence]
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _DecodeState:
+    """Tensors of the sequences in flight, row k belonging to `sequences[k]`."""
+
+    sequences: list[_Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, cached tokens): 0 where a row is left-padded
+    positions: torch.Tensor  # (rows,) position of each row's last token
+    logits: torch.Tensor  # (rows, vocab) next-token logits, not yet sampled
 
 
 @serve.deployment
 class Generator(BatchedModel):
-    """Chat generation with a KV cache; concurrent requests share each decoding step."""
+    """Chat generation with a KV cache and continuous batching of concurrent requests."""
 
     batched = "_generate_batch"
 
@@ -68,6 +96,10 @@ class Generator(BatchedModel):
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
         self.context_tokens = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.state: _DecodeState | None = None
+        self.waiting: list[_Admission] = []
+        self.running: list[_Admission] = []
+        self.loop_task: asyncio.Task | None = None
         self.info = {
             "role": "generation",
             "model": config.name,
@@ -77,9 +109,12 @@ class Generator(BatchedModel):
             "threads": torch.get_num_threads(),
             "context_tokens": self.context_tokens,
             "kv_cache": True,
+            "continuous_batching": True,
         }
         warm = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-        list(self._decode([warm, warm]))
+        self._admit([self._sequence(warm), self._sequence(warm)])
+        while self.state is not None:
+            self._step()
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)
@@ -90,100 +125,142 @@ class Generator(BatchedModel):
             if delta.text or delta.finish_reason:
                 yield delta
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Start-up values; reconfigure() applies the deployment's user_config before any request.
+    @serve.batch(
+        **GeneratorConfig().batching.model_dump(), max_concurrent_batches=CONCURRENT_BATCHES
+    )
     async def _generate_batch(self, requests: list[GenerationRequest]):
-        self.stats.record(len(requests), len(requests))
-        steps = self._decode(requests)
-        # Each step runs off the event loop so new requests queue for the next batch meanwhile.
-        while (out := await asyncio.to_thread(next, steps, None)) is not None:
+        admission = _Admission([self._sequence(r) for r in requests])
+        self.waiting.append(admission)
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.create_task(self._decode_loop())
+        while (out := await admission.outputs.get()) is not None:
+            if isinstance(out, BaseException):
+                raise out
             yield out
 
-    def _decode(self, requests: list[GenerationRequest]):
-        """Yield, per decoding step, one item per request: a Delta or StopIteration once done."""
-        rows = [self._row(r) for r in requests]
-        prompts = [self._prompt_ids(r) for r in requests]
-        for row, ids in zip(rows, prompts, strict=True):
-            row.prompt_tokens = len(ids)
-        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        active = list(range(len(rows)))  # request index of each row still in the batch
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            positions = positions[:, -1]
-            while active:
-                tokens = self._sample(logits, [rows[i] for i in active])
-                out: list[Delta | type[StopIteration]] = [StopIteration] * len(rows)
-                for i, token in zip(active, tokens.tolist(), strict=True):
-                    out[i] = self._advance(rows[i], token)
-                yield out
-                keep = [k for k, i in enumerate(active) if out[i].finish_reason is None]
-                if len(keep) < len(active):
-                    if not keep:
-                        return
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    tokens, mask, positions = tokens[index], mask[index], positions[index]
-                    active = [active[k] for k in keep]
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
-                positions = positions + 1
-                logits = self.model(
-                    input_ids=tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=positions[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, -1]
+    async def _decode_loop(self) -> None:
+        """Admit waiting batches between steps; run steps until nothing is in flight."""
+        try:
+            while self.waiting or self.state is not None:
+                admitted = self._take_admissions()
+                if admitted:
+                    rows = [s for a in admitted for s in a.sequences]
+                    await asyncio.to_thread(self._admit, rows)
+                    self.running += admitted
+                # Each forward pass runs off the event loop, so requests keep arriving.
+                await asyncio.to_thread(self._step)
+                self._publish()
+        except BaseException as exc:
+            for admission in self.running + self.waiting:
+                admission.outputs.put_nowait(exc)
+            self.state, self.running, self.waiting = None, [], []
+            raise
 
-    def _row(self, request: GenerationRequest) -> _Row:
-        rng = None
-        if request.seed is not None and request.temperature > 0:
-            rng = torch.Generator(self.device).manual_seed(request.seed)
-        return _Row(request=request, prompt_tokens=0, rng=rng)
+    def _take_admissions(self) -> list[_Admission]:
+        in_flight = len(self.state.sequences) if self.state else 0
+        taken = []
+        while self.waiting and (
+            in_flight == 0 or in_flight + len(self.waiting[0].sequences) <= self.max_batch_size
+        ):
+            admission = self.waiting.pop(0)
+            in_flight += len(admission.sequences)
+            taken.append(admission)
+        self.stats.record(sum(len(a.sequences) for a in taken), in_flight)
+        return taken
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def _publish(self) -> None:
+        """Hand each running admission this step's outputs, one per request."""
+        still = []
+        for admission in self.running:
+            out = [s.delta if s.delta is not None else StopIteration for s in admission.sequences]
+            admission.outputs.put_nowait(out)
+            if all(s.delta is None or s.delta.finish_reason for s in admission.sequences):
+                admission.outputs.put_nowait(None)
+            else:
+                still.append(admission)
+            for s in admission.sequences:
+                if s.delta is not None and s.delta.finish_reason:
+                    s.delta = None  # done: StopIteration from the next step on
+        self.running = still
+
+    def _sequence(self, request: GenerationRequest) -> _Sequence:
         text = self.tokenizer.apply_chat_template(
             request.messages, tokenize=False, add_generation_prompt=True
         )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         # Keep the most recent context when a conversation outgrows the window.
-        return ids[-max(1, self.context_tokens - request.max_tokens) :]
+        prompt = ids[-max(1, self.context_tokens - request.max_tokens) :]
+        rng = None
+        if request.seed is not None and request.temperature > 0:
+            rng = torch.Generator(self.device).manual_seed(request.seed)
+        return _Sequence(request=request, prompt=prompt, rng=rng)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        tokens = logits.argmax(-1)
-        for k, row in enumerate(rows):
-            if row.request.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[k].float() / row.request.temperature, dim=-1)
-            if row.request.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > row.request.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-            tokens[k] = torch.multinomial(probs, 1, generator=row.rng)[0]
-        return tokens
+    @torch.inference_mode()
+    def _admit(self, sequences: list[_Sequence]) -> None:
+        """Prefill `sequences` in one left-padded pass and merge them into the running state."""
+        batch = self.tokenizer.pad(
+            {"input_ids": [s.prompt for s in sequences]}, return_tensors="pt"
+        ).to(self.device)
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        new = _DecodeState(sequences, cache, mask, positions[:, -1], logits)
+        self.state = new if self.state is None else _merge(self.state, new)
 
-    def _advance(self, row: _Row, token: int) -> Delta:
-        """Take one token into `row`; return the text that is now safe to emit."""
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Sample one token per sequence, emit text, drop finished ones, run the next pass."""
+        state = self.state
+        assert state is not None
+        tokens = _sample(state.logits, state.sequences)
+        for sequence, token in zip(state.sequences, tokens.tolist(), strict=True):
+            sequence.delta = self._advance(sequence, token)
+        keep = [k for k, s in enumerate(state.sequences) if not s.delta.finish_reason]
+        if not keep:
+            self.state = None
+            return
+        if len(keep) < len(state.sequences):
+            index = torch.tensor(keep, device=self.device)
+            state.cache.batch_select_indices(index)
+            state.sequences = [state.sequences[k] for k in keep]
+            tokens, state.mask, state.positions = (
+                tokens[index],
+                state.mask[index],
+                state.positions[index],
+            )
+            _trim_padding(state)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), 1)], dim=-1)
+        state.positions = state.positions + 1
+        state.logits = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=state.mask,
+            position_ids=state.positions[:, None],
+            past_key_values=state.cache,
+            use_cache=True,
+        ).logits[:, -1]
+
+    def _advance(self, sequence: _Sequence, token: int) -> Delta:
+        """Take one token into `sequence`; return the text that is now safe to emit."""
         finish = None
         if token in self.eos_ids:
             finish = "stop"
         else:
-            row.ids.append(token)
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        stops = row.request.stop
+            sequence.ids.append(token)
+        text = self.tokenizer.decode(sequence.ids, skip_special_tokens=True)
+        stops = sequence.request.stop
         cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
-        elif finish is None and len(row.ids) >= row.request.max_tokens:
+        elif finish is None and len(sequence.ids) >= sequence.request.max_tokens:
             finish = "length"
         end = len(text)
         if finish is None:
@@ -191,6 +268,60 @@ class Generator(BatchedModel):
             end -= max((len(s) - 1 for s in stops), default=0)
             if text.endswith("\ufffd"):
                 end = min(end, len(text) - 1)
-        new = text[row.sent : max(end, row.sent)]
-        row.sent += len(new)
-        return Delta(new, finish, row.prompt_tokens, len(row.ids) + (token in self.eos_ids))
+        new = text[sequence.sent : max(end, sequence.sent)]
+        sequence.sent += len(new)
+        completion = len(sequence.ids) + (token in self.eos_ids)
+        return Delta(new, finish, len(sequence.prompt), completion)
+
+
+def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
+    """Greedy where temperature is 0, else temperature and nucleus (top_p) sampling per row."""
+    tokens = logits.argmax(-1)
+    for k, sequence in enumerate(sequences):
+        request = sequence.request
+        if request.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[k].float() / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens[k] = torch.multinomial(probs, 1, generator=sequence.rng)[0]
+    return tokens
+
+
+def _merge(old: _DecodeState, new: _DecodeState) -> _DecodeState:
+    """Stack two decode states, left-padding the shorter one's cache and mask."""
+    length = max(old.mask.shape[1], new.mask.shape[1])
+    for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
+        if type(a) is not DynamicLayer or type(b) is not DynamicLayer:
+            raise TypeError(f"cannot merge {type(a).__name__} caches")
+        a.keys = torch.cat([_left_pad(a.keys, length, -2), _left_pad(b.keys, length, -2)])
+        a.values = torch.cat([_left_pad(a.values, length, -2), _left_pad(b.values, length, -2)])
+    return _DecodeState(
+        sequences=old.sequences + new.sequences,
+        cache=old.cache,
+        mask=torch.cat([_left_pad(old.mask, length, -1), _left_pad(new.mask, length, -1)]),
+        positions=torch.cat([old.positions, new.positions]),
+        logits=torch.cat([old.logits, new.logits]),
+    )
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (-dim - 1) + [missing, 0]
+    return F.pad(t, pad)
+
+
+def _trim_padding(state: _DecodeState) -> None:
+    """Drop leading cache columns that are padding in every remaining row."""
+    used = state.mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return
+    state.mask = state.mask[:, start:]
+    for layer in state.cache.layers:
+        layer.keys = layer.keys[:, :, start:]
+        layer.values = layer.values[:, :, start:]

@@ -136,7 +136,8 @@ class Reranker(BatchedModel):
         )
         return [s for piece in pieces for s in piece]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
+    # Start-up values; reconfigure() applies the deployment's user_config before any request.
+    @serve.batch(**RerankerConfig().batching.model_dump(), batch_size_fn=count_items)
     async def _score_batch(self, requests: list[list[Pair]]) -> list[list[tuple[float, int]]]:
         flat = [pair for request in requests for pair in request]
         scores = await asyncio.to_thread(self._score_sorted, flat)

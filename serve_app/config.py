@@ -62,7 +62,7 @@ class EmbedderConfig(ModelDeployment):
     model: str = DEFAULT_EMBEDDING_MODEL
     num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
     max_ongoing_requests: int = Field(default=128, ge=1)
-    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.005)
+    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.02)
 
 
 class RerankerConfig(ModelDeployment):
@@ -76,7 +76,7 @@ class RerankerConfig(ModelDeployment):
     num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
     max_passage_tokens: int = Field(default=256, ge=8, le=8192)
     max_query_tokens: int = Field(default=64, ge=1, le=1024)
-    batching: Batching = Batching(max_batch_size=32, batch_wait_timeout_s=0.005)
+    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.01)
 
 
 class GeneratorConfig(ModelDeployment):

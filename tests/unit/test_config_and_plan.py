@@ -42,7 +42,7 @@ def test_options_carry_cpus_and_batching():
     options = deployment_options(config.embedder)
     assert options["name"] == "Embedder"
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
-    assert options["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.005}
+    assert options["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.02}
 
 
 def test_config_files_name_real_deployments():
