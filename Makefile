@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test unit integration lint bench clean
+.PHONY: setup run test unit integration lint bench stop-db clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_serving.py
+
+# The embedded PostgreSQL outlives the app (the next start reuses it); this stops it.
+stop-db: setup
+	$(BIN)/python -c "from serve_app.config import AppConfig; \
+	from serve_app.store.embedded import stop_embedded; stop_embedded(AppConfig().store.data_dir)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -70,6 +70,23 @@ class Embedder(BatchedModel):
         )
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
+    def chunk(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[str]]:
+        """Cut each text into windows of at most `max_tokens` of this model's tokens, each
+        starting `max_tokens - overlap` tokens after the last; chunks are spans of the text."""
+        max_tokens = min(max_tokens, self.model.max_seq_length - 2)  # room for [CLS]/[SEP]
+        step = max(1, max_tokens - overlap)
+        offsets = self.model.tokenizer(
+            texts, add_special_tokens=False, return_offsets_mapping=True
+        )["offset_mapping"]
+        chunks = []
+        for text, spans in zip(texts, offsets, strict=True):
+            starts = range(0, max(1, len(spans) - overlap), step) if spans else []
+            pieces = [
+                text[spans[i][0] : spans[min(i + max_tokens, len(spans)) - 1][1]] for i in starts
+            ]
+            chunks.append(pieces or [text])
+        return chunks
+
     @serve.batch(**EmbedderConfig().batching.model_dump(), batch_size_fn=count_items)
     async def _embed_batch(self, requests: list[list[str]]) -> list[Embeddings]:
         flat = [text for request in requests for text in request]

@@ -1,7 +1,8 @@
 """The application builder: `serve run serve_config.yaml` calls `build_app(args)`.
 
 It validates the args into an `AppConfig`, decides GPU shares from what the cluster has, and
-binds the graph: Ingress -> (Embedder, Reranker, Generator).
+binds the graph: Ingress -> model deployments (Embedder, Reranker, Generator) and route
+deployments (Search, Rag, Documents), which call the models and the document store.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from ray.serve import Application
 from deployments.embedder import Embedder
 from deployments.generator import Generator
 from deployments.reranker import Reranker
-from serve_app.config import AppConfig, ModelDeployment
+from serve_app.config import AppConfig, ModelDeployment, RouteDeployment
 from serve_app.ingress import Ingress
+from serve_app.routes.documents import Documents
+from serve_app.routes.rag import Rag
+from serve_app.routes.search import Search
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,6 +57,16 @@ def deployment_options(model: ModelDeployment) -> dict[str, Any]:
     }
 
 
+def route_options(name: str, route: RouteDeployment) -> dict[str, Any]:
+    """Ray Serve options of one route deployment."""
+    return {
+        "name": name,
+        "num_replicas": route.num_replicas,
+        "max_ongoing_requests": route.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": route.num_cpus},
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validate `args`, plan resources for this cluster, and bind the serving graph."""
     config = plan(AppConfig(**(args or {})), cluster_gpus())
@@ -62,9 +76,18 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     generator = Generator.options(**deployment_options(config.generator)).bind(
         config.generator, cache
     )
+    search = Search.options(**route_options("Search", config.search)).bind(
+        embedder, reranker, config
+    )
+    rag = Rag.options(**route_options("Rag", config.rag)).bind(
+        embedder, reranker, generator, config
+    )
+    documents = Documents.options(**route_options("Documents", config.documents)).bind(
+        embedder, config
+    )
     ingress = config.ingress
     return Ingress.options(
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(embedder, reranker, generator, config)
+    ).bind(embedder, reranker, generator, search, rag, documents, config)

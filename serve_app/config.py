@@ -89,6 +89,38 @@ class GeneratorConfig(ModelDeployment):
     batching: Batching = Batching(max_batch_size=8, batch_wait_timeout_s=0.02)
 
 
+class StoreConfig(Section):
+    """The document store: an external PostgreSQL with pgvector, or an embedded one."""
+
+    database_url: str | None = Field(
+        default=None, description="Set by DATABASE_URL. None: the embedded server in data_dir."
+    )
+    data_dir: Path = Field(default=Path("data/pgdata"), description="The embedded server's data.")
+    pool_size: int = Field(default=4, ge=1, le=64, description="Connections per route replica.")
+    hnsw_m: int = Field(default=16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+    ef_search: int = Field(default=40, ge=1, le=1000, description="Default HNSW candidates.")
+
+
+class Chunking(Section):
+    max_tokens: int = Field(default=200, ge=16, le=8192, description="Embedder tokens a chunk.")
+    overlap: int = Field(default=32, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _overlap_smaller(self) -> Chunking:
+        if self.overlap >= self.max_tokens:
+            raise ValueError("overlap must be smaller than max_tokens")
+        return self
+
+
+class RouteDeployment(Section):
+    """A route's own deployment (search, rag, documents): where its limits will live."""
+
+    num_cpus: float = Field(default=0.05, gt=0.0, le=64.0)
+    num_replicas: int = Field(default=1, ge=1, le=256)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+
+
 class IngressConfig(Section):
     num_cpus: float = Field(default=0.25, gt=0.0, le=64.0)
     num_replicas: int = Field(default=1, ge=1, le=256)
@@ -111,15 +143,29 @@ class AppConfig(BaseSettings):
     reranker: RerankerConfig = RerankerConfig()
     generator: GeneratorConfig = GeneratorConfig()
     ingress: IngressConfig = IngressConfig()
+    store: StoreConfig = StoreConfig()
+    chunking: Chunking = Chunking()
+    search: RouteDeployment = RouteDeployment()
+    rag: RouteDeployment = RouteDeployment()
+    documents: RouteDeployment = RouteDeployment()
+    # DATABASE_URL is the conventional name; it wins over store.database_url from args.
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL", exclude=True)
     model_cache_dir: Path = Field(
         default=Path("~/.cache/rag-serve/models"),
         description="Where converted model weights are kept (e.g. GGUF -> safetensors).",
     )
 
     @model_validator(mode="after")
-    def _absolute_paths(self) -> AppConfig:
-        # Replicas may start in another working directory: resolve once, here.
+    def _resolve(self) -> AppConfig:
+        # Replicas may start in another working directory: resolve paths once, here.
         object.__setattr__(self, "model_cache_dir", self.model_cache_dir.expanduser().resolve())
+        store = self.store.model_copy(
+            update={
+                "data_dir": self.store.data_dir.expanduser().resolve(),
+                "database_url": self.database_url or self.store.database_url,
+            }
+        )
+        object.__setattr__(self, "store", store)
         return self
 
     def models(self) -> dict[str, ModelDeployment]:

@@ -6,6 +6,7 @@ Route -> protocol model (validation, 4xx in OpenAI's error shape) -> deployment 
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,19 @@ from ray.serve.handle import DeploymentHandle
 from deployments.generator import Delta, GenerationRequest
 from serve_app.config import AppConfig
 from serve_app.protocol import errors
+from serve_app.protocol.documents import (
+    CollectionInfo,
+    CollectionList,
+    Deleted,
+    IngestRequest,
+    IngestResponse,
+    RagRequest,
+    RagResponse,
+    RagUsage,
+    SearchRequest,
+    SearchResponse,
+    Timings,
+)
 from serve_app.protocol.openai import (
     AssistantMessage,
     ChatCompletion,
@@ -42,6 +56,7 @@ from serve_app.protocol.rerank import (
     RerankResult,
     RerankUsage,
 )
+from serve_app.routes.rag import Generated, Sources
 
 app = FastAPI(
     title="rag-serve",
@@ -97,6 +112,31 @@ async def _sse_chunks(
     yield "data: [DONE]\n\n"
 
 
+async def _rag_events(sources: Sources, rest: AsyncIterator) -> AsyncIterator[str]:
+    """SSE: `{"type": "delta", "text"}` events, then one `{"type": "done", citations, ...}`."""
+    last: Delta | None = None
+    try:
+        async for event in rest:
+            if isinstance(event, Delta):
+                last = event
+                if event.text:
+                    yield f"data: {json.dumps({'type': 'delta', 'text': event.text})}\n\n"
+            elif isinstance(event, Generated) and last is not None:
+                done = {
+                    "type": "done",
+                    "finish_reason": last.finish_reason,
+                    "citations": [c.model_dump() for c in sources.citations],
+                    "usage": _usage(last).model_dump(),
+                    "timings": {**sources.timings, "generate_ms": event.generate_ms},
+                }
+                yield f"data: {json.dumps(done)}\n\n"
+    except Exception as exc:  # the status line is gone: report in-band
+        message = f"Generation failed: {type(exc).__name__}"
+        body = errors.ErrorBody(message=message, type="api_error")
+        yield f"data: {errors.ErrorResponse(error=body).model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -107,11 +147,17 @@ class Ingress:
         embedder: DeploymentHandle,
         reranker: DeploymentHandle,
         generator: DeploymentHandle,
+        search: DeploymentHandle,
+        rag: DeploymentHandle,
+        documents: DeploymentHandle,
         config: AppConfig,
     ) -> None:
         self.embedder = embedder
         self.reranker = reranker
         self.generator = generator
+        self.search_route = search
+        self.rag = rag
+        self.documents = documents
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
 
@@ -123,12 +169,20 @@ class Ingress:
 
     @app.get("/ready", responses={503: {"model": errors.ErrorResponse}})
     async def ready(self):
-        """200 once every model deployment has loaded its model, 503 until then."""
+        """200 once every model has loaded and the document store answers, 503 until then."""
         try:
-            infos = await asyncio.wait_for(self._model_infos(), self.config.ingress.ready_timeout_s)
+            infos, _ = await asyncio.wait_for(
+                asyncio.gather(self._model_infos(), self.documents.collections.remote()),
+                self.config.ingress.ready_timeout_s,
+            )
         except Exception:
             return errors.error_response(
-                errors.APIError(503, "Models are still loading.", "unavailable", code="not_ready")
+                errors.APIError(
+                    503,
+                    "Models or the document store are not ready yet.",
+                    "unavailable",
+                    code="not_ready",
+                )
             )
         return {"status": "ready", "models": {role: i["model"] for role, i in infos.items()}}
 
@@ -248,4 +302,66 @@ class Ingress:
                 Choice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
             ],
             usage=_usage(last),
+        )
+
+    # --- documents --------------------------------------------------------------------------
+    @app.post("/v1/documents")
+    async def ingest(self, request: IngestRequest) -> IngestResponse:
+        """Chunk, embed and store documents; an id already stored is replaced atomically."""
+        return await self.documents.ingest.remote(request)
+
+    @app.delete("/v1/documents/{collection}/{document_id:path}")
+    async def delete_document(self, collection: str, document_id: str) -> Deleted:
+        if not await self.documents.delete_document.remote(collection, document_id):
+            raise errors.APIError(
+                404,
+                f"No document '{document_id}' in '{collection}'.",
+                "not_found_error",
+                param="document_id",
+                code="document_not_found",
+            )
+        return Deleted(id=document_id, object="document")
+
+    @app.get("/v1/collections")
+    async def collections(self) -> CollectionList:
+        rows = await self.documents.collections.remote()
+        return CollectionList(data=[CollectionInfo(**row) for row in rows])
+
+    @app.delete("/v1/collections/{name}")
+    async def delete_collection(self, name: str) -> Deleted:
+        await self.documents.delete_collection.remote(name)
+        return Deleted(id=name, object="collection")
+
+    # --- search and answers -----------------------------------------------------------------
+    @app.post("/v1/search")
+    async def search(self, request: SearchRequest) -> SearchResponse:
+        """Nearest chunks by cosine (HNSW), metadata filters, optional rerank."""
+        return await self.search_route.search.remote(request)
+
+    @app.post("/v1/rag/query", response_model=RagResponse)
+    async def rag_query(self, request: RagRequest):
+        """Retrieve, rerank, and answer citing sources by number; SSE with `stream`."""
+        cap = self.config.generator.max_new_tokens
+        if request.max_tokens is not None and request.max_tokens > cap:
+            raise errors.APIError(
+                400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
+            )
+        request = request.model_copy(update={"max_tokens": request.max_tokens or min(256, cap)})
+        events = aiter(self.rag.options(stream=True).answer.remote(request))
+        sources: Sources = await anext(events)  # retrieval errors surface here, with a status
+        if request.stream:
+            return StreamingResponse(_rag_events(sources, events), media_type="text/event-stream")
+        text, last, generated = "", None, None
+        async for event in events:
+            if isinstance(event, Delta):
+                text, last = text + event.text, event
+            elif isinstance(event, Generated):
+                generated = event
+        assert last is not None and generated is not None
+        return RagResponse(
+            answer=text,
+            finish_reason=last.finish_reason,
+            citations=sources.citations,
+            usage=RagUsage(**_usage(last).model_dump()),
+            timings=Timings(**sources.timings, generate_ms=generated.generate_ms),
         )

@@ -41,6 +41,14 @@ class APIError(Exception):
         self.headers = headers
 
 
+class StatusError(Exception):
+    """A domain error that knows its HTTP status (e.g. the store's "collection not found")."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(
         ErrorResponse(error=error.body).model_dump(),
@@ -81,6 +89,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StatusError)
+    async def _domain(_: Request, exc: StatusError) -> JSONResponse:
+        # Raised in another deployment, it arrives wrapped; `cause` is the original.
+        cause = getattr(exc, "cause", exc)
+        message = str(cause.args[0]) if cause.args else type(cause).__name__
+        return error_response(APIError(cause.status, message, cause.type, code=cause.code))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

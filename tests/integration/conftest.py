@@ -1,18 +1,28 @@
 """One Ray cluster and one Serve app, with the real bundled models, for the whole session."""
 
+import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve_app.launch import deploy, load_config, wait_ready
+from serve_app.store.embedded import stop_embedded
 
 TEST_CONFIG = load_config(Path(__file__).resolve().parents[2] / "configs" / "test.yaml")
+# The session's embedded PostgreSQL lives in a fresh folder, set before the app is deployed.
+DATA_DIR = Path(tempfile.mkdtemp(prefix="rag-serve-test-")) / "pgdata"
+
+
+def test_config() -> dict:
+    app = TEST_CONFIG["applications"][0]
+    args = {**app["args"], "store": {**app["args"].get("store", {}), "data_dir": str(DATA_DIR)}}
+    return {**TEST_CONFIG, "applications": [{**app, "args": args}]}
 
 
 def redeploy(overrides: list[dict] | None = None) -> None:
     """configs/test.yaml again, with `deployments[]` overrides merged in by name."""
-    deploy(TEST_CONFIG, overrides)
+    deploy(test_config(), overrides)
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +31,12 @@ def server():
     from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    base_url = deploy(TEST_CONFIG)
+    base_url = deploy(test_config())
     wait_ready(base_url)
     yield base_url
     serve.shutdown()
     ray.shutdown()
+    stop_embedded(DATA_DIR)
 
 
 @pytest.fixture

@@ -59,7 +59,8 @@ def test_config_files_name_real_deployments():
 def test_default_graph_fits_two_cores():
     config = AppConfig(**app_args("serve_config.yaml"))
     cpus = sum(m.num_cpus * m.num_replicas for m in config.models().values())
-    cpus += config.ingress.num_cpus * config.ingress.num_replicas
+    for route in (config.ingress, config.search, config.rag, config.documents):
+        cpus += route.num_cpus * route.num_replicas
     assert cpus <= 2.0
 
 
@@ -95,3 +96,18 @@ def test_served_names():
     assert config.embedder.name == "all-MiniLM-L6-v2"
     assert config.generator.name == "SmolLM2-135M-Instruct"
     assert AppConfig(generator={"served_name": "chat"}).generator.name == "chat"
+
+
+def test_database_url_from_environment(monkeypatch):
+    assert AppConfig().store.database_url is None
+    assert AppConfig().store.data_dir.is_absolute()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.example/rag")
+    assert AppConfig().store.database_url == "postgresql://db.example/rag"
+    assert AppConfig(store={"database_url": "postgresql://other/x"}).store.database_url == (
+        "postgresql://db.example/rag"
+    )
+
+
+def test_chunking_overlap_must_be_smaller():
+    with pytest.raises(ValidationError):
+        AppConfig(chunking={"max_tokens": 32, "overlap": 32})

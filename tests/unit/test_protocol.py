@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serve_app.protocol import errors
+from serve_app.protocol.documents import IngestRequest, SearchRequest
 from serve_app.protocol.openai import ChatCompletionRequest, EmbeddingRequest
 from serve_app.protocol.rerank import RerankRequest
 
@@ -57,6 +58,26 @@ def test_rerank_documents_accept_strings_and_objects():
         RerankRequest(query="q", documents=[])
     with pytest.raises(ValidationError):
         RerankRequest(query="", documents=["a"])
+
+
+def test_document_requests():
+    request = IngestRequest(collection="legal-cases_2024", documents=[{"text": "x"}, {"text": "y"}])
+    first, second = (d.key for d in request.documents)
+    assert first.startswith("sha256:") and first != second
+    assert (
+        IngestRequest(collection="c", documents=[{"id": "a", "text": "x"}]).documents[0].key == "a"
+    )
+    for bad in (
+        {"collection": "has space", "documents": [{"text": "x"}]},
+        {"collection": "", "documents": [{"text": "x"}]},
+        {"collection": "c", "documents": [{"text": "x"}, {"text": "x"}]},  # same hash id
+        {"collection": "c", "documents": [{"text": "x"}], "chunking": {"max_tokens": 8}},
+    ):
+        with pytest.raises(ValidationError):
+            IngestRequest(**bad)
+    assert SearchRequest(collection="c", query="q").top_k == 10
+    with pytest.raises(ValidationError):
+        SearchRequest(collection="c", query="q", rerank_top_n=0)
 
 
 @pytest.fixture

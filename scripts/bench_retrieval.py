@@ -1,0 +1,404 @@
+"""Retrieval benchmark: ingestion, search latency and recall, and answer-source quality.
+
+    .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 200] [--scale 100000]
+
+Corpus: the manual pages under /usr/share/man (real technical English) of this machine.
+A page's NAME line ("ls - list directory contents") becomes a labelled query and the rest
+of the page its document, so the query text never appears verbatim in what is searched.
+
+In one run it measures:
+1. ingest throughput end to end over HTTP (docs/s, chunks/s) against raw in-process embedding
+   of the same chunks with the replica's own code, precision and threads;
+2. search latency p50/p99 at top_k=10, exact vs HNSW over several ef_search, and HNSW recall@10
+   against exact search, on the corpus and on `--scale` sentence chunks;
+3. retrieval quality on the labelled queries: recall@1, recall@10 and MRR@10, with and
+   without the reranker.
+Writes docs/benchmarks/retrieval.json and retrieval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import multiprocessing
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve_app.config import AppConfig, StoreConfig  # noqa: E402
+from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
+from serve_app.store import open_store  # noqa: E402
+from serve_app.store.embedded import stop_embedded  # noqa: E402
+from serve_app.store.vector_store import DocumentChunks  # noqa: E402
+
+OUT = ROOT / "docs" / "benchmarks"
+MAN = Path("/usr/share/man")
+EF_SEARCH = (20, 40, 80, 160)
+
+
+# --- corpus -------------------------------------------------------------------------------
+def troff_to_text(source: str) -> tuple[str, str]:
+    """(NAME description, body text) of a man page, with troff markup stripped."""
+    source = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", source)
+    source = source.replace("\\-", "-").replace("\\&", "").replace("\\(em", "-")
+    source = re.sub(r"\\[(,/|^~]", "", source)
+    source = re.sub(r"\\\(..|\\\*.|\\.", " ", source)
+    name, body, section = "", [], ""
+    for line in source.splitlines():
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith(".SH") or line.startswith(".SS"):
+            section = line[3:].strip().strip('"').upper()
+            if section != "NAME":
+                body.append("\n" + section.title() + "\n")
+            continue
+        if line.startswith("."):
+            macro, _, rest = line.partition(" ")
+            if macro in (".B", ".I", ".BR", ".IR", ".BI", ".IB", ".RB", ".RI") and rest:
+                line = rest.replace('"', "")
+            else:
+                continue
+        if section == "NAME":
+            name += " " + line
+        elif line.strip():
+            body.append(line.strip())
+    description = name.split(" - ", 1)[1].strip() if " - " in name else ""
+    return description, re.sub(r"[ \t]+", " ", " ".join(body)).strip()
+
+
+def man_corpus(limit: int, max_chars: int) -> list[dict]:
+    """Pages of every section; the ~16,000 near-identical gcloud pages only fill up to `limit`
+    (as distractors, `labelled: False`), so the labelled queries stay diverse."""
+    pages = sorted(MAN.glob("man[1-8]/*.gz"))
+    ordered = [p for p in pages if not p.name.startswith("gcloud")]
+    ordered += [p for p in pages if p.name.startswith("gcloud")]
+    docs = []
+    for path in ordered:
+        try:
+            with gzip.open(path) as page:
+                source = page.read().decode("utf-8", "replace")
+        except (OSError, EOFError):  # an unreadable page is skipped, not fatal
+            continue
+        description, body = troff_to_text(source)
+        if len(body) < 300 or len(description.split()) < 3:
+            continue
+        docs.append(
+            {
+                "id": path.name.removesuffix(".gz"),
+                "text": body[:max_chars],
+                "metadata": {"section": path.parent.name.removeprefix("man")},
+                "query": description,
+                "labelled": not path.name.startswith("gcloud"),
+            }
+        )
+        if len(docs) == limit:
+            break
+    return docs
+
+
+# --- measurements -------------------------------------------------------------------------
+def ingest_http(base_url: str, collection: str, docs: list[dict], in_flight: int = 4) -> dict:
+    """Ingest `docs` through POST /v1/documents, `in_flight` requests at a time."""
+    batches = [docs[i : i + 16] for i in range(0, len(docs), 16)]
+
+    def post(batch: list[dict]) -> int:
+        body = {
+            "collection": collection,
+            "documents": [{k: d[k] for k in ("id", "text", "metadata")} for d in batch],
+        }
+        response = httpx.post(f"{base_url}/v1/documents", json=body, timeout=900)
+        response.raise_for_status()
+        return response.json()["chunks"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        chunks = sum(pool.map(post, batches))
+    elapsed = time.perf_counter() - start
+    return {
+        "documents": len(docs),
+        "chunks": chunks,
+        "seconds": elapsed,
+        "docs_per_s": len(docs) / elapsed,
+        "chunks_per_s": chunks / elapsed,
+    }
+
+
+def raw_embedding(args: dict, texts: list[str]) -> float:
+    """Chunks/s of the Embedder's own code in this process (replica precision and threads)."""
+    from deployments.embedder import Embedder
+
+    config = AppConfig(**args)
+    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir)
+    size = config.embedder.batching.max_batch_size
+    start = time.perf_counter()
+    for i in range(0, len(texts), size):
+        embedder._encode(texts[i : i + size])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def rank_metrics(ranked: list[list[str]], relevant: list[str]) -> dict:
+    r1 = r10 = mrr = 0.0
+    for docs, target in zip(ranked, relevant, strict=True):
+        unique = list(dict.fromkeys(docs))[:10]
+        if unique[:1] == [target]:
+            r1 += 1
+        if target in unique:
+            r10 += 1
+            mrr += 1 / (unique.index(target) + 1)
+    n = len(relevant)
+    return {"recall@1": r1 / n, "recall@10": r10 / n, "mrr@10": mrr / n}
+
+
+def quality(base_url: str, collection: str, queries: list[dict]) -> dict:
+    """Document-level recall@1/@10 and MRR@10 of /v1/search, without and with rerank."""
+    results = {}
+    for rerank in (False, True):
+        ranked, latencies = [], []
+        for q in queries:
+            body = {"collection": collection, "query": q["query"], "top_k": 10, "rerank": rerank}
+            start = time.perf_counter()
+            response = httpx.post(f"{base_url}/v1/search", json=body, timeout=600)
+            latencies.append(time.perf_counter() - start)
+            response.raise_for_status()
+            ranked.append([r["document_id"] for r in response.json()["results"]])
+        metrics = rank_metrics(ranked, [q["id"] for q in queries])
+        metrics["p50_ms"] = statistics.median(latencies) * 1000
+        results["rerank" if rerank else "dense"] = metrics
+    return results
+
+
+async def latency_and_recall(
+    store_config: StoreConfig, collection_name: str, queries: np.ndarray
+) -> list[dict]:
+    """p50/p99 of top-10 search, exact and HNSW per ef_search, and recall@10 against exact."""
+    store = await open_store(store_config)
+    rows = []
+    try:
+        collection = await store.collection(collection_name)
+        exact_ids, times = [], []
+        for q in queries:
+            start = time.perf_counter()
+            hits = await store.search(collection, q, 10, exact=True)
+            times.append(time.perf_counter() - start)
+            exact_ids.append({h.chunk_id for h in hits})
+        rows.append(summary("exact", times, 1.0))
+        for ef in EF_SEARCH:
+            found, times = 0, []
+            for q, truth in zip(queries, exact_ids, strict=True):
+                start = time.perf_counter()
+                hits = await store.search(collection, q, 10, ef_search=ef)
+                times.append(time.perf_counter() - start)
+                found += len(truth & {h.chunk_id for h in hits})
+            rows.append(summary(f"hnsw ef_search={ef}", times, found / (10 * len(queries))))
+    finally:
+        await store.close()
+    return rows
+
+
+def summary(name: str, times: list[float], recall: float) -> dict:
+    q = statistics.quantiles(times, n=100)
+    return {
+        "search": name,
+        "p50_ms": statistics.median(times) * 1000,
+        "p99_ms": q[98] * 1000,
+        "recall@10": recall,
+    }
+
+
+async def load_scale(
+    store_config: StoreConfig, model: str, sentences: list[str], vectors: np.ndarray
+) -> None:
+    """Put `--scale` sentence chunks straight into a collection (binary COPY, no HTTP)."""
+    store = await open_store(store_config)
+    try:
+        collection = await store.ensure_collection("scale", model, vectors.shape[1])
+        step = 10_000
+        for i in range(0, len(sentences), step):
+            doc = DocumentChunks(
+                f"part-{i // step}", {}, sentences[i : i + step], vectors[i : i + step]
+            )
+            await store.replace_documents(collection, [doc])
+    finally:
+        await store.close()
+
+
+def scale_vectors(args: dict, sentences: list[str]) -> np.ndarray:
+    from deployments.embedder import Embedder
+
+    config = AppConfig(**{**args, "embedder": {**args.get("embedder", {}), "threads": 2}})
+    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir)
+    parts = [embedder._encode(sentences[i : i + 256])[0] for i in range(0, len(sentences), 256)]
+    return np.concatenate(parts)
+
+
+def sentences_of(docs: list[dict], limit: int) -> list[str]:
+    out = []
+    for d in docs:
+        for s in re.split(r"(?<=[.!?])\s+", d["text"]):
+            if 4 <= len(s.split()) <= 60:
+                out.append(s)
+    out = list(dict.fromkeys(out))
+    while len(out) < limit:  # reuse sentences with a marker if the corpus is short
+        out += [f"{s} ({len(out)})" for s in out[: limit - len(out)]]
+    return out[:limit]
+
+
+# --- report -------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    ingest, q = report["ingest"], report["quality"]
+    lines = [
+        "# Retrieval benchmark",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; {report['date']}. Corpus: {report['corpus']}.",
+        "One run on a shared, noisy machine: compare ratios within this report.",
+        "",
+        "## Ingestion (HTTP, end to end)",
+        "",
+        "| documents | chunks | seconds | docs/s | chunks/s | raw in-process chunks/s | ratio |",
+        "|---|---|---|---|---|---|---|",
+        f"| {ingest['documents']} | {ingest['chunks']} | {ingest['seconds']:.1f} | "
+        f"{ingest['docs_per_s']:.1f} | {ingest['chunks_per_s']:.1f} | "
+        f"{report['raw_chunks_per_s']:.1f} | {report['ingest_ratio']:.2f} |",
+        "",
+        "## Search latency (top_k=10, in process against PostgreSQL) and HNSW recall@10",
+        "",
+    ]
+    for name, rows in report["latency"].items():
+        lines += [
+            f"**{name}**",
+            "",
+            "| search | p50 ms | p99 ms | recall@10 vs exact |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['search']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |"
+            for r in rows
+        ]
+        lines.append("")
+    lines += [
+        f"## Retrieval quality ({report['queries']} labelled queries, document level)",
+        "",
+        "| pipeline | recall@1 | recall@10 | MRR@10 | p50 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in q.items():
+        lines.append(
+            f"| {name} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | "
+            f"{m['mrr@10']:.3f} | {m['p50_ms']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="serve_config.yaml")
+    parser.add_argument("--docs", type=int, default=5000)
+    parser.add_argument("--max-chars", type=int, default=3000, help="characters kept per page")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--scale", type=int, default=100_000, help="chunks in the scale test")
+    parser.add_argument("--out", default=str(OUT))
+    options = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    docs = man_corpus(options.docs, options.max_chars)
+    print(f"corpus: {len(docs)} manual pages", flush=True)
+    random.seed(0)
+    labelled = [d for d in docs if d["labelled"]]
+    queries = random.sample(labelled, min(options.queries, len(labelled)))
+    config = load_config(ROOT / options.config)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-retrieval-")) / "pgdata"
+    app = config["applications"][0]
+    args = {**app.get("args", {}), "store": {"data_dir": str(data_dir)}}
+    config = {**config, "applications": [{**app, "args": args}]}
+    store_config = AppConfig(**args).store
+    model = AppConfig(**args).embedder.model
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        base_url = deploy(config)
+        wait_ready(base_url)
+        ingest = ingest_http(base_url, "man", docs)
+        print(f"ingest: {ingest}", flush=True)
+        chunk_texts = asyncio.run(sample_chunks(store_config, 2000))
+        raw = raw_embedding(args, chunk_texts)
+        print(f"raw embedding: {raw:.1f} chunks/s", flush=True)
+        result_quality = quality(base_url, "man", queries)
+        print(f"quality: {result_quality}", flush=True)
+        query_vectors = np.array(
+            httpx.post(
+                f"{base_url}/v1/embeddings",
+                json={"input": [q["query"] for q in queries]},
+                timeout=600,
+            ).json()["data"],
+            dtype=object,
+        )
+        query_vectors = np.array([d["embedding"] for d in query_vectors], dtype=np.float32)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    latency = {
+        f"man pages ({ingest['chunks']} chunks)": asyncio.run(
+            latency_and_recall(store_config, "man", query_vectors)
+        )
+    }
+    sentences = sentences_of(docs, options.scale)
+    vectors = scale_vectors(args, sentences)
+    asyncio.run(load_scale(store_config, model, sentences, vectors))
+    latency[f"sentences ({len(sentences)} chunks)"] = asyncio.run(
+        latency_and_recall(store_config, "scale", query_vectors)
+    )
+    stop_embedded(data_dir)
+    for name, rows in latency.items():
+        print(name, rows, flush=True)
+
+    report = {
+        "command": "python scripts/bench_retrieval.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, no GPU",
+        "corpus": f"{len(docs)} pages of /usr/share/man ({len(labelled)} outside gcloud), "
+        f"first {options.max_chars} characters of each",
+        "queries": len(queries),
+        "ingest": ingest,
+        "raw_chunks_per_s": raw,
+        "ingest_ratio": ingest["chunks_per_s"] / raw,
+        "latency": latency,
+        "quality": result_quality,
+    }
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrieval.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "retrieval.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+async def sample_chunks(store_config: StoreConfig, n: int) -> list[str]:
+    store = await open_store(store_config)
+    try:
+        async with store.pool.connection() as conn:
+            rows = await (
+                await conn.execute("SELECT text FROM chunks ORDER BY id LIMIT %s", (n,))
+            ).fetchall()
+        return [r[0] for r in rows]
+    finally:
+        await store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shapes of the document store's routes: ingestion, collections, search and RAG answers."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from serve_app.config import Chunking
+from serve_app.protocol.openai import NonEmptyText, Request
+
+CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+DocumentId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+# --- ingestion ----------------------------------------------------------------------------
+class DocumentIn(Request):
+    id: DocumentId | None = Field(
+        default=None, description="Makes ingestion idempotent; defaults to a hash of the text."
+    )
+    text: NonEmptyText
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.id or "sha256:" + hashlib.sha256(self.text.encode()).hexdigest()[:32]
+
+
+class IngestRequest(Request):
+    collection: CollectionName
+    documents: list[DocumentIn] = Field(min_length=1)
+    chunking: Chunking | None = None
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> IngestRequest:
+        keys = [d.key for d in self.documents]
+        if len(set(keys)) != len(keys):
+            raise ValueError("document ids must be unique within a request")
+        return self
+
+
+class IngestedDocument(BaseModel):
+    id: str
+    chunks: int
+
+
+class IngestResponse(BaseModel):
+    collection: str
+    documents: list[IngestedDocument]
+    ingested: int
+    chunks: int
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    embedding_model: str
+    dimensions: int
+    documents: int
+    chunks: int
+    created_at: datetime
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CollectionInfo]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# --- search -------------------------------------------------------------------------------
+class SearchRequest(Request):
+    collection: CollectionName
+    query: NonEmptyText
+    top_k: int = Field(default=10, ge=1, le=200)
+    filters: dict[str, Any] | None = Field(default=None, description="JSONB containment.")
+    rerank: bool = False
+    rerank_top_n: int | None = Field(default=None, ge=1, le=200)
+    ef_search: int | None = Field(default=None, ge=1, le=1000)
+
+
+class SearchResult(BaseModel):
+    chunk_id: int
+    document_id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+    rerank_score: float | None = None
+
+
+class Timings(BaseModel):
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    rerank_ms: float = 0.0
+    generate_ms: float = 0.0
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    results: list[SearchResult]
+    timings: Timings
+
+
+# --- answers ------------------------------------------------------------------------------
+class RagRequest(Request):
+    collection: CollectionName
+    query: NonEmptyText
+    top_k: int = Field(default=10, ge=1, le=100, description="Chunks retrieved.")
+    rerank: bool = True
+    rerank_top_n: int = Field(default=4, ge=1, le=20, description="Chunks given to the model.")
+    filters: dict[str, Any] | None = None
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Default: 256, or the generator's cap if lower."
+    )
+    stream: bool = False
+
+
+class Citation(BaseModel):
+    number: int = Field(description="The [n] the answer cites this source by.")
+    document_id: str
+    chunk_id: int
+    score: float
+    text: str
+
+
+class RagUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RagResponse(BaseModel):
+    answer: str
+    finish_reason: Literal["stop", "length"]
+    citations: list[Citation]
+    usage: RagUsage
+    timings: Timings

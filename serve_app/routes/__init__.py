@@ -1,0 +1,1 @@
+"""Route deployments that own a pipeline (and, later, its limits): documents, search, rag."""

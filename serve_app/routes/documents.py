@@ -1,0 +1,54 @@
+"""The documents route's deployment: chunk, embed and store documents; manage collections."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import AppConfig
+from serve_app.protocol.documents import IngestedDocument, IngestRequest, IngestResponse
+from serve_app.store import open_store
+from serve_app.store.vector_store import DocumentChunks
+
+
+@serve.deployment
+class Documents:
+    async def __init__(self, embedder: DeploymentHandle, config: AppConfig) -> None:
+        self.embedder = embedder
+        self.store = await open_store(config.store)
+        self.model = config.embedder.model
+        self.chunking = config.chunking
+
+    async def ingest(self, request: IngestRequest) -> IngestResponse:
+        """Chunk by the embedder's tokens, embed every chunk (batched), store atomically."""
+        chunking = request.chunking or self.chunking
+        texts = [d.text for d in request.documents]
+        pieces = await self.embedder.chunk.remote(texts, chunking.max_tokens, chunking.overlap)
+        flat = [chunk for doc_chunks in pieces for chunk in doc_chunks]
+        embedded = await self.embedder.embed.remote(flat)
+        collection = await self.store.ensure_collection(
+            request.collection, self.model, embedded.vectors.shape[1]
+        )
+        documents, start = [], 0
+        for doc, doc_chunks in zip(request.documents, pieces, strict=True):
+            vectors = embedded.vectors[start : start + len(doc_chunks)]
+            documents.append(DocumentChunks(doc.key, doc.metadata, doc_chunks, vectors))
+            start += len(doc_chunks)
+        await self.store.replace_documents(collection, documents)
+        return IngestResponse(
+            collection=request.collection,
+            documents=[IngestedDocument(id=d.id, chunks=len(d.texts)) for d in documents],
+            ingested=len(documents),
+            chunks=len(flat),
+        )
+
+    async def delete_document(self, collection: str, document_id: str) -> bool:
+        return await self.store.delete_document(
+            await self.store.collection(collection), document_id
+        )
+
+    async def collections(self) -> list[dict]:
+        return await self.store.list_collections()
+
+    async def delete_collection(self, name: str) -> None:
+        await self.store.delete_collection(name)

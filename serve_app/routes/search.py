@@ -1,0 +1,46 @@
+"""The search route's deployment: nearest chunks for a query, optionally reranked."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import AppConfig
+from serve_app.protocol.documents import SearchRequest, SearchResponse, SearchResult, Timings
+from serve_app.routes.retrieval import Retriever
+from serve_app.store import open_store
+
+
+@serve.deployment
+class Search:
+    async def __init__(
+        self, embedder: DeploymentHandle, reranker: DeploymentHandle, config: AppConfig
+    ) -> None:
+        self.store = await open_store(config.store)
+        self.retriever = Retriever(embedder, reranker, self.store, config)
+
+    async def search(self, request: SearchRequest) -> SearchResponse:
+        retrieved = await self.retriever.retrieve(
+            request.collection,
+            request.query,
+            request.top_k,
+            request.filters,
+            request.rerank,
+            request.rerank_top_n,
+            request.ef_search,
+        )
+        rerank_scores = retrieved.rerank_scores or [None] * len(retrieved.hits)
+        results = [
+            SearchResult(
+                chunk_id=h.chunk_id,
+                document_id=h.document_id,
+                text=h.text,
+                metadata=h.metadata,
+                score=h.score,
+                rerank_score=r,
+            )
+            for h, r in zip(retrieved.hits, rerank_scores, strict=True)
+        ]
+        return SearchResponse(
+            collection=request.collection, results=results, timings=Timings(**retrieved.timings)
+        )

@@ -1,0 +1,68 @@
+"""The store's schema as numbered migrations, applied once each and recorded.
+
+Every replica may call `migrate` at start: an advisory lock serializes them, and each
+migration runs in the same transaction as its record, so a failed one leaves no trace.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+# Any fixed number: the key of the advisory lock that serializes migrations.
+MIGRATION_LOCK = 7_020_301
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE EXTENSION IF NOT EXISTS vector;
+        CREATE TABLE collections (
+            id bigserial PRIMARY KEY,
+            name text NOT NULL UNIQUE,
+            embedding_model text NOT NULL,
+            dimensions int NOT NULL CHECK (dimensions > 0),
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE documents (
+            collection_id bigint NOT NULL REFERENCES collections (id) ON DELETE CASCADE,
+            id text NOT NULL,
+            metadata jsonb NOT NULL DEFAULT '{}',
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (collection_id, id)
+        );
+        -- One table for every collection: each collection gets its own partial HNSW index
+        -- over embedding::vector(its dimensions), so models of any size can coexist.
+        CREATE TABLE chunks (
+            id bigserial PRIMARY KEY,
+            collection_id bigint NOT NULL,
+            document_id text NOT NULL,
+            ordinal int NOT NULL,
+            text text NOT NULL,
+            metadata jsonb NOT NULL DEFAULT '{}',
+            embedding vector NOT NULL,
+            FOREIGN KEY (collection_id, document_id)
+                REFERENCES documents (collection_id, id) ON DELETE CASCADE
+        );
+        CREATE INDEX chunks_document ON chunks (collection_id, document_id);
+        CREATE INDEX chunks_metadata ON chunks USING gin (metadata jsonb_path_ops);
+        """,
+    ),
+]
+
+
+def migrate(url: str) -> int:
+    """Apply the migrations this database lacks; return the schema version now in force."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for version, sql in MIGRATIONS:
+                if version not in applied:
+                    conn.execute(sql)
+                    conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0

