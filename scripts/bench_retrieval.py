@@ -1,6 +1,6 @@
 """Retrieval benchmark: ingestion, search latency and recall, and answer-source quality.
 
-    .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 200] [--scale 100000]
+    .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 100] [--scale 100000]
 
 Corpus: the manual pages under /usr/share/man (real technical English) of this machine.
 A page's NAME line ("ls - list directory contents") becomes a labelled query and the rest
@@ -100,6 +100,7 @@ def man_corpus(limit: int, max_chars: int) -> list[dict]:
             {
                 "id": path.name.removesuffix(".gz"),
                 "text": body[:max_chars],
+                "full": body,
                 "metadata": {"section": path.parent.name.removeprefix("man")},
                 "query": description,
                 "labelled": not path.name.startswith("gcloud"),
@@ -248,7 +249,7 @@ def scale_vectors(args: dict, sentences: list[str]) -> np.ndarray:
 def sentences_of(docs: list[dict], limit: int) -> list[str]:
     out = []
     for d in docs:
-        for s in re.split(r"(?<=[.!?])\s+", d["text"]):
+        for s in re.split(r"(?<=[.!?])\s+", d["full"]):
             if 4 <= len(s.split()) <= 60:
                 out.append(s)
     out = list(dict.fromkeys(out))
@@ -308,8 +309,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--docs", type=int, default=5000)
-    parser.add_argument("--max-chars", type=int, default=3000, help="characters kept per page")
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--max-chars", type=int, default=2000, help="characters kept per page")
+    parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--scale", type=int, default=100_000, help="chunks in the scale test")
     parser.add_argument("--out", default=str(OUT))
     options = parser.parse_args()

