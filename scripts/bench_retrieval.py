@@ -190,20 +190,22 @@ async def latency_and_recall(
     rows = []
     try:
         collection = await store.collection(collection_name)
-        exact_ids, times = [], []
+        # Recall counts a hit as found when it is as near as the exact 10th: duplicate chunks
+        # (man pages repeat across aliases) tie, and any of the tied copies is a right answer.
+        exact_cutoff, times = [], []
         for q in queries:
             start = time.perf_counter()
             hits = await store.search(collection, q, 10, exact=True)
             times.append(time.perf_counter() - start)
-            exact_ids.append({h.chunk_id for h in hits})
+            exact_cutoff.append(hits[-1].score - 1e-6)
         rows.append(summary("exact", times, 1.0))
         for ef in EF_SEARCH:
             found, times = 0, []
-            for q, truth in zip(queries, exact_ids, strict=True):
+            for q, cutoff in zip(queries, exact_cutoff, strict=True):
                 start = time.perf_counter()
                 hits = await store.search(collection, q, 10, ef_search=ef)
                 times.append(time.perf_counter() - start)
-                found += len(truth & {h.chunk_id for h in hits})
+                found += sum(h.score >= cutoff for h in hits)
             rows.append(summary(f"hnsw ef_search={ef}", times, found / (10 * len(queries))))
     finally:
         await store.close()
@@ -277,6 +279,9 @@ def markdown(report: dict) -> str:
         f"{report['raw_chunks_per_s']:.1f} | {report['ingest_ratio']:.2f} |",
         "",
         "## Search latency (top_k=10, in process against PostgreSQL) and HNSW recall@10",
+        "",
+        f"Index: {report['index']}. Recall@10 counts a hit as found when it is as near as the",
+        "exact 10th (duplicate chunks tie; any copy is a right answer).",
         "",
     ]
     for name, rows in report["latency"].items():
@@ -376,6 +381,8 @@ def main() -> None:
         "corpus": f"{len(docs)} pages of /usr/share/man ({len(labelled)} outside gcloud), "
         f"first {options.max_chars} characters of each",
         "queries": len(queries),
+        "index": f"HNSW per collection, vector_cosine_ops, m={store_config.hnsw_m}, "
+        f"ef_construction={store_config.hnsw_ef_construction}",
         "ingest": ingest,
         "raw_chunks_per_s": raw,
         "ingest_ratio": ingest["chunks_per_s"] / raw,

@@ -74,14 +74,22 @@ class Deleted(BaseModel):
 
 
 # --- search -------------------------------------------------------------------------------
-class SearchRequest(Request):
+class RetrievalRequest(Request):
+    """What search and RAG both ask of retrieval."""
+
     collection: CollectionName
     query: NonEmptyText
-    top_k: int = Field(default=10, ge=1, le=200)
+    top_k: int = Field(default=10, ge=1, le=200, description="Chunks retrieved.")
     filters: dict[str, Any] | None = Field(default=None, description="JSONB containment.")
     rerank: bool = False
-    rerank_top_n: int | None = Field(default=None, ge=1, le=200)
-    ef_search: int | None = Field(default=None, ge=1, le=1000)
+    rerank_top_n: int | None = Field(
+        default=None, ge=1, le=200, description="Chunks kept after reranking."
+    )
+    ef_search: int | None = Field(default=None, ge=1, le=1000, description="HNSW candidates.")
+
+
+class SearchRequest(RetrievalRequest):
+    pass
 
 
 class SearchResult(BaseModel):
@@ -107,13 +115,10 @@ class SearchResponse(BaseModel):
 
 
 # --- answers ------------------------------------------------------------------------------
-class RagRequest(Request):
-    collection: CollectionName
-    query: NonEmptyText
+class RagRequest(RetrievalRequest):
     top_k: int = Field(default=10, ge=1, le=100, description="Chunks retrieved.")
     rerank: bool = True
-    rerank_top_n: int = Field(default=4, ge=1, le=20, description="Chunks given to the model.")
-    filters: dict[str, Any] | None = None
+    rerank_top_n: int | None = Field(default=4, ge=1, le=20, description="Chunks the model reads.")
     max_tokens: int | None = Field(
         default=None, ge=1, description="Default: 256, or the generator's cap if lower."
     )

@@ -59,14 +59,7 @@ class Rag:
 
     async def answer(self, request: RagRequest) -> AsyncIterator[Sources | Delta | Generated]:
         """Sources first, then the answer's deltas as the generator streams them, then timing."""
-        retrieved = await self.retriever.retrieve(
-            request.collection,
-            request.query,
-            request.top_k,
-            request.filters,
-            request.rerank,
-            request.rerank_top_n,
-        )
+        retrieved = await self.retriever.retrieve(request)
         scores = retrieved.rerank_scores or [h.score for h in retrieved.hits]
         citations = [
             Citation(number=n, document_id=h.document_id, chunk_id=h.chunk_id, score=s, text=h.text)

@@ -20,15 +20,7 @@ class Search:
         self.retriever = Retriever(embedder, reranker, self.store, config)
 
     async def search(self, request: SearchRequest) -> SearchResponse:
-        retrieved = await self.retriever.retrieve(
-            request.collection,
-            request.query,
-            request.top_k,
-            request.filters,
-            request.rerank,
-            request.rerank_top_n,
-            request.ef_search,
-        )
+        retrieved = await self.retriever.retrieve(request)
         rerank_scores = retrieved.rerank_scores or [None] * len(retrieved.hits)
         results = [
             SearchResult(

@@ -197,7 +197,7 @@ class VectorStore:
         vector: np.ndarray,
         top_k: int,
         filters: dict[str, Any] | None = None,
-        ef_search: int = 40,
+        ef_search: int = 80,
         exact: bool = False,
     ) -> list[Hit]:
         """The `top_k` chunks nearest to `vector` by cosine; `filters` is JSONB containment.
