@@ -99,10 +99,7 @@ async def _sse_chunks(
                 yield event([ChunkChoice(delta=DeltaMessage(content=delta.text))])
             delta = await anext(rest, None)
     except Exception as exc:  # the status line is gone: report in-band, then end the stream
-        body = errors.ErrorBody(
-            message=f"Generation failed: {type(exc).__name__}", type="api_error"
-        )
-        yield f"data: {errors.ErrorResponse(error=body).model_dump_json()}\n\n"
+        yield errors.sse_error(exc)
         yield "data: [DONE]\n\n"
         return
     yield event([ChunkChoice(delta=DeltaMessage(), finish_reason=last.finish_reason)])
@@ -130,9 +127,7 @@ async def _rag_events(sources: Sources, rest: AsyncIterator) -> AsyncIterator[st
                 }
                 yield f"data: {json.dumps(done)}\n\n"
     except Exception as exc:  # the status line is gone: report in-band
-        message = f"Generation failed: {type(exc).__name__}"
-        body = errors.ErrorBody(message=message, type="api_error")
-        yield f"data: {errors.ErrorResponse(error=body).model_dump_json()}\n\n"
+        yield errors.sse_error(exc)
     yield "data: [DONE]\n\n"
 
 

@@ -57,6 +57,12 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
+def sse_error(exc: BaseException) -> str:
+    """An error event for a stream whose status line has already gone out."""
+    body = ErrorBody(message=f"Generation failed: {type(exc).__name__}", type="api_error")
+    return f"data: {ErrorResponse(error=body).model_dump_json()}\n\n"
+
+
 def _field_path(loc: tuple) -> str | None:
     """`body.input.list[constrained-str].0` -> `input.0`: field names and indices only."""
     parts = [
