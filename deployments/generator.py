@@ -37,6 +37,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -275,13 +277,23 @@ class Generator(BatchedModel):
 
 
 def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
-    """Greedy where temperature is 0, else temperature and nucleus (top_p) sampling per row."""
+    """Greedy where temperature is 0, else temperature and nucleus (top_p) sampling per row;
+    OpenAI's frequency and presence penalties first lower the logits of tokens already said."""
+    logits = logits.float()
+    for k, sequence in enumerate(sequences):
+        request = sequence.request
+        if sequence.ids and (request.frequency_penalty or request.presence_penalty):
+            said = torch.tensor(sequence.ids, device=logits.device)
+            counts = torch.bincount(said, minlength=logits.shape[-1])[: logits.shape[-1]]
+            logits[k] -= (
+                counts * request.frequency_penalty + (counts > 0) * request.presence_penalty
+            )
     tokens = logits.argmax(-1)
     for k, sequence in enumerate(sequences):
         request = sequence.request
         if request.temperature <= 0:
             continue
-        probs = torch.softmax(logits[k].float() / request.temperature, dim=-1)
+        probs = torch.softmax(logits[k] / request.temperature, dim=-1)
         if request.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p

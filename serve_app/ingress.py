@@ -280,6 +280,8 @@ class Ingress:
             top_p=request.top_p,
             stop=request.stops,
             seed=request.seed,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
         )
         deltas = aiter(self.generator.options(stream=True).generate.remote(generation))
         # Wait for the first token before answering, so overload or failure still gets a status.

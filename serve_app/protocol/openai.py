@@ -98,8 +98,8 @@ class ChatCompletionRequest(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: Literal[False] = False
     tools: None = None
     user: str | None = None

@@ -175,3 +175,11 @@ def test_chat_sampling_with_seed_is_reproducible(client):
     }
     first = chat(client, **request)["choices"][0]["message"]["content"]
     assert chat(client, **request)["choices"][0]["message"]["content"] == first
+
+
+def test_chat_frequency_penalty_discourages_repeats(client):
+    messages = [{"role": "user", "content": "Write the word hello twenty times."}]
+    plain = chat(client, messages=messages, max_tokens=30)["choices"][0]["message"]["content"]
+    penalized = chat(client, messages=messages, max_tokens=30, frequency_penalty=2.0)
+    text = penalized["choices"][0]["message"]["content"]
+    assert plain.lower().count("hello") > text.lower().count("hello")

@@ -45,7 +45,7 @@ def test_chat_request_limits():
         {"messages": messages, "max_tokens": 0},
         {"messages": messages, "stop": ["a", "b", "c", "d", "e"]},
         {"messages": messages, "stop": [""]},
-        {"messages": messages, "presence_penalty": 0.5},
+        {"messages": messages, "presence_penalty": 2.5},
     ):
         with pytest.raises(ValidationError):
             ChatCompletionRequest(**bad)
