@@ -111,10 +111,13 @@ class Generator(BatchedModel):
             "threads": torch.get_num_threads(),
             "context_tokens": self.context_tokens,
             "kv_cache": True,
-            "continuous_batching": True,
         }
         warm = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         self._admit([self._sequence(warm), self._sequence(warm)])
+        # Only plain growing caches can be stacked mid-decode; models with other cache layers
+        # (sliding window, ...) admit new requests when the loop is empty instead.
+        self.mergeable = all(type(layer) is DynamicLayer for layer in self.state.cache.layers)
+        self.info["continuous_batching"] = self.mergeable
         while self.state is not None:
             self._step()
 
@@ -163,7 +166,10 @@ class Generator(BatchedModel):
         in_flight = len(self.state.sequences) if self.state else 0
         taken = []
         while self.waiting and (
-            in_flight == 0 or in_flight + len(self.waiting[0].sequences) <= self.max_batch_size
+            in_flight == 0
+            or (
+                self.mergeable and in_flight + len(self.waiting[0].sequences) <= self.max_batch_size
+            )
         ):
             admission = self.waiting.pop(0)
             in_flight += len(admission.sequences)
@@ -306,8 +312,6 @@ def _merge(old: _DecodeState, new: _DecodeState) -> _DecodeState:
     """Stack two decode states, left-padding the shorter one's cache and mask."""
     length = max(old.mask.shape[1], new.mask.shape[1])
     for a, b in zip(old.cache.layers, new.cache.layers, strict=True):
-        if type(a) is not DynamicLayer or type(b) is not DynamicLayer:
-            raise TypeError(f"cannot merge {type(a).__name__} caches")
         a.keys = torch.cat([_left_pad(a.keys, length, -2), _left_pad(b.keys, length, -2)])
         a.values = torch.cat([_left_pad(a.values, length, -2), _left_pad(b.values, length, -2)])
     return _DecodeState(

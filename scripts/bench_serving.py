@@ -56,6 +56,15 @@ def corpus_sentences(limit: int = 4096) -> list[str]:
 
 
 # --- phase 1: raw, in process ---------------------------------------------------------------
+def raw_result(unit: str, model, by_batch: dict[int, float]) -> dict:
+    return {
+        "unit": unit,
+        "threads": model.info["threads"],
+        "precision": model.precision,
+        "by_batch": by_batch,
+    }
+
+
 def raw_embedder(args: dict, sentences: list[str]) -> dict:
     from deployments.embedder import Embedder
 
@@ -69,12 +78,7 @@ def raw_embedder(args: dict, sentences: list[str]) -> dict:
         for i in range(0, n, size):
             model._encode(texts[i : i + size])
         by_batch[size] = n / (time.perf_counter() - start)
-    return {
-        "unit": "sentences/s",
-        "threads": model.info["threads"],
-        "precision": model.precision,
-        "by_batch": by_batch,
-    }
+    return raw_result("sentences/s", model, by_batch)
 
 
 def raw_reranker(args: dict, sentences: list[str]) -> dict:
@@ -93,12 +97,7 @@ def raw_reranker(args: dict, sentences: list[str]) -> dict:
             model._score_sorted(pairs[:size])
             done += size
         by_batch[size] = done / (time.perf_counter() - start)
-    return {
-        "unit": "pairs/s",
-        "threads": model.info["threads"],
-        "precision": model.precision,
-        "by_batch": by_batch,
-    }
+    return raw_result("pairs/s", model, by_batch)
 
 
 def raw_generator(args: dict) -> dict:
@@ -123,12 +122,7 @@ def raw_generator(args: dict) -> dict:
             model._step()
         elapsed = time.perf_counter() - start
         by_batch[size] = sum(s.delta.completion_tokens for s in sequences) / elapsed
-    return {
-        "unit": "tokens/s",
-        "threads": model.info["threads"],
-        "precision": model.precision,
-        "by_batch": by_batch,
-    }
+    return raw_result("tokens/s", model, by_batch)
 
 
 def run_raw(args: dict, sentences: list[str]) -> dict:
