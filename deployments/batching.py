@@ -11,6 +11,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from serve_app.metrics import batch_sizes
+
 
 def count_items(requests: Sequence[Sequence[object]]) -> int:
     """`batch_size_fn`: the number of items in a batch of multi-item requests."""
@@ -73,6 +75,11 @@ class BatchedModel:
     def __init__(self) -> None:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
+
+    def record_batch(self, requests: int, items: int) -> None:
+        """One executed batch: into the counters of `model_info` and the batch-size histogram."""
+        self.stats.record(requests, items)
+        batch_sizes().observe(items, tags={"deployment": type(self).__name__})
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply `user_config` (a `Batching`) to the running batcher, without a restart."""

@@ -28,7 +28,7 @@ class Embeddings:
     truncated: int  # inputs cut at the model's max_seq_length
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=128)
 class Embedder(BatchedModel):
     """Embeds texts; concurrent requests share one forward pass through `@serve.batch`."""
 
@@ -93,7 +93,7 @@ class Embedder(BatchedModel):
         flat = [text for request in requests for text in request]
         # The forward pass runs off the event loop, so the next batch queues up meanwhile.
         vectors, tokens = await asyncio.to_thread(self._encode, flat)
-        self.stats.record(len(requests), len(flat))
+        self.record_batch(len(requests), len(flat))
         limit = self.model.max_seq_length
         out, start = [], 0
         for request, request_tokens in zip(requests, unflatten(tokens, requests), strict=True):

@@ -59,6 +59,7 @@ class _Sequence:
     sent: int = 0  # characters of the decoded text already emitted
     rng: torch.Generator | None = None
     delta: Delta | None = None  # this step's output
+    abandoned: bool = False  # its caller went away: drop it at the next step
 
 
 @dataclass
@@ -80,7 +81,7 @@ class _DecodeState:
     logits: torch.Tensor  # (rows, vocab) next-token logits, not yet sampled
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64)
 class Generator(BatchedModel):
     """Chat generation with a KV cache and continuous batching of concurrent requests."""
 
@@ -126,9 +127,18 @@ class Generator(BatchedModel):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the answer to `request`; non-empty deltas, the last with a finish_reason."""
-        async for delta in self._generate_batch(request):
-            if delta.text or delta.finish_reason:
-                yield delta
+        try:
+            async for delta in self._generate_batch(request):
+                if delta.text or delta.finish_reason:
+                    yield delta
+        finally:  # done, or the caller cancelled (deadline, disconnect): stop decoding for it
+            self._abandon(request)
+
+    def _abandon(self, request: GenerationRequest) -> None:
+        waiting = [s for a in self.waiting for s in a.sequences]
+        for sequence in (self.state.sequences if self.state else []) + waiting:
+            if sequence.request is request:
+                sequence.abandoned = True
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(
@@ -174,7 +184,7 @@ class Generator(BatchedModel):
             admission = self.waiting.pop(0)
             in_flight += len(admission.sequences)
             taken.append(admission)
-        self.stats.record(sum(len(a.sequences) for a in taken), in_flight)
+        self.record_batch(sum(len(a.sequences) for a in taken), in_flight)
         return taken
 
     def _publish(self) -> None:
@@ -259,6 +269,8 @@ class Generator(BatchedModel):
     def _advance(self, sequence: _Sequence, token: int) -> Delta:
         """Take one token into `sequence`; return the text that is now safe to emit."""
         finish = None
+        if sequence.abandoned:
+            return Delta("", "cancelled", len(sequence.prompt), len(sequence.ids))
         if token in self.eos_ids:
             finish = "stop"
         else:

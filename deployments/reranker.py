@@ -98,7 +98,7 @@ class CrossEncoderScorer:
         return [(float(s), len(t)) for s, t in zip(scores, tokens, strict=True)]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64)
 class Reranker(BatchedModel):
     """Scores passages against a query; pairs of concurrent requests share forward passes."""
 
@@ -141,7 +141,7 @@ class Reranker(BatchedModel):
     async def _score_batch(self, requests: list[list[Pair]]) -> list[list[tuple[float, int]]]:
         flat = [pair for request in requests for pair in request]
         scores = await asyncio.to_thread(self._score_sorted, flat)
-        self.stats.record(len(requests), len(flat))
+        self.record_batch(len(requests), len(flat))
         return unflatten(scores, requests)
 
     def _score_sorted(self, pairs: list[Pair]) -> list[tuple[float, int]]:

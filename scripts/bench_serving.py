@@ -250,7 +250,7 @@ def drain(base_url: str, scenario: Scenario, sentences: list[str], quiet_s: floa
 
 
 def batch_counters(base_url: str, role: str) -> dict:
-    return httpx.get(f"{base_url}/v1/status", timeout=30).json()[role]
+    return httpx.get(f"{base_url}/v1/status", timeout=30).json()["models"][role]
 
 
 def run_http(config: dict, sentences: list[str], duration: float) -> list[Result]:

@@ -16,7 +16,7 @@ from ray.serve import Application
 from deployments.embedder import Embedder
 from deployments.generator import Generator
 from deployments.reranker import Reranker
-from serve_app.config import AppConfig, ModelDeployment, RouteDeployment
+from serve_app.config import AppConfig, ModelDeployment
 from serve_app.ingress import Ingress
 from serve_app.routes.documents import Documents
 from serve_app.routes.rag import Rag
@@ -50,20 +50,8 @@ def deployment_options(model: ModelDeployment) -> dict[str, Any]:
     """Ray Serve options of one model deployment, all taken from its config."""
     return {
         "name": type(model).__name__.removesuffix("Config"),
-        "num_replicas": model.num_replicas,
-        "max_ongoing_requests": model.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         "user_config": model.batching.model_dump(),
-    }
-
-
-def route_options(name: str, route: RouteDeployment) -> dict[str, Any]:
-    """Ray Serve options of one route deployment."""
-    return {
-        "name": name,
-        "num_replicas": route.num_replicas,
-        "max_ongoing_requests": route.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": route.num_cpus},
     }
 
 
@@ -76,18 +64,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     generator = Generator.options(**deployment_options(config.generator)).bind(
         config.generator, cache
     )
-    search = Search.options(**route_options("Search", config.search)).bind(
-        embedder, reranker, config
-    )
-    rag = Rag.options(**route_options("Rag", config.rag)).bind(
-        embedder, reranker, generator, config
-    )
-    documents = Documents.options(**route_options("Documents", config.documents)).bind(
-        embedder, config
-    )
-    ingress = config.ingress
-    return Ingress.options(
-        num_replicas=ingress.num_replicas,
-        max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(embedder, reranker, generator, search, rag, documents, config)
+    search = Search.bind(embedder, reranker, config)
+    rag = Rag.bind(embedder, reranker, generator, config)
+    documents = Documents.bind(embedder, config)
+    return Ingress.bind(embedder, reranker, generator, search, rag, documents, config)

@@ -39,12 +39,12 @@ class ModelDeployment(Section):
     )
     precision: Precision = "auto"
     num_gpus: float = Field(default=0.0, ge=0.0, le=8.0, description="GPU share when GPUs exist.")
-    num_cpus: float = Field(default=0.5, gt=0.0, le=64.0)
+    # A scheduling share, not a limit (threads are): at 0.2 / 0.2 / 0.4, two replicas of
+    # each model and the rest of the graph fit on 2 cores.
+    num_cpus: float = Field(default=0.4, gt=0.0, le=64.0)
     threads: int | None = Field(
         default=None, ge=1, le=256, description="Torch intra-op threads; default max(1, num_cpus)."
     )
-    num_replicas: int = Field(default=1, ge=1, le=256)
-    max_ongoing_requests: int = Field(default=64, ge=1)
     # The default user_config. The serve config's `deployments[].user_config` overrides it and
     # changes running replicas in place; a change to `args` restarts them.
     batching: Batching
@@ -61,7 +61,7 @@ class ModelDeployment(Section):
 class EmbedderConfig(ModelDeployment):
     model: str = DEFAULT_EMBEDDING_MODEL
     num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
-    max_ongoing_requests: int = Field(default=128, ge=1)
+    num_cpus: float = Field(default=0.2, gt=0.0, le=64.0)
     batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.02)
 
 
@@ -74,6 +74,7 @@ class RerankerConfig(ModelDeployment):
     model: str = DEFAULT_GENERATION_MODEL
     served_name: str | None = "query-likelihood-smollm2-135m"
     num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
+    num_cpus: float = Field(default=0.2, gt=0.0, le=64.0)
     max_passage_tokens: int = Field(default=256, ge=8, le=8192)
     max_query_tokens: int = Field(default=64, ge=1, le=1024)
     batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.01)
@@ -114,19 +115,63 @@ class Chunking(Section):
         return self
 
 
-class RouteDeployment(Section):
-    """A route's own deployment (search, rag, documents): where its limits will live."""
-
-    num_cpus: float = Field(default=0.05, gt=0.0, le=64.0)
-    num_replicas: int = Field(default=1, ge=1, le=256)
-    max_ongoing_requests: int = Field(default=32, ge=1)
-
-
 class IngressConfig(Section):
-    num_cpus: float = Field(default=0.25, gt=0.0, le=64.0)
-    num_replicas: int = Field(default=1, ge=1, le=256)
-    max_ongoing_requests: int = Field(default=256, ge=1)
     ready_timeout_s: float = Field(default=2.0, gt=0.0)
+
+
+Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest"]
+
+
+class RouteLimits(Section):
+    """How much of one route runs and waits at once in an ingress replica, and for how long."""
+
+    max_running: int = Field(ge=1, le=100_000)
+    max_queued: int = Field(ge=0, le=100_000)
+    deadline_s: float = Field(gt=0.0, le=3600.0, description="From arrival to the last byte.")
+    shed: bool = Field(default=False, description="Refused while the host is under pressure.")
+
+
+class Shedding(Section):
+    """Host pressure at which the heavy routes (those with `shed`) answer 503."""
+
+    cpu_percent: float = Field(default=90.0, gt=0.0, le=100.0)
+    memory_percent: float = Field(default=90.0, gt=0.0, le=100.0)
+    window_s: float = Field(default=5.0, gt=0.0, le=300.0, description="CPU is averaged over it.")
+    interval_s: float = Field(default=0.5, gt=0.0, le=60.0, description="Sampling period.")
+
+
+DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
+    # Sized from measurement: a single-sentence request is one slot, and 64 running fill
+    # the embedder's batches of 64 (docs/benchmarks/).
+    "embeddings": RouteLimits(max_running=64, max_queued=256, deadline_s=30),
+    # A query-likelihood rerank of 8-20 passages takes about 1-2 s of the model alone.
+    "rerank": RouteLimits(max_running=4, max_queued=16, deadline_s=60),
+    "chat": RouteLimits(max_running=5, max_queued=25, deadline_s=120, shed=True),
+    "search": RouteLimits(max_running=4, max_queued=20, deadline_s=30),
+    "rag": RouteLimits(max_running=2, max_queued=10, deadline_s=120, shed=True),
+    "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True),
+}
+
+
+class Admission(Section):
+    """The ingress's `user_config`: per-route limits and load shedding, changed in place.
+
+    Each ingress replica enforces these limits on its own: with N ingress replicas a route
+    admits up to N times `max_running`, as Serve's own queues count per caller.
+    """
+
+    routes: dict[Route, RouteLimits] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_LIMITS))
+    shedding: Shedding = Shedding()
+    retry_after_s: int = Field(default=1, ge=0, le=3600, description="Sent with every 503.")
+
+    @classmethod
+    def from_user_config(cls, user_config: dict | None) -> Admission:
+        """Defaults with `user_config` laid over them, field by field."""
+        user_config = dict(user_config or {})
+        routes = {name: limits.model_dump() for name, limits in DEFAULT_ROUTE_LIMITS.items()}
+        for name, limits in (user_config.pop("routes", None) or {}).items():
+            routes[name] = {**routes.get(name, {}), **limits}
+        return cls.model_validate({**user_config, "routes": routes})
 
 
 class AppConfig(BaseSettings):
@@ -146,9 +191,6 @@ class AppConfig(BaseSettings):
     ingress: IngressConfig = IngressConfig()
     store: StoreConfig = StoreConfig()
     chunking: Chunking = Chunking()
-    search: RouteDeployment = RouteDeployment()
-    rag: RouteDeployment = RouteDeployment()
-    documents: RouteDeployment = RouteDeployment()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL", exclude=True)
     model_cache_dir: Path = Field(

@@ -1,7 +1,8 @@
 """The HTTP ingress: thin routes that validate, call a model deployment's handle, shape the answer.
 
-Route -> protocol model (validation, 4xx in OpenAI's error shape) -> deployment handle
-(batched model call) -> protocol response.
+Route -> protocol model (validation, 4xx in OpenAI's error shape) -> admission (the route's
+slot, queue and deadline; 503 or 504 in the same shape) -> deployment handle (batched model
+call) -> protocol response.
 """
 
 import asyncio
@@ -18,7 +19,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.generator import Delta, GenerationRequest
-from serve_app.config import AppConfig
+from serve_app.admission import AdmissionControl
+from serve_app.config import Admission, AppConfig
 from serve_app.protocol import errors
 from serve_app.protocol.documents import (
     CollectionInfo,
@@ -108,6 +110,14 @@ async def _sse_chunks(
     yield "data: [DONE]\n\n"
 
 
+async def _join(first: Delta, rest: AsyncIterator[Delta]) -> tuple[str, Delta]:
+    """The whole text of a generation, and its last delta."""
+    text, last = first.text, first
+    async for delta in rest:
+        text, last = text + delta.text, delta
+    return text, last
+
+
 async def _rag_events(sources: Sources, rest: AsyncIterator) -> AsyncIterator[str]:
     """SSE: `{"type": "delta", "text"}` events, then one `{"type": "done", citations, ...}`."""
     last: Delta | None = None
@@ -131,7 +141,34 @@ async def _rag_events(sources: Sources, rest: AsyncIterator) -> AsyncIterator[st
     yield "data: [DONE]\n\n"
 
 
-@serve.deployment
+async def _rag_answer(events: AsyncIterator) -> tuple[str, Delta, Generated]:
+    """The answer's text, its last delta and the generation summary."""
+    text, last, generated = "", None, None
+    async for event in events:
+        if isinstance(event, Delta):
+            text, last = text + event.text, event
+        elif isinstance(event, Generated):
+            generated = event
+    assert last is not None and generated is not None
+    return text, last, generated
+
+
+def _deployment_states() -> dict[str, dict]:
+    """Status and replicas by state of each deployment of this application (Serve's status)."""
+    app_name = serve.get_replica_context().app_name
+    deployments = serve.status().applications[app_name].deployments
+    return {
+        name: {
+            "status": str(d.status.value),
+            "replicas": {str(state): n for state, n in d.replica_states.items()},
+        }
+        for name, d in deployments.items()
+    }
+
+
+# Room for every route's running and queued requests, so admission answers before Serve's
+# own queue would.
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
     """Composes the model deployments behind one FastAPI app."""
@@ -154,6 +191,11 @@ class Ingress:
         self.documents = documents
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
+        self.admission = AdmissionControl(Admission())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Route limits and shedding thresholds from the deployment's user_config, in place."""
+        self.admission.configure(Admission.from_user_config(user_config))
 
     # --- health -----------------------------------------------------------------------------
     @app.get("/healthz")
@@ -181,9 +223,12 @@ class Ingress:
         return {"status": "ready", "models": {role: i["model"] for role, i in infos.items()}}
 
     @app.get("/v1/status")
-    async def status(self) -> dict[str, dict]:
-        """Each model deployment's model, precision, device, memory and batch sizes."""
-        return await self._model_infos()
+    async def status(self) -> dict[str, object]:
+        """Routes with limits and load, host pressure, replicas per deployment, and models."""
+        deployments, models = await asyncio.gather(
+            asyncio.to_thread(_deployment_states), self._model_infos()
+        )
+        return {**self.admission.report(), "deployments": deployments, "models": models}
 
     async def _model_infos(self) -> dict[str, dict]:
         roles = list(self.handles)
@@ -210,7 +255,8 @@ class Ingress:
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(self, request: EmbeddingRequest) -> Response:
         model = self._served_name("embedder", request.model)
-        result = await self.embedder.embed.remote(request.texts)
+        async with self.admission.admit("embeddings") as ticket:
+            result = await ticket.result(self.embedder.embed.remote(request.texts))
         vectors = result.vectors
         if request.dimensions is not None:
             if request.dimensions > vectors.shape[1]:
@@ -247,7 +293,8 @@ class Ingress:
     async def rerank(self, request: RerankRequest) -> RerankResponse:
         model = self._served_name("reranker", request.model)
         texts = request.texts
-        scored = await self.reranker.rerank.remote(request.query, texts)
+        async with self.admission.admit("rerank") as ticket:
+            scored = await ticket.result(self.reranker.rerank.remote(request.query, texts))
         order = sorted(range(len(texts)), key=lambda i: scored[i][0], reverse=True)
         results = [
             RerankResult(
@@ -283,17 +330,16 @@ class Ingress:
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
         )
-        deltas = aiter(self.generator.options(stream=True).generate.remote(generation))
-        # Wait for the first token before answering, so overload or failure still gets a status.
-        first = await anext(deltas)
-        completion_id, created = new_id("chatcmpl"), int(time.time())
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _sse_chunks(first, deltas, completion_id, created, model, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, last = first.text, first
-        async for delta in deltas:
-            text, last = text + delta.text, delta
+        async with self.admission.admit("chat") as ticket:
+            deltas = ticket.track(self.generator.options(stream=True).generate.remote(generation))
+            # Wait for the first token before answering: overload or failure still gets a status.
+            first = await ticket.wait(anext(deltas))
+            completion_id, created = new_id("chatcmpl"), int(time.time())
+            if request.stream:
+                usage = bool(request.stream_options and request.stream_options.include_usage)
+                events = _sse_chunks(first, deltas, completion_id, created, model, usage)
+                return StreamingResponse(ticket.stream(events), media_type="text/event-stream")
+            text, last = await ticket.wait(_join(first, deltas))
         return ChatCompletion(
             id=completion_id,
             created=created,
@@ -308,7 +354,8 @@ class Ingress:
     @app.post("/v1/documents")
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         """Chunk, embed and store documents; an id already stored is replaced atomically."""
-        return await self.documents.ingest.remote(request)
+        async with self.admission.admit("ingest") as ticket:
+            return await ticket.result(self.documents.ingest.remote(request))
 
     @app.delete("/v1/documents/{collection}/{document_id:path}")
     async def delete_document(self, collection: str, document_id: str) -> Deleted:
@@ -336,7 +383,8 @@ class Ingress:
     @app.post("/v1/search")
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Nearest chunks by cosine (HNSW), metadata filters, optional rerank."""
-        return await self.search_route.search.remote(request)
+        async with self.admission.admit("search") as ticket:
+            return await ticket.result(self.search_route.search.remote(request))
 
     @app.post("/v1/rag/query", response_model=RagResponse)
     async def rag_query(self, request: RagRequest):
@@ -347,17 +395,14 @@ class Ingress:
                 400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
             )
         request = request.model_copy(update={"max_tokens": request.max_tokens or min(256, cap)})
-        events = aiter(self.rag.options(stream=True).answer.remote(request))
-        sources: Sources = await anext(events)  # retrieval errors surface here, with a status
-        if request.stream:
-            return StreamingResponse(_rag_events(sources, events), media_type="text/event-stream")
-        text, last, generated = "", None, None
-        async for event in events:
-            if isinstance(event, Delta):
-                text, last = text + event.text, event
-            elif isinstance(event, Generated):
-                generated = event
-        assert last is not None and generated is not None
+        async with self.admission.admit("rag") as ticket:
+            events = ticket.track(self.rag.options(stream=True).answer.remote(request))
+            sources: Sources = await ticket.wait(anext(events))  # retrieval errors: a status
+            if request.stream:
+                stream = ticket.stream(_rag_events(sources, events))
+                return StreamingResponse(stream, media_type="text/event-stream")
+            text, last, generated = await ticket.wait(_rag_answer(events))
+
         return RagResponse(
             answer=text,
             finish_reason=last.finish_reason,

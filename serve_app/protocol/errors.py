@@ -57,10 +57,14 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
+def sse_event(error: APIError) -> str:
+    """`error` as an event of a stream whose status line has already gone out."""
+    return f"data: {ErrorResponse(error=error.body).model_dump_json()}\n\n"
+
+
 def sse_error(exc: BaseException) -> str:
-    """An error event for a stream whose status line has already gone out."""
-    body = ErrorBody(message=f"Generation failed: {type(exc).__name__}", type="api_error")
-    return f"data: {ErrorResponse(error=body).model_dump_json()}\n\n"
+    """An error event for a failure in the middle of a stream."""
+    return sse_event(APIError(500, f"Generation failed: {type(exc).__name__}", "api_error"))
 
 
 def _field_path(loc: tuple) -> str | None:

@@ -11,7 +11,7 @@ from serve_app.store import open_store
 from serve_app.store.vector_store import DocumentChunks
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.05})
 class Documents:
     async def __init__(self, embedder: DeploymentHandle, config: AppConfig) -> None:
         self.embedder = embedder

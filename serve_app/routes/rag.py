@@ -44,7 +44,7 @@ def prompt(query: str, citations: list[Citation]) -> list[dict[str, str]]:
     ]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.05})
 class Rag:
     async def __init__(
         self,

@@ -11,7 +11,7 @@ from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.05})
 class Search:
     async def __init__(
         self, embedder: DeploymentHandle, reranker: DeploymentHandle, config: AppConfig

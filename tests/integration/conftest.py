@@ -1,6 +1,7 @@
 """One Ray cluster and one Serve app, with the real bundled models, for the whole session."""
 
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -43,3 +44,30 @@ def server():
 def client(server):
     with httpx.Client(base_url=server, timeout=120) as c:
         yield c
+
+
+def configure_ingress(client: httpx.Client, user_config: dict) -> None:
+    """Redeploy with the Ingress's `user_config` replaced, and wait until it is in effect."""
+    redeploy([{"name": "Ingress", "user_config": user_config}])
+    from serve_app.config import Admission
+
+    expected = Admission.from_user_config(user_config)
+    deadline = time.monotonic() + 60
+    while True:
+        status = client.get("/v1/status").json()
+        routes = {
+            name: {k: r[k] for k in ("max_running", "max_queued", "deadline_s", "shed")}
+            for name, r in status["routes"].items()
+        }
+        if routes == {n: limits.model_dump() for n, limits in expected.routes.items()} and (
+            status["shedding"]["limits"] == expected.shedding.model_dump()
+        ):
+            return
+        assert time.monotonic() < deadline, "the new ingress user_config never arrived"
+        time.sleep(0.3)
+
+
+def ingress_config() -> dict:
+    """The Ingress's user_config in configs/test.yaml."""
+    app = TEST_CONFIG["applications"][0]
+    return next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"]

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def batches(client, role: str) -> dict:
-    return client.get("/v1/status").json()[role]["batches"]
+    return client.get("/v1/status").json()["models"][role]["batches"]
 
 
 def run_concurrently(server: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
@@ -75,7 +75,7 @@ def test_batch_settings_change_live(client):
     redeploy([{"name": "Embedder", "user_config": new}])
     try:
         deadline = time.monotonic() + 60
-        while (status := client.get("/v1/status").json()["embedder"])["batching"] != new:
+        while (status := client.get("/v1/status").json()["models"]["embedder"])["batching"] != new:
             assert time.monotonic() < deadline, "the new batch settings never arrived"
             time.sleep(0.5)
         assert status["batches"]["batches"] >= counted  # same replica: counters kept

@@ -20,7 +20,7 @@ def test_health_ready_and_models(client):
 def test_status_reports_model_precision_device_memory(client):
     status = client.get("/v1/status").json()
     for role in ("embedder", "reranker", "generator"):
-        info = status[role]
+        info = status["models"][role]
         assert info["precision"] == "fp32"
         assert info["device"] == "cpu"
         assert info["memory"]["model_bytes"] > 10_000_000

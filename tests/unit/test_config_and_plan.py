@@ -7,9 +7,14 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import deployment_options, plan
-from serve_app.config import AppConfig, Batching
+from serve_app.config import Admission, AppConfig, Batching
+from serve_app.ingress import Ingress
+from serve_app.routes.documents import Documents
+from serve_app.routes.rag import Rag
+from serve_app.routes.search import Search
 
 ROOT = Path(__file__).resolve().parents[2]
+ROUTE_DEPLOYMENTS = {"Ingress": Ingress, "Search": Search, "Rag": Rag, "Documents": Documents}
 
 
 def app_args(path: str) -> dict:
@@ -41,27 +46,40 @@ def test_options_carry_cpus_and_batching():
     config = AppConfig(**app_args("serve_config.yaml"))
     options = deployment_options(config.embedder)
     assert options["name"] == "Embedder"
-    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert options["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.25}
     assert options["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.02}
 
 
-def test_config_files_name_real_deployments():
-    """Overrides in `deployments[]` must name deployments that build_app creates."""
-    names = {deployment_options(m)["name"] for m in AppConfig().models().values()}
-    for path in ("serve_config.yaml", "configs/gpu.yaml", "configs/test.yaml"):
-        app = yaml.safe_load((ROOT / path).read_text())["applications"][0]
-        overrides = app.get("deployments", [])
-        assert {d["name"] for d in overrides} <= names
-        for d in overrides:
-            Batching(**d["user_config"])
+def overrides(path: str) -> dict[str, dict]:
+    app = yaml.safe_load((ROOT / path).read_text())["applications"][0]
+    return {d["name"]: d for d in app.get("deployments", [])}
 
 
-def test_default_graph_fits_two_cores():
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/gpu.yaml", "configs/test.yaml"])
+def test_config_files_name_real_deployments(path):
+    """Overrides in `deployments[]` name deployments that build_app creates, with valid configs."""
+    models = {deployment_options(m)["name"] for m in AppConfig().models().values()}
+    for name, override in overrides(path).items():
+        assert name in models | set(ROUTE_DEPLOYMENTS)
+        if name in models and "user_config" in override:
+            Batching(**override["user_config"])
+        if name == "Ingress" and "user_config" in override:
+            Admission.from_user_config(override["user_config"])
+
+
+def test_default_graph_fits_two_cores_at_max_replicas():
     config = AppConfig(**app_args("serve_config.yaml"))
-    cpus = sum(m.num_cpus * m.num_replicas for m in config.models().values())
-    for route in (config.ingress, config.search, config.rag, config.documents):
-        cpus += route.num_cpus * route.num_replicas
-    assert cpus <= 2.0
+    tuned = overrides("serve_config.yaml")
+    cpus = {deployment_options(m)["name"]: m.num_cpus for m in config.models().values()}
+    cpus |= {name: d.ray_actor_options["num_cpus"] for name, d in ROUTE_DEPLOYMENTS.items()}
+    total = 0.0
+    for name, share in cpus.items():
+        override = tuned[name]
+        assert "autoscaling_config" in override or name == "Ingress"
+        replicas = override.get("autoscaling_config", {}).get("max_replicas", 1)
+        total += share * override.get("num_replicas", replicas)
+    assert tuned["Embedder"]["autoscaling_config"]["max_replicas"] >= 2
+    assert total <= 2.0 + 1e-9  # summed fractions
 
 
 def test_threads_follow_cpus_unless_set():
@@ -111,3 +129,25 @@ def test_database_url_from_environment(monkeypatch):
 def test_chunking_overlap_must_be_smaller():
     with pytest.raises(ValidationError):
         AppConfig(chunking={"max_tokens": 32, "overlap": 32})
+
+
+def test_admission_overrides_merge_over_route_defaults():
+    admission = Admission.from_user_config({"routes": {"chat": {"max_queued": 1}}})
+    assert admission.routes["chat"].max_running == 5  # the default, kept
+    assert admission.routes["chat"].max_queued == 1
+    assert admission.routes["chat"].shed and not admission.routes["embeddings"].shed
+    assert set(admission.routes) == {"embeddings", "rerank", "chat", "search", "rag", "ingest"}
+
+
+@pytest.mark.parametrize(
+    "user_config",
+    [
+        {"routes": {"chatt": {"max_running": 1}}},
+        {"routes": {"chat": {"max_running": 0}}},
+        {"shedding": {"memory_percent": 120}},
+        {"retry_after": 1},
+    ],
+)
+def test_bad_admission_is_rejected(user_config):
+    with pytest.raises(ValidationError):
+        Admission.from_user_config(user_config)

@@ -1,0 +1,74 @@
+"""Every custom metric the application exports, in one place.
+
+Ray exports them on its Prometheus endpoint with a `ray_` prefix (counters also get `_total`)
+and the dashboard's Metrics view charts them. docs/observability.md lists them. Each process
+creates its metrics once, on first use, inside the replica that records them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from ray.util import metrics
+
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+@dataclass(frozen=True)
+class RouteMetrics:
+    admitted: metrics.Counter
+    rejected: metrics.Counter
+    timed_out: metrics.Counter
+    running: metrics.Gauge
+    queued: metrics.Gauge
+
+
+@cache
+def route_metrics() -> RouteMetrics:
+    """Admission control of the ingress routes (embeddings, rerank, chat, search, rag, ingest)."""
+    return RouteMetrics(
+        admitted=metrics.Counter(
+            "rag_route_admitted", "Requests admitted to run.", tag_keys=("route",)
+        ),
+        rejected=metrics.Counter(
+            "rag_route_rejected",
+            "Requests answered 503: queue_full, resource_pressure or backpressure.",
+            tag_keys=("route", "reason"),
+        ),
+        timed_out=metrics.Counter(
+            "rag_route_timed_out", "Requests answered 504 at their deadline.", tag_keys=("route",)
+        ),
+        running=metrics.Gauge("rag_route_running", "Requests running now.", tag_keys=("route",)),
+        queued=metrics.Gauge(
+            "rag_route_queued", "Requests waiting for a slot now.", tag_keys=("route",)
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class HostMetrics:
+    cpu_percent: metrics.Gauge
+    memory_percent: metrics.Gauge
+    shedding: metrics.Gauge
+
+
+@cache
+def host_metrics() -> HostMetrics:
+    """Host pressure as the ingress sees it, and whether it is shedding heavy routes."""
+    return HostMetrics(
+        cpu_percent=metrics.Gauge("rag_host_cpu_percent", "Host CPU use, averaged over a window."),
+        memory_percent=metrics.Gauge("rag_host_memory_percent", "Host memory use."),
+        shedding=metrics.Gauge("rag_shedding_active", "1 while heavy routes are refused."),
+    )
+
+
+@cache
+def batch_sizes() -> metrics.Histogram:
+    """Items (sentences, pairs, sequences) per executed batch, per model deployment."""
+    return metrics.Histogram(
+        "rag_batch_size",
+        "Items in each executed model batch.",
+        boundaries=BATCH_BOUNDARIES,
+        tag_keys=("deployment",),
+    )

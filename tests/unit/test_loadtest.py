@@ -1,0 +1,216 @@
+"""scripts/loadtest.py: the host check, the summary, and a short run against a fake server."""
+
+import asyncio
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Response
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("loadtest", ROOT / "scripts" / "loadtest.py")
+loadtest = importlib.util.module_from_spec(spec)
+sys.modules["loadtest"] = loadtest  # dataclasses resolve their module by name
+spec.loader.exec_module(loadtest)
+
+STATUS = {
+    "routes": {"embeddings": {"max_running": 4, "max_queued": 8, "running": 2, "queued": 1}},
+    "shedding": {"cpu_percent": 45.0, "memory_percent": 30.1, "active": False},
+    "deployments": {
+        "Embedder": {"status": "HEALTHY", "replicas": {"RUNNING": 2}},
+        "Generator": {"status": "UPDATING", "replicas": {"STARTING": 1}},
+    },
+    "models": {},
+}
+
+
+def test_host_check():
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000/", "http://[::1]:8000"):
+        assert loadtest.check_url(url) == url.rstrip("/")
+    for url in ("http://example.com:8000", "http://10.0.0.1:8000", "ftp://127.0.0.1"):
+        with pytest.raises(ValueError):
+            loadtest.check_url(url)
+    remote = ["--route", "chat", "--steps", "1", "--duration", "1", "--url", "http://example.com"]
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(remote)
+
+
+def test_cli_bounds():
+    cfg = loadtest.parse_args(["--route", "chat", "--steps", "1,5,50", "--duration", "60"])
+    assert (cfg.steps, cfg.duration, cfg.name, cfg.url) == (
+        [1, 5, 50],
+        60.0,
+        "chat",
+        "http://127.0.0.1:8000",
+    )
+    for extra in (["--steps", "1,513", "--duration", "1"], ["--steps", "1", "--duration", "601"]):
+        with pytest.raises(SystemExit):
+            loadtest.parse_args(["--route", "chat", *extra])
+
+
+def test_summarize_counts_and_percentiles():
+    Record = loadtest.Record
+    ok = [Record(t=i, latency=(i + 1) / 10, status="200", concurrency=4) for i in range(10)]
+    shed = [
+        Record(t=1, latency=0.01, status="503", concurrency=4, retry_after=True),
+        Record(t=2, latency=0.03, status="503", concurrency=4, retry_after=False),
+    ]
+    failed = [Record(t=3, latency=300.0, status="error", concurrency=4)]
+    samples = [{"t": 0, "memory_percent": 31.5}, {"t": 1, "memory_percent": None}]
+    summary = loadtest.summarize(ok + shed + failed, duration=2.0, samples=samples)
+    assert summary["requests"] == 13
+    assert summary["answers"] == 12
+    assert summary["throughput_rps"] == 6.0
+    assert summary["ok_rps"] == 5.0
+    assert summary["status"] == {"200": 10, "503": 2, "error": 1}
+    assert summary["latency_ms"]["200"] == {"p50": 550.0, "p95": 955.0, "p99": 991.0}
+    assert summary["latency_ms"]["503"]["p50"] == 20.0
+    assert summary["latency_ms"]["all"]["p99"] < 1000.0  # the client-side error is no answer
+    assert summary["missing_retry_after_503"] == 1
+    assert summary["max_memory_percent"] == 31.5
+
+    empty = loadtest.summarize(ok, duration=1.0)
+    assert empty["latency_ms"]["503"] == {"p50": None, "p95": None, "p99": None}
+    assert empty["max_memory_percent"] is None
+
+
+def test_parse_status_and_bodies():
+    parsed = loadtest.parse_status(STATUS, "embeddings")
+    assert parsed == {
+        "replicas": {"Embedder": 2, "Generator": 0},
+        "memory_percent": 30.1,
+        "cpu_percent": 45.0,
+        "running": 2.0,
+        "queued": 1.0,
+    }
+    assert loadtest.parse_status({}, "chat")["replicas"] == {}
+
+    sentences = [f"sentence number {i} has quite a few words in it." for i in range(20)]
+    rerank = next(loadtest.bodies("rerank", sentences))
+    assert rerank["query"] == sentences[0] and len(rerank["documents"]) == 8
+    ingest = loadtest.bodies("ingest", sentences, collection="c")
+    first, second = next(ingest), next(ingest)
+    assert [first["documents"][0]["id"], second["documents"][0]["id"]] == [
+        "loadtest-0",
+        "loadtest-1",
+    ]
+    chat = next(loadtest.bodies("chat", sentences, max_tokens=7))
+    assert chat["max_tokens"] == 7 and chat["temperature"] == 0
+    seed = loadtest.seed_batches(sentences, "c")
+    assert sum(len(b["documents"]) for b in seed) == 50
+
+
+ingested: list[int] = []
+searched: list[dict] = []
+
+
+def fake_service() -> FastAPI:
+    app = FastAPI()
+    calls = {"n": 0}
+    ingested.clear()
+    searched.clear()
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        calls["n"] += 1
+        n = calls["n"]
+        await asyncio.sleep(0.005)
+        if n % 3 == 0:
+            return Response(status_code=503, headers={"Retry-After": "1"})
+        return Response('{"data": []}', media_type="application/json")
+
+    @app.post("/v1/documents")
+    async def documents(body: dict) -> Response:
+        ingested.append(len(body["documents"]))
+        if len(ingested) == 1:  # the first batch is shed once and retried
+            return Response(status_code=503, headers={"Retry-After": "0"})
+        return Response('{"ingested": 1}', media_type="application/json")
+
+    @app.post("/v1/search")
+    async def search(body: dict) -> dict:
+        searched.append(body)
+        return {"results": []}
+
+    @app.get("/v1/status")
+    async def status() -> dict:
+        return STATUS
+
+    return app
+
+
+@pytest.fixture
+def server_url():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(fake_service(), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "fake server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+    sock.close()
+
+
+def test_run_against_fake_server(server_url, tmp_path):
+    cfg = loadtest.LoadConfig(
+        url=server_url,
+        route="embeddings",
+        steps=[4],
+        duration=1.0,
+        out=tmp_path,
+        name="fake",
+        poll=0.2,
+        timeout=5.0,
+        wait_retry_after=False,
+        command="loadtest test",
+    )
+    loadtest.execute(cfg, sentences=["one two three four five six seven eight."])
+
+    report = json.loads((tmp_path / "loadtest-fake.json").read_text())
+    assert (tmp_path / "loadtest-fake.png").read_bytes().startswith(b"\x89PNG")
+    assert {"command", "url", "route", "steps", "duration", "host", "results", "overall"} <= set(
+        report
+    )
+    overall = report["overall"]
+    (step,) = report["results"]
+    assert step["concurrency"] == 4
+    assert overall["requests"] == step["requests"] == sum(overall["status"].values()) > 10
+    assert set(overall["status"]) == {"200", "503"}
+    # The fake service refuses every third request it receives.
+    assert abs(overall["status"]["503"] - overall["requests"] / 3) <= 0.05 * overall["requests"]
+    assert overall["missing_retry_after_503"] == 0
+    assert overall["latency_ms"]["200"]["p50"] is not None
+    assert overall["max_memory_percent"] == 30.1
+    assert report["replicas"] and report["replicas"][0]["replicas"]["Embedder"] == 2
+    assert report["resources"][0]["queued"] == 1.0
+
+
+def test_search_seeds_the_collection_first(server_url, tmp_path):
+    cfg = loadtest.LoadConfig(
+        url=server_url,
+        route="search",
+        steps=[2],
+        duration=0.3,
+        out=tmp_path,
+        name="seeded",
+        collection="seeded",
+        poll=0.2,
+        timeout=5.0,
+    )
+    report = loadtest.execute(cfg)
+    assert ingested == [10, 10, 10, 10, 10, 10]  # five batches of ten, the first sent twice
+    assert searched and searched[0]["collection"] == "seeded" and searched[0]["top_k"] == 5
+    assert report["overall"]["status"] == {"200": len(searched)}
