@@ -186,3 +186,25 @@ def test_status_summarizes_routes_deployments_and_models(client):
     assert {"Ingress", "Search", "Rag", "Documents", "Generator"} <= set(status["deployments"])
     assert status["models"]["generator"]["precision"] == "fp32"
     assert 0 < status["shedding"]["memory_percent"] < 100
+
+
+def test_custom_metrics_reach_prometheus(client):
+    """Ray's metrics endpoint serves the route counters and the batch-size histogram."""
+    import ray
+
+    assert client.post("/v1/embeddings", json={"input": "counted"}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = (
+        "ray_rag_route_admitted_total{",
+        "ray_rag_route_running{",
+        "ray_rag_batch_size_bucket{",
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        assert time.monotonic() < deadline, [n for n in wanted if n not in text]
+        time.sleep(2)
+    admitted = [line for line in text.splitlines() if line.startswith("ray_rag_route_admitted")]
+    assert any('route="embeddings"' in line for line in admitted)
