@@ -74,8 +74,8 @@ class HostPressure:
         self.cpu_percent = sum(p * span for _, p, span in self.cpu_samples) / spans
         self.memory_percent = psutil.virtual_memory().percent
         self.active = (
-            self.cpu_percent >= self.shedding.cpu_percent
-            or self.memory_percent >= self.shedding.memory_percent
+            self.cpu_percent > self.shedding.cpu_percent
+            or self.memory_percent > self.shedding.memory_percent
         )
         gauges = host_metrics()
         gauges.cpu_percent.set(self.cpu_percent)

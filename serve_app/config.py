@@ -132,7 +132,7 @@ class RouteLimits(Section):
 
 
 class Shedding(Section):
-    """Host pressure at which the heavy routes (those with `shed`) answer 503."""
+    """Host use above which the heavy routes (those with `shed`) answer 503; 100 never sheds."""
 
     cpu_percent: float = Field(default=90.0, gt=0.0, le=100.0)
     memory_percent: float = Field(default=90.0, gt=0.0, le=100.0)

@@ -47,7 +47,21 @@ def client(server):
 
 
 def configure_ingress(client: httpx.Client, user_config: dict) -> None:
-    """Redeploy with the Ingress's `user_config` replaced, and wait until it is in effect."""
+    """Redeploy with `user_config` laid over the test config's Ingress settings, section by
+    section and route by route, and wait until it is in effect."""
+    base = ingress_config()
+    user_config = {
+        **base,
+        **user_config,
+        "shedding": {**base.get("shedding", {}), **user_config.get("shedding", {})},
+        "routes": {
+            name: {
+                **base.get("routes", {}).get(name, {}),
+                **user_config.get("routes", {}).get(name, {}),
+            }
+            for name in {*base.get("routes", {}), *user_config.get("routes", {})}
+        },
+    }
     redeploy([{"name": "Ingress", "user_config": user_config}])
     from serve_app.config import Admission
 
