@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -111,6 +112,7 @@ class LoadConfig:
     poll: float = 1.0
     timeout: float = 300.0
     wait_retry_after: bool = True
+    ramp: float = 5.0
     command: str = ""
 
 
@@ -252,21 +254,22 @@ async def poll_status(
 
 # --- load -------------------------------------------------------------------------------------
 async def send(
-    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+    client: aiohttp.ClientSession, path: str, body: dict[str, Any]
 ) -> tuple[str, float, float | None]:
     """Status (a code, or "error"), latency in seconds and Retry-After in seconds, if sent."""
     start = time.perf_counter()
     try:
-        response = await client.post(path, json=body)
-    except httpx.HTTPError:
+        async with client.post(path, json=body) as response:
+            await response.read()
+    except (aiohttp.ClientError, TimeoutError):
         return "error", time.perf_counter() - start, None
     latency = time.perf_counter() - start
     retry_after = _retry_after(response) if "retry-after" in response.headers else None
-    return str(response.status_code), latency, retry_after
+    return str(response.status), latency, retry_after
 
 
 async def run_step(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     path: str,
     requests: Iterator[dict[str, Any]],
     concurrency: int,
@@ -274,16 +277,19 @@ async def run_step(
     t0: float,
     records: list[Record],
     wait_retry_after: bool = True,
+    ramp: float = 0.0,
 ) -> StepWindow:
     """Closed-loop clients until duration has passed; requests in flight then are awaited.
 
     A client refused with 503 waits its Retry-After before the next request, as the OpenAI
-    SDKs do, unless `wait_retry_after` is off (then it retries at once).
+    SDKs do, unless `wait_retry_after` is off (then it retries at once). Clients start evenly
+    over the first `ramp` seconds, as load tools spawn users, rather than in one instant.
     """
     start = time.perf_counter()
     deadline = start + duration
 
-    async def client_loop() -> None:
+    async def client_loop(index: int) -> None:
+        await asyncio.sleep(min(ramp * index / concurrency, duration))
         while time.perf_counter() < deadline:
             sent = time.perf_counter() - t0
             status, latency, retry_after = await send(client, path, next(requests))
@@ -291,7 +297,7 @@ async def run_step(
             if status == "503" and wait_retry_after and retry_after:
                 await asyncio.sleep(max(0.0, min(retry_after, deadline - time.perf_counter())))
 
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     return StepWindow(concurrency, start - t0, time.perf_counter() - t0)
 
 
@@ -314,7 +320,7 @@ async def seed(client: httpx.AsyncClient, batches: Iterable[dict[str, Any]]) -> 
             raise RuntimeError(f"seeding failed: no answer after {SEED_ATTEMPTS} attempts")
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _retry_after(response: httpx.Response | aiohttp.ClientResponse) -> float:
     try:
         return min(max(float(response.headers.get("retry-after", "1")), 0.1), 30.0)
     except ValueError:
@@ -326,15 +332,19 @@ async def run_load(cfg: LoadConfig, sentences: Sequence[str] | None = None) -> R
     sentences = sentences or corpus_sentences()
     base = check_url(cfg.url)
     width = max(cfg.steps)
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    timeout = httpx.Timeout(cfg.timeout)
     run = Run()
+    # aiohttp for the load itself: on 2 cores httpx's per-request CPU cost (about 4x
+    # aiohttp's here) would make the client, not the service, the bottleneck.
     async with (
-        httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout, trust_env=False) as client,
+        aiohttp.ClientSession(
+            base_url=base,
+            connector=aiohttp.TCPConnector(limit=width),
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+        ) as client,
         httpx.AsyncClient(base_url=base, timeout=max(2.0, cfg.poll), trust_env=False) as poller,
     ):
         if cfg.route in SEEDED_ROUTES:
-            await seed(client, seed_batches(sentences, cfg.collection))
+            await seed(poller, seed_batches(sentences, cfg.collection))
         requests = bodies(cfg.route, sentences, cfg.collection, cfg.max_tokens)
         stop = asyncio.Event()
         run.started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -353,6 +363,7 @@ async def run_load(cfg: LoadConfig, sentences: Sequence[str] | None = None) -> R
                     t0,
                     run.records,
                     cfg.wait_retry_after,
+                    cfg.ramp,
                 )
                 run.windows.append(window)
         finally:
@@ -422,6 +433,8 @@ def build_report(cfg: LoadConfig, run: Run) -> dict[str, Any]:
         "max_tokens": cfg.max_tokens,
         "poll": cfg.poll,
         "timeout": cfg.timeout,
+        "ramp_s": cfg.ramp,
+        "wait_retry_after": cfg.wait_retry_after,
         "started_at": run.started_at,
         "host": {"node": platform.node(), "cpu_count": os.cpu_count()},
         "results": step_results(run),
@@ -620,6 +633,9 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument(
+        "--ramp", type=float, default=5.0, help="seconds over which a step's clients start"
+    )
+    parser.add_argument(
         "--no-retry-wait",
         dest="wait_retry_after",
         action="store_false",
@@ -649,6 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         poll=args.poll,
         timeout=args.timeout,
         wait_retry_after=args.wait_retry_after,
+        ramp=args.ramp,
         command=" ".join([".venv/bin/python", *sys.argv]),
     )
 

@@ -10,6 +10,7 @@ or running when it passes gets 504, and the model calls it made are cancelled.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import weakref
 from collections import deque
@@ -30,6 +31,8 @@ Response = DeploymentResponse | DeploymentResponseGenerator
 
 
 def overloaded(route: str, reason: str, retry_after_s: int) -> APIError:
+    """503 with a Retry-After drawn between `retry_after_s` and twice that, so clients refused
+    together do not all come back in the same instant."""
     messages = {
         "queue_full": f"The {route} route is at its limit; retry shortly.",
         "resource_pressure": f"The server is under memory or CPU pressure; {route} is paused.",
@@ -39,7 +42,7 @@ def overloaded(route: str, reason: str, retry_after_s: int) -> APIError:
         messages[reason],
         type="overloaded",
         code=reason,
-        headers={"Retry-After": str(retry_after_s)},
+        headers={"Retry-After": str(random.randint(retry_after_s, 2 * retry_after_s))},
     )
 
 
@@ -182,10 +185,9 @@ class Gate:
 class Ticket:
     """An admitted request: its slot, its deadline, and the model calls to cancel at it."""
 
-    def __init__(self, gate: Gate, deadline: float, retry_after_s: int) -> None:
+    def __init__(self, gate: Gate, deadline: float) -> None:
         self.gate = gate
         self.deadline = deadline
-        self.retry_after_s = retry_after_s
         self.calls: list[Response] = []
         self.released = False
         self.streaming = False
@@ -286,7 +288,6 @@ class AdmissionControl:
         """A ticket for `route`, or 503 at once, or 504 if the deadline passes while queued."""
         gate = self.gates[route]
         deadline = asyncio.get_running_loop().time() + gate.limits.deadline_s
-        retry = self.admission.retry_after_s
         reason = None
         if gate.limits.shed and self.pressure.sample():
             reason = "resource_pressure"
@@ -294,18 +295,17 @@ class AdmissionControl:
             reason = "queue_full"
         if reason is not None:
             gate.count("rejected", reason)
-            raise overloaded(route, reason, retry)
+            raise overloaded(route, reason, gate.limits.retry_after_s)
         try:
             await gate.acquire(deadline)
         except TimeoutError:
             gate.count("timed_out")
             raise deadline_exceeded(route, gate.limits.deadline_s) from None
         gate.count("admitted")
-        return Ticket(gate, deadline, retry)
+        return Ticket(gate, deadline)
 
     def report(self) -> dict[str, Any]:
         return {
             "routes": {route: gate.report() for route, gate in self.gates.items()},
             "shedding": self.pressure.report(),
-            "retry_after_s": self.admission.retry_after_s,
         }

@@ -129,6 +129,9 @@ class RouteLimits(Section):
     max_queued: int = Field(ge=0, le=100_000)
     deadline_s: float = Field(gt=0.0, le=3600.0, description="From arrival to the last byte.")
     shed: bool = Field(default=False, description="Refused while the host is under pressure.")
+    retry_after_s: int = Field(
+        default=1, ge=0, le=3600, description="Sent with a 503: about one request's run time."
+    )
 
 
 class Shedding(Section):
@@ -145,11 +148,13 @@ DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
     # the embedder's batches of 64 (docs/benchmarks/).
     "embeddings": RouteLimits(max_running=64, max_queued=256, deadline_s=30),
     # A query-likelihood rerank of 8-20 passages takes about 1-2 s of the model alone.
-    "rerank": RouteLimits(max_running=4, max_queued=16, deadline_s=60),
-    "chat": RouteLimits(max_running=5, max_queued=25, deadline_s=120, shed=True),
+    "rerank": RouteLimits(max_running=4, max_queued=16, deadline_s=60, retry_after_s=2),
+    # A chat or RAG answer takes seconds: clients told to come back in 1 s would mostly
+    # find the route still full, and on 2 cores their retries cost the decoding CPU.
+    "chat": RouteLimits(max_running=5, max_queued=25, deadline_s=120, shed=True, retry_after_s=5),
     "search": RouteLimits(max_running=4, max_queued=20, deadline_s=30),
-    "rag": RouteLimits(max_running=2, max_queued=10, deadline_s=120, shed=True),
-    "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True),
+    "rag": RouteLimits(max_running=2, max_queued=10, deadline_s=120, shed=True, retry_after_s=5),
+    "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True, retry_after_s=5),
 }
 
 
@@ -162,7 +167,6 @@ class Admission(Section):
 
     routes: dict[Route, RouteLimits] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_LIMITS))
     shedding: Shedding = Shedding()
-    retry_after_s: int = Field(default=1, ge=0, le=3600, description="Sent with every 503.")
 
     @classmethod
     def from_user_config(cls, user_config: dict | None) -> Admission:

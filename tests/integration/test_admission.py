@@ -40,7 +40,7 @@ def restore_ingress(client):
 
 def assert_overloaded(response: httpx.Response, code: str) -> None:
     assert response.status_code == 503
-    assert response.headers["retry-after"] == "1"
+    assert int(response.headers["retry-after"]) >= 1
     error = response.json()["error"]
     assert error["type"] == "overloaded"
     assert error["code"] == code
