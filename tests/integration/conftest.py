@@ -63,14 +63,14 @@ def configure_ingress(client: httpx.Client, user_config: dict) -> None:
         },
     }
     redeploy([{"name": "Ingress", "user_config": user_config}])
-    from serve_app.config import Admission
+    from serve_app.config import Admission, RouteLimits
 
     expected = Admission.from_user_config(user_config)
     deadline = time.monotonic() + 60
     while True:
         status = client.get("/v1/status").json()
         routes = {
-            name: {k: r[k] for k in ("max_running", "max_queued", "deadline_s", "shed")}
+            name: {k: r[k] for k in RouteLimits.model_fields}
             for name, r in status["routes"].items()
         }
         if routes == {n: limits.model_dump() for n, limits in expected.routes.items()} and (
