@@ -261,12 +261,10 @@ class AdmissionControl:
     """The gates of every route and the host pressure monitor, configured by `Admission`."""
 
     def __init__(self, admission: Admission) -> None:
-        self.admission = admission
         self.gates = {route: Gate(route, limits) for route, limits in admission.routes.items()}
         self.pressure = HostPressure(admission.shedding)
 
     def configure(self, admission: Admission) -> None:
-        self.admission = admission
         self.pressure.shedding = admission.shedding
         for route, limits in admission.routes.items():
             self.gates[route].resize(limits)
