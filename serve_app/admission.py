@@ -117,6 +117,7 @@ class Gate:
         """A slot, waiting for one until `deadline` (TimeoutError); call `full()` first."""
         if self.running < self.limits.max_running and not self.waiters:
             self.running += 1
+            self._publish()
             return
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
