@@ -1,30 +1,99 @@
 """Batching helpers shared by the model deployments.
 
-`@serve.batch` counts a batch with `batch_size_fn`; here a batch is counted in items
-(sentences, pairs), not requests, so one 32-sentence request and 32 one-sentence requests
-fill a batch alike. Requests larger than a batch are split before they are queued.
+A batch is bounded in items (sentences, pairs) and in tokens: `@serve.batch` counts a batch
+with `batch_size_fn`, and here each queued piece of a request costs
+`max(items, tokens * max_batch_size / max_batch_tokens)` units of `max_batch_size`. A batch
+within `max_batch_size` units therefore holds at most `max_batch_size` items and at most
+`max_batch_tokens` tokens, so a few long inputs make a small batch and many short ones a full
+one. Requests larger than a batch are split into pieces before they are queued.
+
+On a GPU the forward passes inside a batch are sized from free device memory as well
+(`ForwardBudget`), so a large batch cannot run the device out of memory.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
 
 from serve_app.metrics import batch_sizes
 
-
-def count_items(requests: Sequence[Sequence[object]]) -> int:
-    """`batch_size_fn`: the number of items in a batch of multi-item requests."""
-    return sum(len(r) for r in requests)
+T = TypeVar("T")
 
 
-def split(items: Sequence, size: int) -> list[Sequence]:
-    """`items` in consecutive pieces of at most `size`, each small enough for one batch."""
-    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+@dataclass(frozen=True)
+class Piece(Generic[T]):
+    """Part of one request, small enough for one batch, with its size in batch units."""
+
+    items: Sequence[T]
+    tokens: Sequence[int]  # per item, as the model will read it (after truncation)
+    cost: int
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
-def unflatten(flat: Sequence, requests: Sequence[Sequence[object]]) -> list[list]:
+def batch_cost(pieces: Sequence[Piece]) -> int:
+    """`batch_size_fn`: a batch's size in units of `max_batch_size`."""
+    return sum(p.cost for p in pieces)
+
+
+def split(
+    items: Sequence[T], tokens: Sequence[int], max_items: int, max_tokens: int
+) -> list[Piece[T]]:
+    """`items` in consecutive pieces of at most `max_items` items and `max_tokens` tokens
+    (an item longer than `max_tokens` alone is a piece of cost `max_items`)."""
+    pieces, start = [], 0
+    while start < len(items) or not pieces:
+        end, total = start, 0
+        while end < len(items) and end - start < max_items:
+            if end > start and total + tokens[end] > max_tokens:
+                break
+            total += tokens[end]
+            end += 1
+        scaled = math.ceil(total * max_items / max_tokens)
+        cost = min(max_items, max(end - start, scaled, 1))
+        pieces.append(Piece(items[start:end], tokens[start:end], cost))
+        start = end
+    return pieces
+
+
+@dataclass
+class ForwardBudget:
+    """Items per forward pass: fixed on CPU; on CUDA also what half the free memory holds.
+
+    `bytes_per_token` is measured once, at warm-up, from the peak memory of a forward pass.
+    """
+
+    per_forward: int
+    device: str = "cpu"
+    bytes_per_token: float | None = None
+    free_memory: Callable[[], int] = field(default=lambda: torch.cuda.mem_get_info()[0])
+
+    def items(self, longest_tokens: int) -> int:
+        if self.device != "cuda" or not self.bytes_per_token:
+            return self.per_forward
+        fits = int(self.free_memory() * 0.5 / (self.bytes_per_token * max(1, longest_tokens)))
+        return max(1, min(self.per_forward, fits))
+
+    def measure(self, forward: Callable[[], int]) -> None:
+        """Run `forward` (returning the tokens it processed) and keep its bytes per token."""
+        if self.device != "cuda":
+            return
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        tokens = forward()
+        torch.cuda.synchronize()
+        self.bytes_per_token = max(1.0, (torch.cuda.max_memory_allocated() - before) / tokens)
+
+
+def unflatten(flat: Sequence, requests: Sequence[Sized]) -> list[list]:
     """Split a flat batch result back into one list per request, in order."""
     out, start = [], 0
     for r in requests:
@@ -41,14 +110,16 @@ class BatchStats:
     items: int = 0
     requests: int = 0
     max_items: int = 0
+    max_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, requests: int, items: int) -> None:
+    def record(self, requests: int, items: int, tokens: int = 0) -> None:
         with self._lock:
             self.batches += 1
             self.requests += requests
             self.items += items
             self.max_items = max(self.max_items, items)
+            self.max_tokens = max(self.max_tokens, tokens)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
@@ -57,6 +128,7 @@ class BatchStats:
                 "requests": self.requests,
                 "items": self.items,
                 "max_items": self.max_items,
+                "max_tokens": self.max_tokens,
                 "mean_items": self.items / self.batches if self.batches else 0.0,
                 "mean_requests": self.requests / self.batches if self.batches else 0.0,
             }
@@ -70,15 +142,23 @@ class BatchedModel:
     """
 
     batched: str
-    max_batch_size: int  # set by reconfigure, which Serve calls before the first request
+    # Set by reconfigure, which Serve calls before the first request.
+    max_batch_size: int
+    max_batch_tokens: int
+
+    def pieces(self, items: Sequence[T], tokens: Sequence[int]) -> list[Piece[T]]:
+        """`items` split into pieces that fit one batch under the current settings."""
+        # One item, however long, must fit: the token bound never goes under the longest.
+        max_tokens = max(self.max_batch_tokens, *tokens, 1)
+        return split(items, tokens, self.max_batch_size, max_tokens)
 
     def __init__(self) -> None:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
 
-    def record_batch(self, requests: int, items: int) -> None:
+    def record_batch(self, requests: int, items: int, tokens: int = 0) -> None:
         """One executed batch: into the counters of `model_info` and the batch-size histogram."""
-        self.stats.record(requests, items)
+        self.stats.record(requests, items, tokens)
         batch_sizes().observe(items, tags={"deployment": type(self).__name__})
 
     def reconfigure(self, user_config: dict) -> None:
@@ -90,6 +170,7 @@ class BatchedModel:
         method.set_max_batch_size(batching.max_batch_size)
         method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.max_batch_size = batching.max_batch_size
+        self.max_batch_tokens = batching.max_batch_tokens
         self.info["batching"] = batching.model_dump()
 
     def model_info(self) -> dict[str, object]:

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from ray import serve
 
-from deployments import loading
-from deployments.batching import BatchedModel, count_items, split, unflatten
-from serve_app.config import EmbedderConfig
+from deployments import loading, precision
+from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost
+from serve_app.cache import EmbeddingCache, open_cache
+from serve_app.config import CacheConfig, EmbedderConfig
 
-# Sentences per forward pass. sentence-transformers sorts a batch by length before cutting it
-# into passes, so passes of similar-length inputs pad little: in the raw phase of
+# Sentences per forward pass on CPU. sentence-transformers sorts a batch by length before
+# cutting it into passes, so passes of similar-length inputs pad little: in the raw phase of
 # scripts/bench_serving.py, 64-sentence batches ran at ~119 sentences/s as one pass and ~170
-# in passes of 16 (1 thread, bf16).
-SENTENCES_PER_FORWARD = 16
+# in passes of 16 (1 thread, bf16). On a GPU a batch is one pass, as free memory allows.
+SENTENCES_PER_FORWARD = {"cpu": 16, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -30,45 +31,112 @@ class Embeddings:
 
 @serve.deployment(max_ongoing_requests=128)
 class Embedder(BatchedModel):
-    """Embeds texts; concurrent requests share one forward pass through `@serve.batch`."""
+    """Embeds texts; concurrent requests share forward passes through `@serve.batch`, and texts
+    embedded before come from the embedding cache."""
 
     batched = "_embed_batch"
 
-    def __init__(self, config: EmbedderConfig, cache_dir: Path) -> None:
+    def __init__(self, config: EmbedderConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
-        from sentence_transformers import SentenceTransformer
-
         self.device = loading.pick_device(config)
-        self.precision = loading.resolve_precision(config.precision, self.device)
         loading.set_threads(config.torch_threads)
-        model = SentenceTransformer(loading.local_path(config.model), device=self.device)
-        self.model = model.to(loading.DTYPES[self.precision]).eval()
+        path = loading.local_path(config.model)
+        choice = precision.resolve(
+            config.precision,
+            self.device,
+            f"sentence-transformer|{config.model}|{precision.device_signature(self.device)}",
+            lambda p: self._load(path, p),
+            self._probe,
+            precision.mean_cosine,
+            precision.MIN_MEAN_COSINE,
+            cache_dir,
+        )
+        self.precision = choice.precision
+        self.model = self._load(path, self.precision)
         self.dimensions = self.model.get_embedding_dimension()
+        self.max_tokens = self.model.max_seq_length
+        store = open_cache(caches, "embedding")
+        self.cache = EmbeddingCache(store, f"{config.model}:{self.precision}") if store else None
         self.info = {
             "role": "embedding",
             "model": config.name,
             "source": config.model,
             "precision": self.precision,
+            "precision_requested": config.precision,
+            "precision_trials": [asdict(t) for t in choice.trials],
+            "precision_measured": choice.measured,
             "device": self.device,
             "threads": torch.get_num_threads(),
             "dimensions": self.dimensions,
-            "max_input_tokens": self.model.max_seq_length,
+            "max_input_tokens": self.max_tokens,
         }
+        self.budget = ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device)
         self._encode(["warm up the kernels"] * 8)
+        self.budget.measure(self._longest_forward)
+
+    def _load(self, path: str, mode: str):
+        from sentence_transformers import SentenceTransformer
+
+        if mode in precision.BNB:
+            model = SentenceTransformer(
+                path, device=self.device, model_kwargs=precision.load_kwargs(mode, self.device)
+            )
+        else:
+            model = SentenceTransformer(path, device=self.device)
+        return precision.finish(model, mode, self.device)
+
+    @staticmethod
+    def _probe(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.encode(
+                precision.calibration_sentences(),
+                batch_size=SENTENCES_PER_FORWARD["cpu"],
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+
+    def _longest_forward(self) -> int:
+        """A forward pass of full-length inputs, to measure activation memory per token."""
+        n = SENTENCES_PER_FORWARD["cpu"]
+        self._encode(["lorem ipsum " * self.max_tokens] * n)
+        return n * self.max_tokens
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)
 
+    def model_info(self) -> dict[str, object]:
+        return {**super().model_info(), "cache": self.cache.snapshot() if self.cache else None}
+
     async def embed(self, texts: list[str]) -> Embeddings:
-        """Embed `texts`; a request larger than one batch is split and its pieces batched."""
-        pieces = await asyncio.gather(
-            *(self._embed_batch(p) for p in split(texts, self.max_batch_size))
-        )
+        """Embed `texts`: cached ones from the cache, the rest in batches shared with other
+        requests (a request larger than one batch is split and its pieces batched)."""
+        found = await self.cache.lookup(texts) if self.cache else [None] * len(texts)
+        todo = [i for i, hit in enumerate(found) if hit is None]
+        vectors = np.empty((len(texts), self.dimensions), dtype=np.float32)
+        tokens = [0] * len(texts)
+        for i, hit in enumerate(found):
+            if hit is not None:
+                vectors[i], tokens[i] = hit
+        if todo:
+            new_texts = [texts[i] for i in todo]
+            counts = self._count_tokens(new_texts)
+            pieces = self.pieces(new_texts, [min(c, self.max_tokens) for c in counts])
+            new = np.concatenate(await asyncio.gather(*(self._embed_batch(p) for p in pieces)))
+            vectors[todo] = new
+            for i, count in zip(todo, counts, strict=True):
+                tokens[i] = count
+            if self.cache:
+                await self.cache.store(new_texts, new, counts)
         return Embeddings(
-            vectors=np.concatenate([p.vectors for p in pieces]),
-            tokens=[t for p in pieces for t in p.tokens],
-            truncated=sum(p.truncated for p in pieces),
+            vectors=vectors,
+            tokens=[min(t, self.max_tokens) for t in tokens],
+            truncated=sum(t > self.max_tokens for t in tokens),
         )
+
+    def _count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the model would read it untruncated, special tokens included."""
+        return [len(ids) for ids in self.model.tokenizer(texts)["input_ids"]]
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     def chunk(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[str]]:
@@ -88,35 +156,23 @@ class Embedder(BatchedModel):
             chunks.append(pieces or [text])
         return chunks
 
-    @serve.batch(**EmbedderConfig().batching.model_dump(), batch_size_fn=count_items)
-    async def _embed_batch(self, requests: list[list[str]]) -> list[Embeddings]:
-        flat = [text for request in requests for text in request]
+    @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
+    async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray]:
+        flat = [text for piece in pieces for text in piece.items]
+        longest = max(t for piece in pieces for t in piece.tokens)
         # The forward pass runs off the event loop, so the next batch queues up meanwhile.
-        vectors, tokens = await asyncio.to_thread(self._encode, flat)
-        self.record_batch(len(requests), len(flat))
-        limit = self.model.max_seq_length
-        out, start = [], 0
-        for request, request_tokens in zip(requests, unflatten(tokens, requests), strict=True):
-            out.append(
-                Embeddings(
-                    vectors=vectors[start : start + len(request)],
-                    tokens=[min(t, limit) for t in request_tokens],
-                    truncated=sum(t > limit for t in request_tokens),
-                )
-            )
-            start += len(request)
-        return out
+        vectors = await asyncio.to_thread(self._encode, flat, longest)
+        self.record_batch(len(pieces), len(flat), sum(sum(p.tokens) for p in pieces))
+        return np.split(vectors, np.cumsum([len(p) for p in pieces])[:-1])
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        tokens = [len(ids) for ids in self.model.tokenizer(texts)["input_ids"]]
+    def _encode(self, texts: list[str], longest: int | None = None) -> np.ndarray:
         with torch.inference_mode():
             vectors = self.model.encode(
                 texts,
-                batch_size=SENTENCES_PER_FORWARD,
+                batch_size=self.budget.items(longest or self.max_tokens),
                 convert_to_tensor=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
         # Re-normalize in fp32: unit length must hold whatever precision the model ran in.
-        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
-        return vectors.cpu().numpy(), tokens
+        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,11 +90,11 @@ class Generator(BatchedModel):
     def __init__(self, config: GeneratorConfig, cache_dir: Path) -> None:
         super().__init__()
         self.device = loading.pick_device(config)
-        self.precision = loading.resolve_precision(config.precision, self.device)
         loading.set_threads(config.torch_threads)
-        self.tokenizer, self.model = loading.load_causal_lm(
-            config, cache_dir, self.device, self.precision
-        )
+        self.tokenizer = loading.load_tokenizer(config, cache_dir)
+        choice = loading.causal_lm_precision(config, cache_dir, self.device, self.tokenizer)
+        self.precision = choice.precision
+        self.model = loading.load_causal_lm(config, cache_dir, self.device, self.precision)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
@@ -108,6 +108,8 @@ class Generator(BatchedModel):
             "model": config.name,
             "source": config.model,
             "precision": self.precision,
+            "precision_requested": config.precision,
+            "precision_trials": [asdict(t) for t in choice.trials],
             "device": self.device,
             "threads": torch.get_num_threads(),
             "context_tokens": self.context_tokens,
@@ -142,7 +144,7 @@ class Generator(BatchedModel):
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(
-        **GeneratorConfig().batching.model_dump(), max_concurrent_batches=CONCURRENT_BATCHES
+        **GeneratorConfig().batching.serve_batch(), max_concurrent_batches=CONCURRENT_BATCHES
     )
     async def _generate_batch(self, requests: list[GenerationRequest]):
         admission = _Admission([self._sequence(r) for r in requests])
@@ -173,18 +175,24 @@ class Generator(BatchedModel):
             raise
 
     def _take_admissions(self) -> list[_Admission]:
-        in_flight = len(self.state.sequences) if self.state else 0
+        """Waiting batches that fit beside the sequences in flight: at most `max_batch_size`
+        sequences, and at most `max_batch_tokens` tokens of KV cache once all are done."""
+        running = self.state.sequences if self.state else []
+        in_flight, tokens = len(running), sum(_budget(s) for s in running)
         taken = []
-        while self.waiting and (
-            in_flight == 0
-            or (
-                self.mergeable and in_flight + len(self.waiting[0].sequences) <= self.max_batch_size
+        while self.waiting:
+            more = self.waiting[0].sequences
+            more_tokens = sum(_budget(s) for s in more)
+            fits = (
+                self.mergeable
+                and in_flight + len(more) <= self.max_batch_size
+                and tokens + more_tokens <= self.max_batch_tokens
             )
-        ):
-            admission = self.waiting.pop(0)
-            in_flight += len(admission.sequences)
-            taken.append(admission)
-        self.record_batch(sum(len(a.sequences) for a in taken), in_flight)
+            if in_flight and not fits:
+                break
+            taken.append(self.waiting.pop(0))
+            in_flight, tokens = in_flight + len(more), tokens + more_tokens
+        self.record_batch(sum(len(a.sequences) for a in taken), in_flight, tokens)
         return taken
 
     def _publish(self) -> None:
@@ -292,6 +300,11 @@ class Generator(BatchedModel):
         sequence.sent += len(new)
         completion = len(sequence.ids) + (token in self.eos_ids)
         return Delta(new, finish, len(sequence.prompt), completion)
+
+
+def _budget(sequence: _Sequence) -> int:
+    """Cache tokens a sequence holds when it has used all of its `max_tokens`."""
+    return len(sequence.prompt) + sequence.request.max_tokens
 
 
 def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:

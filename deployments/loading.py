@@ -20,11 +20,10 @@ import psutil
 import torch
 from filelock import FileLock
 
+from deployments import precision as precision_
 from serve_app.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_GENERATION_MODEL, ModelDeployment
 
 logger = logging.getLogger("ray.serve")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -52,23 +51,6 @@ BUNDLED = {
 def pick_device(config: ModelDeployment) -> str:
     """CUDA when this replica was given a GPU share and one is visible, else CPU."""
     return "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        return "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def set_threads(n: int) -> None:
@@ -127,24 +109,60 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_causal_lm(config: ModelDeployment, cache_dir: Path, device: str, precision: str):
-    """Tokenizer (left padding, for batches) and model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(config: ModelDeployment, cache_dir: Path):
+    """A causal LM's tokenizer with left padding, so batched prompts end together."""
+    from transformers import AutoTokenizer
 
-    path = causal_lm_path(config.model, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_path(config.model, cache_dir))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision]).to(device).eval()
-    return tokenizer, model
+    return tokenizer
+
+
+def load_causal_lm(config: ModelDeployment, cache_dir: Path, device: str, precision: str):
+    """The model in `precision`, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    path = causal_lm_path(config.model, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, **precision_.load_kwargs(precision, device))
+    return precision_.finish(model, precision, device)
+
+
+def causal_lm_precision(
+    config: ModelDeployment, cache_dir: Path, device: str, tokenizer
+) -> precision_.Choice:
+    """The precision of a causal LM: as configured, or `auto`'s fastest that keeps fp32's
+    next-token predictions on the calibration text."""
+    batch = tokenizer(
+        precision_.calibration_sentences()[:16], return_tensors="pt", padding=True
+    ).to(device)
+    real = batch["attention_mask"].bool()
+
+    def probe(model) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(**batch).logits
+        return logits[real].float()
+
+    key = f"causal-lm|{config.model}|{precision_.device_signature(device)}"
+    return precision_.resolve(
+        config.precision,
+        device,
+        key,
+        lambda p: load_causal_lm(config, cache_dir, device, p),
+        probe,
+        precision_.top1_agreement,
+        precision_.MIN_TOP1_AGREEMENT,
+        cache_dir,
+        generative=True,
+    )
 
 
 def memory_report(module: torch.nn.Module, device: str) -> dict[str, int]:
-    """Bytes held by the model's parameters and buffers, plus the process or GPU footprint."""
-    tensors = [*module.parameters(), *module.buffers()]
+    """Bytes of the model's weights as stored (quantized or not), plus the process or GPU
+    footprint."""
     report = {
-        "model_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "model_bytes": precision_.weights_bytes(module),
         "process_rss_bytes": psutil.Process().memory_info().rss,
     }
     if device == "cuda":

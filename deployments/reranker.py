@@ -9,6 +9,7 @@ Two scorers share one interface:
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -16,8 +17,10 @@ import torch
 from ray import serve
 
 from deployments import loading
-from deployments.batching import BatchedModel, count_items, split, unflatten
-from serve_app.config import RerankerConfig
+from deployments import precision as precision_
+from deployments.batching import BatchedModel, Piece, batch_cost, unflatten
+from serve_app.cache import ResponseCache, open_cache
+from serve_app.config import CacheConfig, RerankerConfig
 
 Pair = tuple[str, str]
 # Pairs per forward pass: bounds activation memory while long enough to keep the cores busy.
@@ -26,9 +29,14 @@ PAIRS_PER_FORWARD = 16
 
 class Scorer(Protocol):
     module: torch.nn.Module
+    precision: precision_.Choice
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         """(score, tokens read) per pair."""
+        ...
+
+    def count_tokens(self, pairs: list[Pair]) -> list[int]:
+        """Tokens the model reads per pair, after truncation."""
         ...
 
 
@@ -38,14 +46,25 @@ class QueryLikelihood:
     PREFIX = "Passage: "
     BRIDGE = "\nA question this passage answers:"
 
-    def __init__(self, config: RerankerConfig, cache_dir: Path, device: str, precision: str):
-        self.tokenizer, self.module = loading.load_causal_lm(config, cache_dir, device, precision)
+    def __init__(self, config: RerankerConfig, cache_dir: Path, device: str):
+        self.tokenizer = loading.load_tokenizer(config, cache_dir)
+        self.precision = loading.causal_lm_precision(config, cache_dir, device, self.tokenizer)
+        self.module = loading.load_causal_lm(config, cache_dir, device, self.precision.precision)
         self.device = device
         self.max_passage_tokens = config.max_passage_tokens
         self.max_query_tokens = config.max_query_tokens
         encode = self.tokenizer.encode
         self.prefix = encode(self.PREFIX, add_special_tokens=False)
         self.bridge = encode(self.BRIDGE, add_special_tokens=False)
+
+    def count_tokens(self, pairs: list[Pair]) -> list[int]:
+        encode, fixed = self.tokenizer.encode, len(self.prefix) + len(self.bridge)
+        return [
+            fixed
+            + min(len(encode(p, add_special_tokens=False)), self.max_passage_tokens)
+            + min(len(encode(" " + q, add_special_tokens=False)), self.max_query_tokens)
+            for q, p in pairs
+        ]
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         encode = self.tokenizer.encode
@@ -77,25 +96,50 @@ class QueryLikelihood:
 
 
 class CrossEncoderScorer:
-    def __init__(self, config: RerankerConfig, device: str, precision: str):
+    def __init__(self, config: RerankerConfig, cache_dir: Path, device: str):
+        self.config, self.device = config, device
+        sentences = precision_.calibration_sentences()
+        calibration = [(q, p) for q, p in zip(sentences[::2], sentences[1::2], strict=False)]
+        self.precision = precision_.resolve(
+            config.precision,
+            device,
+            f"cross-encoder|{config.model}|{precision_.device_signature(device)}",
+            self._load,
+            lambda encoder: torch.as_tensor(encoder.predict(calibration, show_progress_bar=False)),
+            precision_.spearman,
+            precision_.MIN_SPEARMAN,
+            cache_dir,
+        )
+        self.encoder = self._load(self.precision.precision)
+        self.module = self.encoder
+
+    def _load(self, mode: str):
         from sentence_transformers import CrossEncoder
 
-        self.encoder = CrossEncoder(
-            loading.local_path(config.model),
-            device=device,
-            max_length=config.max_passage_tokens + config.max_query_tokens,
+        encoder = CrossEncoder(
+            loading.local_path(self.config.model),
+            device=self.device,
+            max_length=self.config.max_passage_tokens + self.config.max_query_tokens,
+            model_kwargs=precision_.load_kwargs(mode, self.device)
+            if mode in precision_.BNB
+            else None,
         )
-        self.module = self.encoder.model.to(loading.DTYPES[precision]).eval()
+        return precision_.finish(encoder, mode, self.device)
+
+    def count_tokens(self, pairs: list[Pair]) -> list[int]:
+        return [
+            len(ids)
+            for ids in self.encoder.tokenizer(
+                [q for q, _ in pairs],
+                [p for _, p in pairs],
+                truncation=True,
+                max_length=self.encoder.max_length,
+            )["input_ids"]
+        ]
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         scores = self.encoder.predict(pairs, batch_size=len(pairs), show_progress_bar=False)
-        tokens = self.encoder.tokenizer(
-            [q for q, _ in pairs],
-            [p for _, p in pairs],
-            truncation=True,
-            max_length=self.encoder.max_length,
-        )["input_ids"]
-        return [(float(s), len(t)) for s, t in zip(scores, tokens, strict=True)]
+        return [(float(s), t) for s, t in zip(scores, self.count_tokens(pairs), strict=True)]
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -104,22 +148,27 @@ class Reranker(BatchedModel):
 
     batched = "_score_batch"
 
-    def __init__(self, config: RerankerConfig, cache_dir: Path) -> None:
+    def __init__(self, config: RerankerConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
         self.device = loading.pick_device(config)
-        self.precision = loading.resolve_precision(config.precision, self.device)
         loading.set_threads(config.torch_threads)
         self.scorer: Scorer = (
-            QueryLikelihood(config, cache_dir, self.device, self.precision)
+            QueryLikelihood(config, cache_dir, self.device)
             if config.backend == "query-likelihood"
-            else CrossEncoderScorer(config, self.device, self.precision)
+            else CrossEncoderScorer(config, cache_dir, self.device)
         )
+        self.precision = self.scorer.precision.precision
+        store = open_cache(caches, "rerank")
+        self.cache = ResponseCache(store, "rerank") if store else None
+        self.namespace = f"{config.backend}:{config.model}:{self.precision}"
         self.info = {
             "role": "rerank",
             "backend": config.backend,
             "model": config.name,
             "source": config.model,
             "precision": self.precision,
+            "precision_requested": config.precision,
+            "precision_trials": [asdict(t) for t in self.scorer.precision.trials],
             "device": self.device,
             "threads": torch.get_num_threads(),
         }
@@ -128,27 +177,37 @@ class Reranker(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.scorer.module, self.device)
 
+    def model_info(self) -> dict[str, object]:
+        return {**super().model_info(), "cache": self.cache.snapshot() if self.cache else None}
+
     async def rerank(self, query: str, passages: list[str]) -> list[tuple[float, int]]:
-        """(score, tokens read) per passage, in the passages' order."""
+        """(score, tokens read) per passage, in the passages' order; a query and passages
+        scored before come from the response cache."""
+        key = self.cache.key(self.namespace, {"q": query, "p": passages}) if self.cache else ""
+        if self.cache and (hit := await self.cache.get(key)) is not None:
+            return [tuple(s) for s in hit["scores"]]
         pairs = [(query, p) for p in passages]
-        pieces = await asyncio.gather(
-            *(self._score_batch(p) for p in split(pairs, self.max_batch_size))
-        )
-        return [s for piece in pieces for s in piece]
+        pieces = self.pieces(pairs, self.scorer.count_tokens(pairs))
+        scored = await asyncio.gather(*(self._score_batch(p) for p in pieces))
+        scores = [s for piece in scored for s in piece]
+        if self.cache:
+            await self.cache.put(key, {"scores": scores})
+        return scores
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
-    @serve.batch(**RerankerConfig().batching.model_dump(), batch_size_fn=count_items)
-    async def _score_batch(self, requests: list[list[Pair]]) -> list[list[tuple[float, int]]]:
-        flat = [pair for request in requests for pair in request]
+    @serve.batch(**RerankerConfig().batching.serve_batch(), batch_size_fn=batch_cost)
+    async def _score_batch(self, pieces: list[Piece[Pair]]) -> list[list[tuple[float, int]]]:
+        flat = [pair for piece in pieces for pair in piece.items]
         scores = await asyncio.to_thread(self._score_sorted, flat)
-        self.record_batch(len(requests), len(flat))
-        return unflatten(scores, requests)
+        self.record_batch(len(pieces), len(flat), sum(sum(p.tokens) for p in pieces))
+        return unflatten(scores, pieces)
 
     def _score_sorted(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         # Score in length order so each forward pass pads little; return in input order.
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))
         scores: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-        for chunk in split(order, PAIRS_PER_FORWARD):
+        for start in range(0, len(order), PAIRS_PER_FORWARD):
+            chunk = order[start : start + PAIRS_PER_FORWARD]
             for i, s in zip(chunk, self.scorer.score([pairs[i] for i in chunk]), strict=True):
                 scores[i] = s
         return scores

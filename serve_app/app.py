@@ -58,11 +58,15 @@ def deployment_options(model: ModelDeployment) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validate `args`, plan resources for this cluster, and bind the serving graph."""
     config = plan(AppConfig(**(args or {})), cluster_gpus())
-    cache = config.model_cache_dir
-    embedder = Embedder.options(**deployment_options(config.embedder)).bind(config.embedder, cache)
-    reranker = Reranker.options(**deployment_options(config.reranker)).bind(config.reranker, cache)
+    weights = config.model_cache_dir
+    embedder = Embedder.options(**deployment_options(config.embedder)).bind(
+        config.embedder, weights, config.cache
+    )
+    reranker = Reranker.options(**deployment_options(config.reranker)).bind(
+        config.reranker, weights, config.cache
+    )
     generator = Generator.options(**deployment_options(config.generator)).bind(
-        config.generator, cache
+        config.generator, weights
     )
     search = Search.bind(embedder, reranker, config)
     rag = Rag.bind(embedder, reranker, generator, config)

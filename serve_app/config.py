@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# auto: the fastest precision that passes an accuracy check here (deployments/precision.py).
+# int8: torch dynamic quantization of Linear layers, per channel (CPU). bnb-*: bitsandbytes (CUDA).
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8", "bnb-int8", "bnb-nf4"]
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_GENERATION_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -26,8 +28,15 @@ class Section(BaseModel):
 class Batching(Section):
     """Dynamic batching of one deployment; sent as `user_config`, so it changes live."""
 
-    max_batch_size: int = Field(ge=1, le=4096)
+    max_batch_size: int = Field(ge=1, le=4096, description="Items (sentences, pairs, sequences).")
+    max_batch_tokens: int = Field(
+        default=8192, ge=1, le=10_000_000, description="Tokens a batch holds, all items together."
+    )
     batch_wait_timeout_s: float = Field(ge=0.0, le=10.0)
+
+    def serve_batch(self) -> dict[str, float]:
+        """The arguments `@serve.batch` takes (the token bound is applied by the deployment)."""
+        return self.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
 
 
 class ModelDeployment(Section):
@@ -62,7 +71,9 @@ class EmbedderConfig(ModelDeployment):
     model: str = DEFAULT_EMBEDDING_MODEL
     num_gpus: float = Field(default=0.25, ge=0.0, le=8.0)
     num_cpus: float = Field(default=0.2, gt=0.0, le=64.0)
-    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.02)
+    batching: Batching = Batching(
+        max_batch_size=64, max_batch_tokens=8192, batch_wait_timeout_s=0.02
+    )
 
 
 class RerankerConfig(ModelDeployment):
@@ -77,7 +88,9 @@ class RerankerConfig(ModelDeployment):
     num_cpus: float = Field(default=0.2, gt=0.0, le=64.0)
     max_passage_tokens: int = Field(default=256, ge=8, le=8192)
     max_query_tokens: int = Field(default=64, ge=1, le=1024)
-    batching: Batching = Batching(max_batch_size=64, batch_wait_timeout_s=0.01)
+    batching: Batching = Batching(
+        max_batch_size=64, max_batch_tokens=12288, batch_wait_timeout_s=0.01
+    )
 
 
 class GeneratorConfig(ModelDeployment):
@@ -87,7 +100,10 @@ class GeneratorConfig(ModelDeployment):
     default_temperature: float = Field(
         default=0.0, ge=0.0, le=2.0, description="Used when a request sets none; 0 is greedy."
     )
-    batching: Batching = Batching(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Tokens: KV cache of every sequence in flight at its full max_tokens.
+    batching: Batching = Batching(
+        max_batch_size=8, max_batch_tokens=16384, batch_wait_timeout_s=0.02
+    )
 
 
 class StoreConfig(Section):
@@ -113,6 +129,24 @@ class Chunking(Section):
         if self.overlap >= self.max_tokens:
             raise ValueError("overlap must be smaller than max_tokens")
         return self
+
+
+class CacheConfig(Section):
+    """Embedding and response caches: in-process LRU per replica, or Redis when `redis_url` is set.
+
+    A cache never fails a request: where Redis is down, a lookup is a miss and a store is skipped.
+    """
+
+    redis_url: str | None = Field(
+        default=None, description="Set by REDIS_URL. None: an in-process LRU in each replica."
+    )
+    embedding_entries: int = Field(default=20_000, ge=0, le=10_000_000, description="0: off.")
+    embedding_ttl_s: float = Field(default=7 * 24 * 3600, gt=0.0, description="In Redis.")
+    response_entries: int = Field(default=10_000, ge=0, le=1_000_000, description="0: off.")
+    response_ttl_s: float = Field(default=300.0, gt=0.0)
+    redis_timeout_s: float = Field(
+        default=0.05, gt=0.0, le=5.0, description="A slower Redis answer counts as a miss."
+    )
 
 
 class IngressConfig(Section):
@@ -195,8 +229,11 @@ class AppConfig(BaseSettings):
     ingress: IngressConfig = IngressConfig()
     store: StoreConfig = StoreConfig()
     chunking: Chunking = Chunking()
+    cache: CacheConfig = CacheConfig()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL", exclude=True)
+    # REDIS_URL likewise wins over cache.redis_url.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL", exclude=True)
     model_cache_dir: Path = Field(
         default=Path("~/.cache/rag-serve/models"),
         description="Where converted model weights are kept (e.g. GGUF -> safetensors).",
@@ -213,6 +250,10 @@ class AppConfig(BaseSettings):
             }
         )
         object.__setattr__(self, "store", store)
+        if self.redis_url:
+            object.__setattr__(
+                self, "cache", self.cache.model_copy(update={"redis_url": self.redis_url})
+            )
         return self
 
     def models(self) -> dict[str, ModelDeployment]:

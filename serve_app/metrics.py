@@ -72,3 +72,30 @@ def batch_sizes() -> metrics.Histogram:
         boundaries=BATCH_BOUNDARIES,
         tag_keys=("deployment",),
     )
+
+
+@dataclass(frozen=True)
+class CacheMetrics:
+    hits: metrics.Counter
+    misses: metrics.Counter
+    errors: metrics.Counter
+
+
+@cache
+def cache_metrics() -> CacheMetrics:
+    """Embedding and response caches (serve_app/cache.py), tagged `cache`: embedding, search,
+    rerank. Creating and recording these outside a Ray worker works (the records go nowhere),
+    so the unit tests need no Ray."""
+    return CacheMetrics(
+        hits=metrics.Counter("rag_cache_hits", "Keys found in the cache.", tag_keys=("cache",)),
+        misses=metrics.Counter(
+            "rag_cache_misses",
+            "Keys not found, or not looked up because the cache backend was unavailable.",
+            tag_keys=("cache",),
+        ),
+        errors=metrics.Counter(
+            "rag_cache_errors",
+            "Failed cache operations (Redis down, timed out, refused); each was a miss or a skip.",
+            tag_keys=("cache",),
+        ),
+    )

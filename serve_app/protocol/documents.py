@@ -112,6 +112,7 @@ class SearchResponse(BaseModel):
     collection: str
     results: list[SearchResult]
     timings: Timings
+    cached: bool = Field(default=False, description="Answered from the response cache.")
 
 
 # --- answers ------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""Retrieval shared by the search and RAG routes: embed the query, search, optionally rerank."""
+"""Retrieval shared by the search and RAG routes: embed the query, search, optionally rerank.
+
+Results are kept in the response cache under the collection's id and version; every change to
+a collection's documents bumps its version, so a cached result never outlives the data.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.cache import ResponseCache, open_cache
 from serve_app.config import AppConfig
 from serve_app.protocol.documents import RetrievalRequest
-from serve_app.store.vector_store import Hit, ModelMismatch, VectorStore
+from serve_app.store.vector_store import Collection, Hit, ModelMismatch, VectorStore
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,7 @@ class Retrieved:
     hits: list[Hit]
     rerank_scores: list[float] | None
     timings: dict[str, float]
+    cached: bool = False
 
 
 class Retriever:
@@ -32,16 +38,36 @@ class Retriever:
         self.store = store
         self.model = config.embedder.model
         self.ef_search = config.store.ef_search
+        store = open_cache(config.cache, "search")
+        self.cache = ResponseCache(store, "search") if store else None
 
     async def retrieve(self, request: RetrievalRequest) -> Retrieved:
         """The `top_k` nearest chunks; reranked and cut to `rerank_top_n` when asked."""
-        timings: dict[str, float] = {}
         collection = await self.store.collection(request.collection)
         if collection.embedding_model != self.model:
             raise ModelMismatch(
                 f"The collection '{request.collection}' was embedded with "
                 f"{collection.embedding_model}; this service embeds with {self.model}."
             )
+        if not self.cache:
+            return await self._retrieve(collection, request)
+        key = self.cache.key(
+            f"{collection.id}:{collection.version}:{self.model}",
+            request.model_dump(mode="json", exclude={"collection"}),
+        )
+        if (hit := await self.cache.get(key)) is not None:
+            hits = [Hit(**h) for h in hit["hits"]]
+            return Retrieved(hits, hit["rerank_scores"], {}, cached=True)
+        retrieved = await self._retrieve(collection, request)
+        value = {
+            "hits": [asdict(h) for h in retrieved.hits],
+            "rerank_scores": retrieved.rerank_scores,
+        }
+        await self.cache.put(key, value)
+        return retrieved
+
+    async def _retrieve(self, collection: Collection, request: RetrievalRequest) -> Retrieved:
+        timings: dict[str, float] = {}
         start = time.perf_counter()
         embedded = await self.embedder.embed.remote([request.query])
         timings["embed_ms"] = (time.perf_counter() - start) * 1000

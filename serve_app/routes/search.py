@@ -34,5 +34,8 @@ class Search:
             for h, r in zip(retrieved.hits, rerank_scores, strict=True)
         ]
         return SearchResponse(
-            collection=request.collection, results=results, timings=Timings(**retrieved.timings)
+            collection=request.collection,
+            results=results,
+            timings=Timings(**retrieved.timings),
+            cached=retrieved.cached,
         )

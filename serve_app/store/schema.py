@@ -47,6 +47,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX chunks_metadata ON chunks USING gin (metadata jsonb_path_ops);
         """,
     ),
+    (
+        2,
+        """
+        -- Bumped by every change to a collection's documents, in the same transaction: cached
+        -- search results are keyed by it, so a change invalidates them on every replica.
+        ALTER TABLE collections ADD COLUMN version bigint NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 

@@ -41,6 +41,7 @@ class Collection:
     name: str
     embedding_model: str
     dimensions: int
+    version: int  # changes with every change to its documents
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class VectorStore:
         async with self.pool.connection() as conn:
             row = await (
                 await conn.execute(
-                    "SELECT id, name, embedding_model, dimensions FROM collections WHERE name = %s",
+                    "SELECT id, name, embedding_model, dimensions, version FROM collections"
+                    " WHERE name = %s",
                     (name,),
                 )
             ).fetchone()
@@ -114,7 +116,8 @@ class VectorStore:
             )
             row = await (
                 await conn.execute(
-                    "SELECT id, name, embedding_model, dimensions FROM collections WHERE name = %s",
+                    "SELECT id, name, embedding_model, dimensions, version FROM collections"
+                    " WHERE name = %s",
                     (name,),
                 )
             ).fetchone()
@@ -159,6 +162,7 @@ class VectorStore:
         a failure leaves every earlier version intact, never a mix."""
         ids = [d.id for d in documents]
         async with self.pool.connection() as conn, conn.transaction():
+            await self._bump(conn, collection)
             await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = ANY(%s)",
                 (collection.id, ids),
@@ -183,12 +187,19 @@ class VectorStore:
                             )
 
     async def delete_document(self, collection: Collection, document_id: str) -> bool:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._bump(conn, collection)
             cur = await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = %s",
                 (collection.id, document_id),
             )
             return cur.rowcount > 0
+
+    @staticmethod
+    async def _bump(conn, collection: Collection) -> None:
+        await conn.execute(
+            "UPDATE collections SET version = version + 1 WHERE id = %s", (collection.id,)
+        )
 
     # --- search ---------------------------------------------------------------------------
     async def search(

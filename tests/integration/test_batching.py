@@ -69,7 +69,7 @@ def test_batched_and_single_greedy_answers_agree(server, client):
 
 def test_batch_settings_change_live(client):
     """A new user_config in the serve config reconfigures the running replica in place."""
-    new = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}
+    new = {"max_batch_size": 8, "max_batch_tokens": 4096, "batch_wait_timeout_s": 0.02}
     client.post("/v1/embeddings", json={"input": "count at least one batch"})
     counted = batches(client, "embedder")["batches"]
     redeploy([{"name": "Embedder", "user_config": new}])

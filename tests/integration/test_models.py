@@ -47,7 +47,7 @@ def test_cross_encoder_backend_scores_pairs():
     config = AppConfig(
         reranker={"backend": "cross-encoder", "model": DEFAULT_EMBEDDING_MODEL, "precision": "fp32"}
     )
-    reranker = Reranker.func_or_class(config.reranker, config.model_cache_dir)
+    reranker = Reranker.func_or_class(config.reranker, config.model_cache_dir, config.cache)
     pairs = [("query", "a passage"), ("query", "another, longer passage about something")]
     scored = reranker._score_sorted(pairs)
     assert len(scored) == 2

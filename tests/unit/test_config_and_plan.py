@@ -47,7 +47,11 @@ def test_options_carry_cpus_and_batching():
     options = deployment_options(config.embedder)
     assert options["name"] == "Embedder"
     assert options["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.25}
-    assert options["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.02}
+    assert options["user_config"] == {
+        "max_batch_size": 64,
+        "max_batch_tokens": 8192,
+        "batch_wait_timeout_s": 0.02,
+    }
 
 
 def overrides(path: str) -> dict[str, dict]:

