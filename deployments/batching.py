@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -155,6 +156,11 @@ class BatchedModel:
     def __init__(self) -> None:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
+        self.started = time.perf_counter()
+
+    def loaded(self) -> None:
+        """Called at the end of a subclass's __init__: loading and warm-up are done."""
+        self.info["load_s"] = round(time.perf_counter() - self.started, 2)
 
     def record_batch(self, requests: int, items: int, tokens: int = 0) -> None:
         """One executed batch: into the counters of `model_info` and the batch-size histogram."""

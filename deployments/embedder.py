@@ -73,6 +73,7 @@ class Embedder(BatchedModel):
         self.budget = ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device)
         self._encode(["warm up the kernels"] * 8)
         self.budget.measure(self._longest_forward)
+        self.loaded()
 
     def _load(self, path: str, mode: str):
         from sentence_transformers import SentenceTransformer

@@ -24,31 +24,10 @@ from transformers.cache_utils import DynamicLayer
 from deployments import loading
 from deployments.batching import BatchedModel
 from serve_app.config import GeneratorConfig
+from serve_app.protocol.generation import Delta, GenerationRequest
 
 # Admission batches that may be in flight at once; they share the one decode loop.
 CONCURRENT_BATCHES = 4
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    messages: list[dict[str, str]]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one request; the last one carries `finish_reason` ("stop" or "length")."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass
@@ -110,6 +89,7 @@ class Generator(BatchedModel):
             "precision": self.precision,
             "precision_requested": config.precision,
             "precision_trials": [asdict(t) for t in choice.trials],
+            "precision_measured": choice.measured,
             "device": self.device,
             "threads": torch.get_num_threads(),
             "context_tokens": self.context_tokens,
@@ -123,6 +103,7 @@ class Generator(BatchedModel):
         self.info["continuous_batching"] = self.mergeable
         while self.state is not None:
             self._step()
+        self.loaded()
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)

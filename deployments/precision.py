@@ -17,6 +17,7 @@ read it instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -201,6 +202,25 @@ def choose(
     cached = _read_choice(cache_dir, key)
     if cached is not None and cached.precision in options:
         return cached
+    # Replicas sharing a model (the reranker and generator) measure once: the second waits.
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    with FileLock(str(cache_dir / f"precision-{digest}.lock")):
+        cached = _read_choice(cache_dir, key)
+        if cached is not None and cached.precision in options:
+            return cached
+        return _measure(key, options, build, probe, agreement, threshold, cache_dir)
+
+
+def _measure(
+    key: str,
+    options: list[str],
+    build: Callable[[str], object],
+    probe: Callable[[object], torch.Tensor],
+    agreement: Callable[[torch.Tensor, torch.Tensor], float],
+    threshold: float,
+    cache_dir: Path,
+) -> Choice:
     trials, reference = [], None
     for precision in options:
         try:

@@ -169,10 +169,12 @@ class Reranker(BatchedModel):
             "precision": self.precision,
             "precision_requested": config.precision,
             "precision_trials": [asdict(t) for t in self.scorer.precision.trials],
+            "precision_measured": self.scorer.precision.measured,
             "device": self.device,
             "threads": torch.get_num_threads(),
         }
         self.scorer.score([("warm up", "the kernels")] * 4)
+        self.loaded()
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.scorer.module, self.device)

@@ -101,7 +101,8 @@ def raw_reranker(args: dict, sentences: list[str]) -> dict:
 
 
 def raw_generator(args: dict) -> dict:
-    from deployments.generator import GenerationRequest, Generator
+    from deployments.generator import Generator
+    from serve_app.protocol.generation import GenerationRequest
 
     config = AppConfig(**args)
     model = Generator.func_or_class(config.generator, config.model_cache_dir)

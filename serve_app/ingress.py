@@ -18,7 +18,6 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.generator import Delta, GenerationRequest
 from serve_app.admission import AdmissionControl
 from serve_app.config import Admission, AppConfig
 from serve_app.protocol import errors
@@ -35,6 +34,7 @@ from serve_app.protocol.documents import (
     SearchResponse,
     Timings,
 )
+from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.protocol.openai import (
     AssistantMessage,
     ChatCompletion,

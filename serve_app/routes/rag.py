@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.generator import Delta, GenerationRequest
 from serve_app.config import AppConfig
 from serve_app.protocol.documents import Citation, RagRequest
+from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 

@@ -1,0 +1,162 @@
+"""Cold start: seconds from `serve run serve_config.yaml` until `/ready` answers 200.
+
+`/ready` turns 200 only when every model has loaded and warmed up, and the document store
+answers, so this is the time until the service can take its first request. Two kinds of start:
+- `first`: an empty model cache folder, as on a new machine: the bundled GGUF generator is
+  converted once and `auto` precision measures its candidates;
+- `warm`: the same folder again, as on every later start (the default cache folder).
+
+Each start is its own Ray cluster: the script refuses to run while another one is up.
+
+    .venv/bin/python scripts/bench_coldstart.py --starts first,warm,warm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+BIN = Path(sys.executable).parent
+TARGET_S = 30.0
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def ray_running() -> bool:
+    return subprocess.run([BIN / "ray", "status"], capture_output=True).returncode == 0
+
+
+def start_once(config: Path, url: str, env: dict[str, str], log: Path, timeout_s: float) -> dict:
+    """One `serve run`: time to /ready, then the models' own load times from /v1/status."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [BIN / "serve", "run", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        ready_s = None
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while time.perf_counter() - start < timeout_s:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve run exited with {proc.returncode}; see {log}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        ready_s = time.perf_counter() - start
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+            if ready_s is None:
+                raise TimeoutError(f"not ready within {timeout_s:.0f} s; see {log}")
+            models = client.get("/v1/status").json()["models"]
+        return {
+            "ready_s": round(ready_s, 2),
+            "models": {
+                role: {
+                    "load_s": info.get("load_s"),
+                    "precision": info.get("precision"),
+                    "precision_measured": info.get("precision_measured"),
+                }
+                for role, info in models.items()
+            },
+        }
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Cold start",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"Machine: {report['machine']}; {report['date']}. Config: `{report['config']}`. "
+        f"Seconds from `serve run` until `/ready` answers 200 (every model loaded and warmed "
+        f"up, the store open); target <= {TARGET_S:.0f} s. `load_s`: each model replica's own "
+        "load and warm-up, inside that time.",
+        "",
+        "| start | to ready (s) | embedder load (s) | reranker load (s) | generator load (s) "
+        "| precisions | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        m = run["models"]
+        load = [str(m.get(r, {}).get("load_s", "")) for r in ("embedder", "reranker", "generator")]
+        precisions = ", ".join(f"{r} {i['precision']}" for r, i in m.items())
+        met = "met" if run["ready_s"] <= TARGET_S else "not met"
+        lines.append(
+            f"| {run['start']} | {run['ready_s']} | {' | '.join(load)} | {precisions} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
+    parser.add_argument("--starts", default="first,warm", help="first and/or warm, in order")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--out-name", default="coldstart")
+    options = parser.parse_args()
+    if ray_running():
+        sys.exit("A Ray cluster is already running here: stop it first (ray stop).")
+    http = yaml.safe_load(options.config.read_text()).get("http_options", {})
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    fresh = Path(tempfile.mkdtemp(prefix="rag-coldstart-"))
+    runs = []
+    for n, kind in enumerate(options.starts.split(",")):
+        run_env = dict(env)
+        if kind == "first":
+            fresh = Path(tempfile.mkdtemp(prefix="rag-coldstart-"))
+            run_env["RAG_MODEL_CACHE_DIR"] = str(fresh)
+        elif kind != "warm":
+            sys.exit(f"unknown start {kind!r}: first or warm")
+        log = Path(tempfile.gettempdir()) / f"coldstart-{n}-{kind}.log"
+        result = {"start": kind, **start_once(options.config, url, run_env, log, options.timeout)}
+        print(json.dumps(result), flush=True)
+        runs.append(result)
+    report = {
+        "command": "python scripts/bench_coldstart.py " + " ".join(sys.argv[1:]),
+        "config": str(options.config.relative_to(ROOT)),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "target_s": TARGET_S,
+        "runs": runs,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{options.out_name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / f"{options.out_name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
