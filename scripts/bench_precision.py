@@ -1,0 +1,1023 @@
+"""Precision modes side by side, per model: weights, process memory, raw throughput, and how
+closely each mode's outputs follow fp32's on the same inputs.
+
+    .venv/bin/python scripts/bench_precision.py [--models embedder,reranker,generator]
+        [--precisions fp32,bf16,fp16,int8] [--sentences 1000] [--queries 100] [--prompts 48]
+        [--threads 2] [--device auto] [--max-seconds 40] [--quick] [--out-name precision]
+
+Models, loaded the way their deployments load them (deployments/precision.py applies the mode):
+- embedder: all-MiniLM-L6-v2 (bundled), `model.encode(batch_size=32)` on chunks of 128
+  sentences (sentence-transformers sorts each call by length before cutting its batches);
+- reranker: `QueryLikelihood` (exp mean log P(query | passage)) over SmolLM2-135M-Instruct,
+  pairs scored as the Reranker deployment does: by passage length, PAIRS_PER_FORWARD a pass;
+- generator: SmolLM2-135M-Instruct, `model.generate(do_sample=False, max_new_tokens=32)` on
+  left-padded batches of 8 chat prompts, with its KV cache.
+
+Precisions: every mode that runs on the device (CPU: fp32, bf16, fp16, int8; CUDA: fp32, fp16,
+bf16, bnb-int8, bnb-nf4); `precision.check` tells which are skipped and why. Each (model,
+precision) runs in a fresh child process, so its RSS is its own: RSS after the imports, after
+loading (and one warm-up pass, which also pages in mmap-ed weights), and the peak during the
+timed pass (Linux VmHWM, reset after the warm-up); on CUDA also torch's allocated and peak bytes.
+
+fp32 is the reference and always runs, every input. Any other mode stops after the unit of work
+during which it passes --max-seconds (fp16 on a CPU without native fp16 is many times slower);
+its throughput is over what it finished, its accuracy over the inputs both finished.
+
+Accuracy against fp32 on the same inputs: embeddings' mean and min cosine; rerank scores'
+Spearman over all pairs and per query (mean), top-1 agreement (the passage ranked first is
+fp32's); generations' exact-match rate. Each child also runs `auto`'s own check on
+deployments/calibration.txt (mean cosine; next-token top-1 agreement), so the report can apply
+auto's rule: the fastest candidate whose check passes.
+
+Data, fixed by --seed, from this machine's man pages (scripts/bench_retrieval.py's parser):
+distinct 10-40-word sentences; queries = a page's NAME description, each with 10 passages (the
+first ~400 characters of its own page and of the 9 other pages sharing the most rare words with
+the query, shuffled); prompts "Explain in one sentence what the command X does: <description>".
+
+Writes docs/benchmarks/OUT_NAME.json (every measurement, settings, machine), OUT_NAME.md and
+OUT_NAME.png. Does not start Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+OUT = ROOT / "docs" / "benchmarks"
+sys.path.insert(0, str(ROOT))
+
+MODELS = ("embedder", "reranker", "generator")
+CPU_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+CUDA_PRECISIONS = ("fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+EMBED_BATCH = 32
+EMBED_CHUNK = 128  # sentences per encode call: the unit of work --max-seconds is checked after
+RERANK_CANDIDATES = 10
+RERANK_CHUNK = 10  # queries (100 pairs) sorted by length together, like one 64-pair batch
+PASSAGE_CHARS = 400
+GEN_BATCH = 8
+GEN_TOKENS = 32
+PROMPT = "Explain in one sentence what the command {name} does: {description}"
+TARGET_SPEEDUP = 1.8
+TARGET_COSINE = 0.99
+TARGET_TOP1 = 0.95
+UNITS = {"embedder": "sentences/s", "reranker": "pairs/s", "generator": "tokens/s"}
+TITLES = {
+    "embedder": "Embedder: all-MiniLM-L6-v2",
+    "reranker": "Reranker: QueryLikelihood over SmolLM2-135M-Instruct",
+    "generator": "Generator: SmolLM2-135M-Instruct, greedy",
+}
+
+
+# --- machine and memory (shared with scripts/bench_batch.py) ----------------------------------
+def machine(device: str, threads: int) -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    interesting = (
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+    )
+    present = set(flags.group(1).split()) if flags else set()
+    versions = {}
+    for package in ("torch", "transformers", "sentence-transformers", "bitsandbytes"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    info = {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "cpu_flags": [f for f in interesting if f in present],
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "device": device,
+        "threads": threads,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return info
+
+
+def machine_line(m: dict) -> str:
+    flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
+    gpu = f"GPU {m['gpu']}; " if m.get("gpu") else "no GPU; "
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (
+        f"{m['cpu']} ({m['arch']}), {m['cores']} cores, {m['memory_gb']} GB; CPU flags: {flags}; "
+        f"{gpu}device {m['device']}, {m['threads']} torch threads; {versions}; "
+        f"Python {m['python']}; {m['date'].replace('T', ' ')}"
+    )
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (peak RSS) to its current RSS; False where Linux refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since the last `reset_peak_rss` (or the start): VmHWM, else ru_maxrss."""
+    with contextlib.suppress(OSError, AttributeError):
+        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        if match:
+            return int(match.group(1)) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def auto_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return requested
+
+
+def model_cache_dir() -> Path:
+    from serve_app.config import AppConfig
+
+    return AppConfig().model_cache_dir
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def mb(n: float | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# --- data -------------------------------------------------------------------------------------
+def man_docs(pages: int | None) -> list[dict]:
+    """Labelled man pages (scripts/bench_retrieval.py's parser), one per distinct description
+    and passage, with `passage`: the first ~PASSAGE_CHARS characters, cut at a space."""
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_retrieval import MAN, man_corpus
+
+    total = sum(1 for p in MAN.glob("man[1-8]/*.gz") if not p.name.startswith("gcloud"))
+    docs, seen = [], set()
+    for doc in man_corpus(min(pages or total, total), 10**7):
+        if not doc["labelled"]:
+            continue
+        cut = doc["full"][: PASSAGE_CHARS + 40]
+        passage = cut[:PASSAGE_CHARS].rsplit(" ", 1)[0] if len(cut) > PASSAGE_CHARS else cut
+        passage = " ".join(re.sub(r"(^|\s)'\s?(t|br)\b", " ", passage).split())
+        key = (doc["query"].lower(), passage)
+        if doc["query"].lower() in seen or passage in seen:
+            continue
+        seen.update(key)
+        docs.append({**doc, "passage": passage, "name": doc["id"].rsplit(".", 1)[0]})
+    return docs
+
+
+def sentences_of(docs: list[dict], n: int, seed: int) -> list[str]:
+    found: dict[str, None] = {}
+    for doc in docs:
+        for sentence in re.split(r"(?<=[.!?])\s+", doc["full"]):
+            words = sentence.split()
+            if 10 <= len(words) <= 40:
+                found[" ".join(words)] = None
+    pool = list(found)
+    if len(pool) < n:
+        raise SystemExit(f"only {len(pool)} distinct 10-40-word sentences in the man pages read")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+WORD = re.compile(r"[a-z][a-z0-9_+-]{2,}")
+
+
+def rerank_sets(docs: list[dict], queries: list[dict], seed: int) -> list[dict]:
+    """Each query with its own page's passage and the 9 passages of other pages that share the
+    most rare words with it (IDF-weighted overlap), shuffled."""
+    words = [set(WORD.findall(d["passage"].lower())) for d in docs]
+    df = Counter(w for ws in words for w in ws)
+    idf = {w: math.log(len(docs) / n) for w, n in df.items()}
+    rng = random.Random(seed)
+    out = []
+    for q in queries:
+        terms = set(WORD.findall(q["query"].lower()))
+        scored = sorted(
+            (
+                (-sum(idf.get(t, 0.0) for t in terms & ws), i)
+                for i, ws in enumerate(words)
+                if docs[i]["id"] != q["id"]
+            ),
+        )
+        others = [docs[i]["passage"] for _, i in scored[: RERANK_CANDIDATES - 1]]
+        passages = [q["passage"], *others]
+        rng.shuffle(passages)
+        out.append({"query": q["query"], "passages": passages, "own": passages.index(q["passage"])})
+    return out
+
+
+def build_data(sentences: int, queries: int, prompts: int, seed: int, pages: int | None) -> dict:
+    docs = man_docs(pages)
+    shuffled = docs[:]
+    random.Random(seed).shuffle(shuffled)
+    usable = [d for d in shuffled if 3 <= len(d["query"].split()) <= 20]
+    if len(usable) < queries + prompts:
+        raise SystemExit(f"only {len(usable)} man pages with a usable NAME description")
+    return {
+        "sentences": sentences_of(docs, sentences, seed),
+        "rerank": rerank_sets(docs, usable[:queries], seed),
+        "prompts": [
+            PROMPT.format(name=d["name"], description=d["query"])
+            for d in usable[queries : queries + prompts]
+        ],
+        "pages": len(docs),
+    }
+
+
+# --- the child process: one (model, precision) ------------------------------------------------
+def worker(spec: dict, result_path: Path) -> None:
+    import torch
+
+    from deployments import loading
+    from deployments import precision as precision_
+
+    loading.set_threads(spec["threads"])
+    device, mode = spec["device"], spec["precision"]
+    data = json.loads(Path(spec["data"]).read_text())
+    budget = spec["max_seconds"]  # None: run every input
+    cache_dir = model_cache_dir()
+    run = {"embedder": run_embedder, "reranker": run_reranker, "generator": run_generator}
+    # Import what loading needs before the baseline, so the baseline is the libraries alone.
+    import sentence_transformers  # noqa: F401
+    import transformers  # noqa: F401
+
+    if spec["model"] == "reranker":
+        import deployments.reranker  # noqa: F401
+    rss_base = rss_bytes()
+    start = time.perf_counter()
+    out = run[spec["model"]](data, mode, device, cache_dir, budget, torch, loading, precision_)
+    total_s = time.perf_counter() - start
+    result = {
+        "model": spec["model"],
+        "precision": mode,
+        "threads": torch.get_num_threads(),
+        "rss_base_mb": mb(rss_base),
+        "total_s": round(total_s, 2),
+        **out["result"],
+    }
+    np.save(result_path.with_suffix(".npy"), out["outputs"], allow_pickle=False)
+    np.save(Path(str(result_path) + ".calib.npy"), out["calibration"], allow_pickle=False)
+    result_path.write_text(json.dumps(result))
+
+
+class Meter:
+    """Timing of the pass and memory around it: reset the peak after the warm-up."""
+
+    def __init__(self, device: str, model: Any, precision_: Any, load_s: float) -> None:
+        import torch
+
+        self.device, self.torch = device, torch
+        self.result: dict[str, Any] = {
+            "load_s": round(load_s, 2),
+            "weights_mb": mb(precision_.weights_bytes(model)),
+        }
+
+    def loaded(self) -> None:
+        self.result["rss_load_peak_mb"] = mb(peak_rss_bytes())
+        self.result["rss_loaded_mb"] = mb(rss_bytes())
+        self.result["peak_reset"] = reset_peak_rss()
+        if self.device == "cuda":
+            self.result["gpu_allocated_mb"] = mb(self.torch.cuda.memory_allocated())
+            self.torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        sync(self.device)
+        return time.perf_counter() - self.start
+
+    def done(self, seconds: float, items: int, total: int, units: str) -> dict:
+        self.result["rss_peak_run_mb"] = mb(peak_rss_bytes())
+        if self.device == "cuda":
+            self.result["gpu_peak_mb"] = mb(self.torch.cuda.max_memory_allocated())
+        self.result.update(
+            {
+                "seconds": round(seconds, 3),
+                "items": items,
+                "items_total": total,
+                "capped": items < total,
+                "throughput": items / seconds if seconds else None,
+                "unit": units,
+            }
+        )
+        return self.result
+
+
+def run_embedder(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.config import DEFAULT_EMBEDDING_MODEL
+
+    start = time.perf_counter()
+    path = loading.local_path(DEFAULT_EMBEDDING_MODEL)
+    kwargs = (
+        {"model_kwargs": precision_.load_kwargs(mode, device)} if mode in precision_.BNB else {}
+    )
+    model = precision_.finish(SentenceTransformer(path, device=device, **kwargs), mode, device)
+    meter = Meter(device, model, precision_, time.perf_counter() - start)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        with torch.inference_mode():
+            vectors = model.encode(
+                texts,
+                batch_size=batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+
+    sentences = data["sentences"]
+    encode(sentences[:EMBED_BATCH], EMBED_BATCH)  # warm-up
+    meter.loaded()
+    parts = []
+    for i in range(0, len(sentences), EMBED_CHUNK):
+        parts.append(encode(sentences[i : i + EMBED_CHUNK], EMBED_BATCH))
+        if budget is not None and meter.elapsed() > budget:
+            break
+    seconds = meter.elapsed()
+    vectors = np.concatenate(parts)
+    result = meter.done(seconds, len(vectors), len(sentences), UNITS["embedder"])
+    # auto's own check: deployments/embedder.py's probe on the calibration sentences
+    calibration = encode(precision_.calibration_sentences(), 16)
+    return {"result": result, "outputs": vectors, "calibration": calibration}
+
+
+def causal_probe(model, tokenizer, device, precision_, torch) -> np.ndarray:
+    """deployments/loading.py's auto check: next-token argmax on the calibration text."""
+    batch = tokenizer(
+        precision_.calibration_sentences()[:16], return_tensors="pt", padding=True
+    ).to(device)
+    real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    return logits[real].float().argmax(-1).cpu().numpy()
+
+
+def run_reranker(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:
+    from deployments.reranker import PAIRS_PER_FORWARD, QueryLikelihood
+    from serve_app.config import RerankerConfig
+
+    start = time.perf_counter()
+    scorer = QueryLikelihood(RerankerConfig(precision=mode), cache_dir, device)
+    meter = Meter(device, scorer.module, precision_, time.perf_counter() - start)
+    meter.result["pairs_per_forward"] = PAIRS_PER_FORWARD
+    sets = data["rerank"]
+    scorer.score([(sets[0]["query"], p) for p in sets[0]["passages"][:4]])  # warm-up
+    meter.loaded()
+    scores: list[float] = []
+    pairs = 0
+    stop = False
+    for c in range(0, len(sets), RERANK_CHUNK):
+        chunk = [(s["query"], p) for s in sets[c : c + RERANK_CHUNK] for p in s["passages"]]
+        # As the Reranker deployment does: by passage length, PAIRS_PER_FORWARD per pass.
+        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]))
+        got = [math.nan] * len(chunk)
+        for f in range(0, len(order), PAIRS_PER_FORWARD):
+            part = order[f : f + PAIRS_PER_FORWARD]
+            for i, (score, _) in zip(part, scorer.score([chunk[i] for i in part]), strict=True):
+                got[i] = score
+            pairs += len(part)
+            if budget is not None and meter.elapsed() > budget:
+                stop = True
+                break
+        scores += got
+        if stop:
+            break
+    seconds = meter.elapsed()
+    total = sum(len(s["passages"]) for s in sets)
+    result = meter.done(seconds, pairs, total, UNITS["reranker"])
+    calibration = causal_probe(scorer.module, scorer.tokenizer, device, precision_, torch)
+    scores += [math.nan] * (total - len(scores))  # pairs never scored
+    return {"result": result, "outputs": np.asarray(scores), "calibration": calibration}
+
+
+def run_generator(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:
+    from serve_app.config import GeneratorConfig
+
+    start = time.perf_counter()
+    config = GeneratorConfig(precision=mode)
+    tokenizer = loading.load_tokenizer(config, cache_dir)  # left padding
+    model = loading.load_causal_lm(config, cache_dir, device, mode)
+    meter = Meter(device, model, precision_, time.perf_counter() - start)
+    eos = model.generation_config.eos_token_id
+    stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in data["prompts"]
+    ]
+
+    def generate(batch_texts: list[str], new_tokens: int) -> list[list[int]]:
+        batch = tokenizer(
+            batch_texts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=0,
+                pad_token_id=tokenizer.pad_token_id,
+                top_p=None,
+                top_k=None,
+                temperature=None,
+            )
+        rows = []
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            ids = []
+            for token in row:
+                ids.append(token)
+                if token in stops:  # the EOS counts as a generated token; padding after it not
+                    break
+            rows.append(ids)
+        return rows
+
+    generate(texts[:2], 2)  # warm-up
+    meter.loaded()
+    generated: list[list[int]] = []
+    for i in range(0, len(texts), GEN_BATCH):
+        generated += generate(texts[i : i + GEN_BATCH], GEN_TOKENS)
+        if budget is not None and meter.elapsed() > budget:
+            break
+    seconds = meter.elapsed()
+    tokens = sum(len(g) for g in generated)
+    result = meter.done(seconds, tokens, len(texts) * GEN_TOKENS, UNITS["generator"])
+    result["prompts_done"] = len(generated)
+    result["capped"] = len(generated) < len(texts)
+    result["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
+    calibration = causal_probe(model, tokenizer, device, precision_, torch)
+    width = GEN_TOKENS + 1
+    padded = np.full((len(texts), width), -1, dtype=np.int64)  # -1: not generated
+    for k, ids in enumerate(generated):
+        padded[k, : len(ids)] = ids
+    return {"result": result, "outputs": padded, "calibration": calibration}
+
+
+# --- the parent: run children, compare with fp32 ---------------------------------------------
+def run_child(spec: dict, work: Path, timeout_s: float) -> tuple[dict | None, str | None]:
+    name = f"{spec['model']}-{spec['precision']}"
+    spec_path, result = work / f"{name}.spec.json", work / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    log = work / f"{name}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result)]
+    with log.open("wb") as out:
+        try:
+            code = subprocess.run(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env={**os.environ, **OFFLINE},
+                timeout=timeout_s,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code != 0 or not result.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        return None, f"child failed ({code}): {tail}"
+    return json.loads(result.read_text()), None
+
+
+def outputs_of(work: Path, model: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    base = work / f"{model}-{mode}.json"
+    return np.load(base.with_suffix(".npy")), np.load(Path(str(base) + ".calib.npy"))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    import torch
+
+    from deployments import precision as precision_
+
+    return precision_.spearman(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def compare(model: str, data: dict, ref: tuple, other: tuple) -> dict:
+    """Agreement of `other`'s outputs with fp32's (`ref`) on the inputs both finished."""
+    (ref_out, ref_cal), (out, cal) = ref, other
+    if model == "embedder":
+        n = min(len(ref_out), len(out))
+        cos = np.sum(ref_out[:n] * out[:n], axis=1)  # both unit length
+        ref_cal = ref_cal / np.linalg.norm(ref_cal, axis=1, keepdims=True)
+        cal = cal / np.linalg.norm(cal, axis=1, keepdims=True)
+        return {
+            "compared": int(n),
+            "mean_cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()),
+            "auto_check": float(np.sum(ref_cal * cal, axis=1).mean()),
+            "auto_check_metric": "mean cosine, calibration sentences",
+        }
+    auto = float((ref_cal == cal).mean()) if len(ref_cal) == len(cal) else None
+    common = {"auto_check": auto, "auto_check_metric": "next-token top-1, calibration text"}
+    if model == "reranker":
+        sizes = [len(s["passages"]) for s in data["rerank"]]
+        bounds = np.cumsum([0, *sizes])
+        per_query, top1, own_ref, own = [], [], [], []
+        for k, s in enumerate(data["rerank"]):
+            a, b = ref_out[bounds[k] : bounds[k + 1]], out[bounds[k] : bounds[k + 1]]
+            if np.isnan(a).any() or np.isnan(b).any():
+                continue  # a query this precision did not finish
+            per_query.append(spearman(a, b))
+            top1.append(int(np.argmax(a)) == int(np.argmax(b)))
+            own_ref.append(int(np.argmax(a)) == s["own"])
+            own.append(int(np.argmax(b)) == s["own"])
+        done = ~(np.isnan(ref_out) | np.isnan(out))
+        return {
+            "compared": len(per_query),
+            "spearman_all": spearman(ref_out[done], out[done]) if done.sum() > 1 else None,
+            "spearman_per_query": float(np.mean(per_query)) if per_query else None,
+            "top1_agreement": float(np.mean(top1)) if top1 else None,
+            "own_page_first": float(np.mean(own)) if own else None,
+            "own_page_first_fp32": float(np.mean(own_ref)) if own_ref else None,
+            **common,
+        }
+    rows = [k for k in range(len(out)) if out[k, 0] >= 0 and ref_out[k, 0] >= 0]
+    exact, prefix = [], []
+    for k in rows:
+        a, b = ref_out[k][ref_out[k] >= 0], out[k][out[k] >= 0]
+        exact.append(len(a) == len(b) and bool((a == b).all()))
+        same = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            same += 1
+        prefix.append(same / max(1, len(a)))
+    return {
+        "compared": len(rows),
+        "exact_match": float(np.mean(exact)) if exact else None,
+        "matching_prefix": float(np.mean(prefix)) if prefix else None,
+        **common,
+    }
+
+
+def precisions_for(device: str, requested: list[str] | None) -> tuple[list[str], list[dict]]:
+    """The modes to run, fp32 first, and those skipped with `precision.check`'s reason."""
+    from deployments import precision as precision_
+
+    wanted = requested or list(CUDA_PRECISIONS if device == "cuda" else CPU_PRECISIONS)
+    wanted = ["fp32", *[p for p in wanted if p != "fp32"]]
+    run, skipped = [], []
+    for mode in wanted:
+        try:
+            precision_.check(mode, device)
+        except precision_.UnsupportedPrecision as exc:
+            skipped.append({"precision": mode, "reason": str(exc)})
+            continue
+        run.append(mode)
+    return run, skipped
+
+
+def auto_rule(report: dict) -> dict:
+    """auto's rule applied to the measurements: among the modes auto tries here, the fastest
+    (by this benchmark's throughput) whose auto check passes."""
+    from deployments import precision as precision_
+
+    device = report["machine"]["device"]
+    picks = {}
+    groups = {"embedder": ["embedder"], "causal-lm": ["reranker", "generator"]}
+    for group, models in groups.items():
+        present = [m for m in models if m in report["models"]]
+        if not present:
+            continue
+        timing_model = present[0]  # the reranker's prefill-shaped pass, like auto's probe
+        rows = report["models"][timing_model]["rows"]
+        threshold = (
+            precision_.MIN_MEAN_COSINE if group == "embedder" else precision_.MIN_TOP1_AGREEMENT
+        )
+        options = precision_.candidates(device, generative=group == "causal-lm")
+        passing = []
+        for row in rows:
+            if row["precision"] not in options or not row.get("throughput"):
+                continue
+            check = 1.0 if row["precision"] == "fp32" else row.get("auto_check")
+            if check is not None and check >= threshold:
+                passing.append(row)
+        best = max(passing, key=lambda r: r["throughput"], default=None)
+        picks[group] = {
+            "models": present,
+            "candidates": options,
+            "threshold": threshold,
+            "timed_by": timing_model,
+            "precision": best["precision"] if best else None,
+        }
+    return picks
+
+
+def cached_choices() -> dict:
+    """What `auto` recorded on this machine (precision-choices.json), if anything."""
+    path = model_cache_dir() / "precision-choices.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
+def targets(report: dict) -> list[dict]:
+    rows = []
+    picks = report["auto_rule"]
+
+    def row_of(model: str, mode: str | None) -> dict | None:
+        rows_ = report["models"].get(model, {}).get("rows", [])
+        return next((r for r in rows_ if r["precision"] == mode), None)
+
+    for model, group in (("embedder", "embedder"), ("reranker", "causal-lm")):
+        if model not in report["models"]:
+            continue
+        mode = picks.get(group, {}).get("precision")
+        row = row_of(model, mode) or {}
+        speed = row.get("ratio")
+        rows.append(
+            {
+                "target": f"{model}: throughput of the pick ({mode}) / fp32",
+                "goal": f">= {TARGET_SPEEDUP}",
+                "measured": speed,
+                "met": speed is not None and speed >= TARGET_SPEEDUP,
+            }
+        )
+        if model == "embedder":
+            value, goal, what = row.get("mean_cosine"), TARGET_COSINE, "mean cosine"
+        else:
+            value, goal, what = row.get("top1_agreement"), TARGET_TOP1, "top-1 agreement"
+        if mode == "fp32":
+            value = 1.0
+        rows.append(
+            {
+                "target": f"{model}: {what} of the pick ({mode}) with fp32",
+                "goal": f">= {goal}",
+                "measured": value,
+                "met": value is not None and value >= goal,
+            }
+        )
+    return rows
+
+
+def run(options: argparse.Namespace) -> dict:
+    import torch
+
+    device = auto_device(options.device)
+    modes, skipped = precisions_for(device, options.precisions)
+    print(f"building the data from {Path('/usr/share/man')} ...", flush=True)
+    data = build_data(
+        options.sentences, options.queries, options.prompts, options.seed, options.pages
+    )
+    report: dict[str, Any] = {
+        "settings": {
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "models": options.models,
+            "precisions": modes,
+            "skipped": skipped,
+            "sentences": len(data["sentences"]),
+            "queries": len(data["rerank"]),
+            "pairs": sum(len(s["passages"]) for s in data["rerank"]),
+            "prompts": len(data["prompts"]),
+            "man_pages": data["pages"],
+            "threads": options.threads,
+            "max_seconds": options.max_seconds,
+            "seed": options.seed,
+            "quick": options.quick,
+            "embed_batch": EMBED_BATCH,
+            "gen_batch": GEN_BATCH,
+            "gen_tokens": GEN_TOKENS,
+        },
+        "machine": machine(device, options.threads),
+        "models": {},
+    }
+    torch.set_num_threads(1)  # the parent only compares; the children measure
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        work = Path(tmp)
+        (work / "data.json").write_text(json.dumps(data))
+        for model in options.models:
+            rows, failed = [], []
+            for mode in modes:
+                spec = {
+                    "model": model,
+                    "precision": mode,
+                    "device": device,
+                    "threads": options.threads,
+                    "data": str(work / "data.json"),
+                    "max_seconds": None if mode == "fp32" else options.max_seconds,
+                }
+                print(f"{model} {mode} ...", flush=True)
+                result, error = run_child(spec, work, timeout_s=options.max_seconds * 4 + 900)
+                if result is None:
+                    print(f"  {error}", flush=True)
+                    failed.append({"precision": mode, "reason": error})
+                    if mode == "fp32":
+                        break  # nothing to compare with
+                    continue
+                if mode != "fp32":
+                    ref = outputs_of(work, model, "fp32")
+                    result.update(compare(model, data, ref, outputs_of(work, model, mode)))
+                rows.append(result)
+                print(
+                    f"  {result['throughput']:.1f} {result['unit']}, {result['weights_mb']} MB "
+                    f"weights, RSS {result['rss_loaded_mb']} MB loaded, peak "
+                    f"{result['rss_peak_run_mb']} MB, {result['total_s']:.0f} s",
+                    flush=True,
+                )
+            base = next((r for r in rows if r["precision"] == "fp32"), None)
+            for row in rows:
+                if base and base["throughput"] and row.get("throughput"):
+                    row["ratio"] = row["throughput"] / base["throughput"]
+            report["models"][model] = {"rows": rows, "failed": failed}
+    report["auto_rule"] = auto_rule(report)
+    report["auto_cached"] = {
+        k: v["precision"]
+        for k, v in cached_choices().items()
+        if isinstance(v, dict) and f"|{device}:" in k
+    }
+    report["targets"] = targets(report)
+    return report
+
+
+# --- report -----------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    s, m = report["settings"], report["machine"]
+    lines = [
+        "# Precision modes: memory, throughput and agreement with fp32",
+        "",
+        f"Reproduce: `{s['command']}`  ",
+        f"Machine: {machine_line(m)}.  ",
+        "One run on a shared machine: compare ratios within this report, not across runs.",
+        "",
+        f"Data (man pages of this machine, {s['man_pages']} pages read, seed {s['seed']}): "
+        f"{s['sentences']} sentences of 10-40 words; {s['queries']} queries (NAME "
+        f"descriptions) x {RERANK_CANDIDATES} passages = {s['pairs']} pairs (own page's first "
+        f"~{PASSAGE_CHARS} characters + the 9 pages sharing the most rare words with the "
+        f"query); {s['prompts']} prompts, batches of {s['gen_batch']}, {s['gen_tokens']} new "
+        "tokens, greedy.",
+        "",
+        "Each (model, precision) ran in a fresh process with the same inputs. RSS: the process "
+        "after importing the libraries (base), after loading and one warm-up pass (loaded), "
+        "and its peak during the timed pass. Throughput is raw, in-process; ratio is to fp32. "
+        f"fp32 ran every input; other modes stopped after the unit of work (an encode call of "
+        f"{EMBED_CHUNK} sentences, a forward pass of pairs, a generate batch) that passed "
+        f"{s['max_seconds']:.0f} s, and are compared with fp32 on what they finished "
+        "(`compared`).",
+        "",
+    ]
+    lines += ["## Targets", ""]
+    picks = report["auto_rule"]
+    for group, pick in picks.items():
+        lines.append(
+            f"- `auto` rule for the {group} ({', '.join(pick['models'])}): candidates "
+            f"{', '.join(pick['candidates'])}; the fastest by this benchmark's "
+            f"{pick['timed_by']} throughput whose auto check (column `auto check`, the same "
+            f"probe as deployments/precision.py on deployments/calibration.txt) is >= "
+            f"{pick['threshold']}: **{pick['precision']}**."
+        )
+    lines += [
+        "- This approximates `auto`: it times its probe (one calibration batch, best of 3), "
+        "this benchmark times the workload below; a close race can go the other way.",
+    ]
+    if report["auto_cached"]:
+        cached = "; ".join(f"`{k}`: {v}" for k, v in report["auto_cached"].items())
+        lines.append(f"- What `auto` recorded on this machine (precision-choices.json): {cached}.")
+    else:
+        lines.append(
+            "- `auto` has recorded no choice on this machine yet (precision-choices.json)."
+        )
+    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = "**met**" if t["met"] else "**not met**"
+        lines.append(f"| {t['target']} | {t['goal']} | {fmt(t['measured'], 3)} | {met} |")
+    gpu = m["device"] == "cuda"
+    memory_head = "weights MB | RSS base / loaded / peak MB |" + (
+        " GPU alloc / peak MB |" if gpu else ""
+    )
+    columns = {
+        "embedder": (
+            "mean cos | min cos | auto check (cos) |",
+            lambda r: (
+                f"{fmt(r.get('mean_cosine'), 4)} | {fmt(r.get('min_cosine'), 4)} | "
+                f"{fmt(r.get('auto_check'), 4)} |"
+            ),
+        ),
+        "reranker": (
+            "Spearman all | Spearman per query | top-1 agree | own page first | "
+            "auto check (top-1 next token) |",
+            lambda r: (
+                f"{fmt(r.get('spearman_all'), 4)} | {fmt(r.get('spearman_per_query'), 4)} "
+                f"| {fmt(r.get('top1_agreement'), 3)} | {fmt(r.get('own_page_first'), 3)} | "
+                f"{fmt(r.get('auto_check'), 4)} |"
+            ),
+        ),
+        "generator": (
+            "exact match | matching prefix | auto check (top-1 next token) |",
+            lambda r: (
+                f"{fmt(r.get('exact_match'), 3)} | {fmt(r.get('matching_prefix'), 3)} | "
+                f"{fmt(r.get('auto_check'), 4)} |"
+            ),
+        ),
+    }
+    for model, entry in report["models"].items():
+        head, cells = columns[model]
+        lines += [
+            "",
+            f"## {TITLES[model]}",
+            "",
+            f"| precision | {memory_head} {UNITS[model]} | vs fp32 | {head} compared | load s |",
+            "|" + "---|" * (7 + head.count("|") + (1 if gpu else 0)),
+        ]
+        for r in entry["rows"]:
+            fp32 = r["precision"] == "fp32"
+            accuracy = "reference |" * head.count("|") if fp32 else cells(r)
+            gpu_cells = f" {fmt(r.get('gpu_allocated_mb'))} / {fmt(r.get('gpu_peak_mb'))} |"
+            capped = " (stopped at the time cap)" if r.get("capped") else ""
+            compared = "all" if fp32 else fmt(r.get("compared"))
+            lines.append(
+                f"| {r['precision']} | {fmt(r['weights_mb'])} | {fmt(r['rss_base_mb'], 0)} / "
+                f"{fmt(r['rss_loaded_mb'], 0)} / {fmt(r['rss_peak_run_mb'], 0)} |"
+                + (gpu_cells if gpu else "")
+                + f" {fmt(r['throughput'])}{capped} | {fmt(r.get('ratio'), 2)}x | {accuracy} "
+                f"{compared} | {fmt(r['load_s'])} |"
+            )
+        if model == "reranker" and entry["rows"]:
+            ref = next((r for r in entry["rows"] if r["precision"] != "fp32"), {})
+            if ref.get("own_page_first_fp32") is not None:
+                lines += [
+                    "",
+                    f"`own page first`: share of queries whose own page's passage is ranked "
+                    f"first (fp32: {ref['own_page_first_fp32']:.3f}); a quality signal, not "
+                    "agreement.",
+                ]
+        if model == "generator":
+            sample = next((r.get("sample") for r in entry["rows"] if r.get("sample")), None)
+            if sample:
+                lines += ["", f"First fp32 generation: {json.dumps(sample)}"]
+        for f in entry["failed"]:
+            lines.append(f"\n{f['precision']} failed: `{f['reason'][-300:]}`")
+    if s["skipped"]:
+        lines += ["", "## Skipped on this device", ""]
+        lines += [f"- {k['precision']}: {k['reason']}" for k in s["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in report["models"] if report["models"][m]["rows"]]
+    modes = report["settings"]["precisions"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    width = 0.8 / max(1, len(modes))
+    accuracy = {"embedder": "mean_cosine", "reranker": "top1_agreement", "generator": "exact_match"}
+    for j, mode in enumerate(modes):
+        xs, ratios, notes, peaks, weights = [], [], [], [], []
+        for i, model in enumerate(models):
+            row = next((r for r in report["models"][model]["rows"] if r["precision"] == mode), None)
+            if row is None:
+                continue
+            xs.append(i + (j - (len(modes) - 1) / 2) * width)
+            ratios.append(row.get("ratio") or 0.0)
+            value = 1.0 if mode == "fp32" else row.get(accuracy[model])
+            notes.append(f"{row.get('ratio') or 0:.2f}x\n{fmt(value, 3)}")
+            peaks.append(row.get("gpu_peak_mb") or row.get("rss_peak_run_mb") or 0)
+            weights.append(row.get("weights_mb") or 0)
+        if not xs:
+            continue
+        bars = left.bar(xs, ratios, width, label=mode, color=f"C{j}")
+        left.bar_label(bars, labels=notes, fontsize=7)
+        right.bar(xs, peaks, width, color=f"C{j}", alpha=0.45)
+        inner = right.bar(xs, weights, width * 0.6, color=f"C{j}", label=mode)
+        right.bar_label(inner, fmt="%.0f", fontsize=7)
+    left.axhline(TARGET_SPEEDUP, color="grey", ls="--", lw=1)
+    left.text(
+        len(models) - 0.5,
+        TARGET_SPEEDUP,
+        f"target {TARGET_SPEEDUP}x",
+        fontsize=8,
+        ha="right",
+        va="bottom",
+        color="grey",
+    )
+    gpu = report["machine"]["device"] == "cuda"
+    left.set_title(
+        "throughput / fp32 (label: ratio; agreement: embedder mean cos, reranker top-1, "
+        "generator exact match)",
+        fontsize=8,
+    )
+    right.set_title(
+        "weights MB (solid, labelled) within "
+        + ("peak GPU allocated MB" if gpu else "peak process RSS MB in the timed pass")
+        + " (light)",
+        fontsize=8,
+    )
+    for ax in (left, right):
+        ax.set_xticks(range(len(models)), models)
+        ax.margins(y=0.18)
+    left.legend(fontsize=8, loc="upper left")
+    m = report["machine"]
+    fig.suptitle(
+        f"Precision modes on {m['device']}: {m['cpu']}, {m['cores']} cores, "
+        f"{m['threads']} torch threads",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (OUT / f"{name}.md").write_text(markdown(report))
+    plot(report, OUT / f"{name}.png")
+    print(markdown(report))
+    print(f"wrote {OUT.relative_to(ROOT)}/{name}.json, .md and .png")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="any of " + ",".join(MODELS))
+    parser.add_argument("--precisions", help="default: every mode of the device, fp32 always")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=100, help="x10 passages each")
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per child")
+    parser.add_argument(
+        "--max-seconds", type=float, default=40.0, help="time cap of a non-fp32 timed pass"
+    )
+    parser.add_argument("--pages", type=int, help="man pages to read (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--out-name", default="precision", help="docs/benchmarks/NAME.*")
+    options = parser.parse_args()
+    options.models = [m.strip() for m in options.models.split(",") if m.strip()]
+    if set(options.models) - set(MODELS) or not options.models:
+        parser.error(f"--models: choose from {','.join(MODELS)}")
+    if options.precisions:
+        options.precisions = [p.strip() for p in options.precisions.split(",") if p.strip()]
+    if options.quick:
+        options.sentences = min(options.sentences, 64)
+        options.queries = min(options.queries, 2)
+        options.prompts = min(options.prompts, 8)
+        options.max_seconds = min(options.max_seconds, 10.0)
+        options.pages = options.pages or 400
+    write(run(options), options.out_name)
+
+
+if __name__ == "__main__":
+    main()
