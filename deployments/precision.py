@@ -104,8 +104,12 @@ def finish(module: torch.nn.Module, precision: str, device: str) -> torch.nn.Mod
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         with _quiet_deprecation():
+            # In place: a copy would hold the fp32 weights twice while quantizing.
             module = quantize_dynamic(
-                module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+                module,
+                {torch.nn.Linear: per_channel_dynamic_qconfig},
+                dtype=torch.qint8,
+                inplace=True,
             )
     return module
 
