@@ -16,10 +16,11 @@ from serve_app.cache import EmbeddingCache, open_cache
 from serve_app.config import CacheConfig, EmbedderConfig
 
 # Sentences per forward pass on CPU. sentence-transformers sorts a batch by length before
-# cutting it into passes, so passes of similar-length inputs pad little: in the raw phase of
-# scripts/bench_serving.py, 64-sentence batches ran at ~119 sentences/s as one pass and ~170
-# in passes of 16 (1 thread, bf16). On a GPU a batch is one pass, as free memory allows.
-SENTENCES_PER_FORWARD = {"cpu": 16, "cuda": 1024}
+# cutting it into passes, so passes of similar-length inputs pad little. scripts/bench_batch.py
+# on the 2-core reference machine (bf16, 128-sentence batches): 217 sentences/s in passes of 8,
+# 196 in passes of 16, 146 in passes of 64 (docs/benchmarks/batch.md). On a GPU a batch is one
+# pass, as far as free memory allows.
+SENTENCES_PER_FORWARD = {"cpu": 8, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Embedder(BatchedModel):
         self.model = self._load(path, self.precision)
         self.dimensions = self.model.get_embedding_dimension()
         self.max_tokens = self.model.max_seq_length
+        self.counter = loading.TokenCounter(self.model.tokenizer)
         store = open_cache(caches, "embedding")
         self.cache = EmbeddingCache(store, f"{config.model}:{self.precision}") if store else None
         self.info = {
@@ -137,7 +139,7 @@ class Embedder(BatchedModel):
 
     def _count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text as the model would read it untruncated, special tokens included."""
-        return [len(ids) for ids in self.model.tokenizer(texts)["input_ids"]]
+        return [len(ids) for ids in self.counter(texts)["input_ids"]]
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     def chunk(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[str]]:
@@ -145,9 +147,9 @@ class Embedder(BatchedModel):
         starting `max_tokens - overlap` tokens after the last; chunks are spans of the text."""
         max_tokens = min(max_tokens, self.model.max_seq_length - 2)  # room for [CLS]/[SEP]
         step = max(1, max_tokens - overlap)
-        offsets = self.model.tokenizer(
-            texts, add_special_tokens=False, return_offsets_mapping=True
-        )["offset_mapping"]
+        offsets = self.counter(texts, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
         chunks = []
         for text, spans in zip(texts, offsets, strict=True):
             starts = range(0, max(1, len(spans) - overlap), step) if spans else []

@@ -8,11 +8,13 @@ once into a cached safetensors folder.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,21 @@ BUNDLED = {
 def pick_device(config: ModelDeployment) -> str:
     """CUDA when this replica was given a GPU share and one is visible, else CPU."""
     return "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class TokenCounter:
+    """A private copy of a tokenizer, for counting and chunking on the event loop while the
+    model's own tokenizer works in a batch thread: a Rust fast tokenizer keeps its padding and
+    truncation settings as shared state, so two threads using one corrupt each other's calls
+    ("Unable to create tensor ... padding")."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str], **kwargs) -> dict:
+        with self.lock:
+            return self.tokenizer(texts, **kwargs)
 
 
 def set_threads(n: int) -> None:

@@ -23,8 +23,9 @@ from serve_app.cache import ResponseCache, open_cache
 from serve_app.config import CacheConfig, RerankerConfig
 
 Pair = tuple[str, str]
-# Pairs per forward pass: bounds activation memory while long enough to keep the cores busy.
-PAIRS_PER_FORWARD = 16
+# Pairs per forward pass. On CPU, larger passes buy no speed and cost memory: 8.7 pairs/s at 2
+# per pass, 7.8 at 16 with 3.5x the peak memory (scripts/bench_batch.py, docs/benchmarks/batch.md).
+PAIRS_PER_FORWARD = 2
 
 
 class Scorer(Protocol):
@@ -48,6 +49,7 @@ class QueryLikelihood:
 
     def __init__(self, config: RerankerConfig, cache_dir: Path, device: str):
         self.tokenizer = loading.load_tokenizer(config, cache_dir)
+        self.counter = loading.TokenCounter(self.tokenizer)
         self.precision = loading.causal_lm_precision(config, cache_dir, device, self.tokenizer)
         self.module = loading.load_causal_lm(config, cache_dir, device, self.precision.precision)
         self.device = device
@@ -58,12 +60,12 @@ class QueryLikelihood:
         self.bridge = encode(self.BRIDGE, add_special_tokens=False)
 
     def count_tokens(self, pairs: list[Pair]) -> list[int]:
-        encode, fixed = self.tokenizer.encode, len(self.prefix) + len(self.bridge)
+        fixed = len(self.prefix) + len(self.bridge)
+        passages = self.counter([p for _, p in pairs], add_special_tokens=False)["input_ids"]
+        queries = self.counter([" " + q for q, _ in pairs], add_special_tokens=False)["input_ids"]
         return [
-            fixed
-            + min(len(encode(p, add_special_tokens=False)), self.max_passage_tokens)
-            + min(len(encode(" " + q, add_special_tokens=False)), self.max_query_tokens)
-            for q, p in pairs
+            fixed + min(len(p), self.max_passage_tokens) + min(len(q), self.max_query_tokens)
+            for p, q in zip(passages, queries, strict=True)
         ]
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
@@ -112,6 +114,7 @@ class CrossEncoderScorer:
         )
         self.encoder = self._load(self.precision.precision)
         self.module = self.encoder
+        self.counter = loading.TokenCounter(self.encoder.tokenizer)
 
     def _load(self, mode: str):
         from sentence_transformers import CrossEncoder
@@ -129,7 +132,7 @@ class CrossEncoderScorer:
     def count_tokens(self, pairs: list[Pair]) -> list[int]:
         return [
             len(ids)
-            for ids in self.encoder.tokenizer(
+            for ids in self.counter(
                 [q for q, _ in pairs],
                 [p for _, p in pairs],
                 truncation=True,
