@@ -65,9 +65,10 @@ class TokenCounter:
         self.tokenizer = copy.deepcopy(tokenizer)
         self.lock = threading.Lock()
 
-    def __call__(self, texts: list[str], **kwargs) -> dict:
+    def __call__(self, *texts: list[str], **kwargs) -> dict:
+        """The tokenizer's own call: texts, or text pairs as two lists."""
         with self.lock:
-            return self.tokenizer(texts, **kwargs)
+            return self.tokenizer(*texts, **kwargs)
 
 
 def set_threads(n: int) -> None:
