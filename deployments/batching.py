@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 
 import torch
 
+from serve_app.cache import EmbeddingCache, ResponseCache
 from serve_app.metrics import batch_sizes
 
 T = TypeVar("T")
@@ -157,6 +158,7 @@ class BatchedModel:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
         self.started = time.perf_counter()
+        self.cache: EmbeddingCache | ResponseCache | None = None  # set by models that cache
 
     def loaded(self) -> None:
         """Called at the end of a subclass's __init__: loading and warm-up are done."""
@@ -181,7 +183,13 @@ class BatchedModel:
 
     def model_info(self) -> dict[str, object]:
         """Model, precision, device, memory and the executed batch sizes so far."""
-        return {**self.info, "memory": self.memory(), "batches": self.stats.snapshot()}
+        cache = self.cache.snapshot() if self.cache else None
+        return {
+            **self.info,
+            "memory": self.memory(),
+            "batches": self.stats.snapshot(),
+            "cache": cache,
+        }
 
     def memory(self) -> dict[str, int]:
         raise NotImplementedError

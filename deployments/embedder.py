@@ -108,9 +108,6 @@ class Embedder(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)
 
-    def model_info(self) -> dict[str, object]:
-        return {**super().model_info(), "cache": self.cache.snapshot() if self.cache else None}
-
     async def embed(self, texts: list[str]) -> Embeddings:
         """Embed `texts`: cached ones from the cache, the rest in batches shared with other
         requests (a request larger than one batch is split and its pieces batched)."""

@@ -203,58 +203,44 @@ def choose(
     `build(precision)` loads a model, `probe(model)` runs it on calibration inputs. A candidate
     that fails to build or run is skipped with a warning.
     """
-    cached = _read_choice(cache_dir, key)
-    if cached is not None and cached.precision in options:
-        return cached
-    # Replicas sharing a model (the reranker and generator) measure once: the second waits.
+    # Replicas sharing a model (the reranker and generator) measure once: the second waits for
+    # the first's result, then reads it.
     cache_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     with FileLock(str(cache_dir / f"precision-{digest}.lock")):
         cached = _read_choice(cache_dir, key)
         if cached is not None and cached.precision in options:
             return cached
-        return _measure(key, options, build, probe, agreement, threshold, cache_dir)
-
-
-def _measure(
-    key: str,
-    options: list[str],
-    build: Callable[[str], object],
-    probe: Callable[[object], torch.Tensor],
-    agreement: Callable[[torch.Tensor, torch.Tensor], float],
-    threshold: float,
-    cache_dir: Path,
-) -> Choice:
-    trials, reference = [], None
-    for precision in options:
-        try:
-            model = build(precision)
-            output = probe(model)  # warm-up, and the output to compare
-            seconds = min(_timed(probe, model) for _ in range(3))
-            del model
-        except Exception as exc:  # a failed candidate is reported, not fatal
-            logger.warning("auto precision: %s failed on this device: %s", precision, exc)
-            trials.append(Trial(precision, None, None, False, f"{type(exc).__name__}: {exc}"))
-            continue
-        if reference is None:
-            reference = output
-        score = agreement(reference, output)
-        trials.append(Trial(precision, seconds, score, score >= threshold))
-    passing = [t for t in trials if t.passed]
-    if not passing:
-        raise UnsupportedPrecision(f"auto precision: no candidate ran here ({trials})")
-    best = min(passing, key=lambda t: t.seconds or float("inf"))
-    choice = Choice(best.precision, trials, measured=True)
-    _write_choice(cache_dir, key, choice)
-    logger.info(
-        "auto precision for %s: %s (%s)",
-        key,
-        best.precision,
-        ", ".join(
-            f"{t.precision} {t.seconds or 0:.3f}s agree {t.agreement or 0:.4f}" for t in trials
-        ),
-    )
-    return choice
+        trials, reference = [], None
+        for precision in options:
+            try:
+                model = build(precision)
+                output = probe(model)  # warm-up, and the output to compare
+                seconds = min(_timed(probe, model) for _ in range(3))
+                del model
+            except Exception as exc:  # a failed candidate is reported, not fatal
+                logger.warning("auto precision: %s failed on this device: %s", precision, exc)
+                trials.append(Trial(precision, None, None, False, f"{type(exc).__name__}: {exc}"))
+                continue
+            if reference is None:
+                reference = output
+            score = agreement(reference, output)
+            trials.append(Trial(precision, seconds, score, score >= threshold))
+        passing = [t for t in trials if t.passed]
+        if not passing:
+            raise UnsupportedPrecision(f"auto precision: no candidate ran here ({trials})")
+        best = min(passing, key=lambda t: t.seconds or float("inf"))
+        choice = Choice(best.precision, trials, measured=True)
+        _write_choice(cache_dir, key, choice)
+        logger.info(
+            "auto precision for %s: %s (%s)",
+            key,
+            best.precision,
+            ", ".join(
+                f"{t.precision} {t.seconds or 0:.3f}s agree {t.agreement or 0:.4f}" for t in trials
+            ),
+        )
+        return choice
 
 
 def resolve(

@@ -182,9 +182,6 @@ class Reranker(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.scorer.module, self.device)
 
-    def model_info(self) -> dict[str, object]:
-        return {**super().model_info(), "cache": self.cache.snapshot() if self.cache else None}
-
     async def rerank(self, query: str, passages: list[str]) -> list[tuple[float, int]]:
         """(score, tokens read) per passage, in the passages' order; a query and passages
         scored before come from the response cache."""
