@@ -56,12 +56,10 @@ sys.path.insert(0, str(SCRIPTS))
 
 from bench_precision import (  # noqa: E402
     OFFLINE,
-    OUT,
     auto_device,
     build_data,
     cpu_share,
     fmt,
-    machine,
     machine_line,
     mb,
     model_cache_dir,
@@ -71,6 +69,7 @@ from bench_precision import (  # noqa: E402
     rss_bytes,
     sync,
 )
+from benchlib import machine, write_report  # noqa: E402
 
 MODELS = ("embedder", "reranker", "generator")
 DEPLOYMENTS = {"embedder": "Embedder", "reranker": "Reranker", "generator": "Generator"}
@@ -744,15 +743,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: dict, name: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (OUT / f"{name}.md").write_text(markdown(report))
-    plot(report, OUT / f"{name}.png")
-    print(markdown(report))
-    print(f"wrote {OUT.relative_to(ROOT)}/{name}.json, .md and .png")
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         worker(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
@@ -780,7 +770,7 @@ def main() -> None:
     if options.quick:
         options.seconds = min(options.seconds, 1.0)
         options.pages = options.pages or 400
-    write(run(options), options.out_name)
+    write_report(run(options), options.out_name, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,18 +26,11 @@ from pathlib import Path
 
 import httpx
 import yaml
+from benchlib import cpu_model, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "benchmarks"
 BIN = Path(sys.executable).parent
 TARGET_S = 30.0
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def ray_running() -> bool:
@@ -152,10 +144,7 @@ def main() -> None:
         "target_s": TARGET_S,
         "runs": runs,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{options.out_name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT / f"{options.out_name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, options.out_name, markdown)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -53,7 +52,6 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,10 +59,10 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
+from benchlib import machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
-OUT = ROOT / "docs" / "benchmarks"
 BENCH = ROOT / ".bench"  # git-ignored: the Infinity venv, server logs, the sentence pool
 SERVERS = ("project", "infinity", "naive", "raw")
 LABELS = {
@@ -621,22 +619,6 @@ def raw_worker(spec: dict, result: Path) -> None:
 
 
 # --- a run ----------------------------------------------------------------------------------
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    interesting = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    present = set(flags.group(1).split()) if flags else set()
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "cpu_flags": [f for f in interesting if f in present],
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
 def peer_precision(requested: str | None, project: dict | None) -> tuple[str, str]:
     """The precision the peers run in, and why."""
     if requested:
@@ -1073,15 +1055,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: dict, name: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (OUT / f"{name}.md").write_text(markdown(report))
-    plot(report, OUT / f"{name}.png")
-    print(markdown(report))
-    print(f"wrote {OUT.relative_to(ROOT)}/{name}.json, .md and .png")
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--raw-worker":
         raw_worker(json.loads(sys.argv[2]), Path(sys.argv[3]))
@@ -1114,7 +1087,7 @@ def main() -> None:
         report = run(options)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: every server this run started was stopped") from None
-    write(report, options.out_name)
+    write_report(report, options.out_name, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import subprocess
@@ -56,8 +55,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +62,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
-OUT = ROOT / "docs" / "benchmarks"
 sys.path.insert(0, str(ROOT))
+
+from benchlib import machine, write_report  # noqa: E402
 
 MODELS = ("embedder", "reranker", "generator")
 CPU_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -93,43 +91,6 @@ TITLES = {
 
 
 # --- machine and memory (shared with scripts/bench_batch.py) ----------------------------------
-def machine(device: str, threads: int) -> dict:
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    interesting = (
-        "avx2",
-        "avx512f",
-        "avx512_vnni",
-        "avx512_bf16",
-        "avx512_fp16",
-        "amx_tile",
-        "amx_bf16",
-        "amx_int8",
-    )
-    present = set(flags.group(1).split()) if flags else set()
-    versions = {}
-    for package in ("torch", "transformers", "sentence-transformers", "bitsandbytes"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    info = {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "cpu_flags": [f for f in interesting if f in present],
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "device": device,
-        "threads": threads,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return info
-
-
 def machine_line(m: dict) -> str:
     flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
     gpu = f"GPU {m['gpu']}; " if m.get("gpu") else "no GPU; "
@@ -1040,15 +1001,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: dict, name: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (OUT / f"{name}.md").write_text(markdown(report))
-    plot(report, OUT / f"{name}.png")
-    print(markdown(report))
-    print(f"wrote {OUT.relative_to(ROOT)}/{name}.json, .md and .png")
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         worker(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
@@ -1083,7 +1035,7 @@ def main() -> None:
         options.prompts = min(options.prompts, 8)
         options.max_seconds = min(options.max_seconds, 5.0)
         options.pages = options.pages or 400
-    write(run(options), options.out_name)
+    write_report(run(options), options.out_name, markdown, plot)
 
 
 if __name__ == "__main__":
