@@ -9,14 +9,18 @@ one. Requests larger than a batch are split into pieces before they are queued.
 
 On a GPU the forward passes inside a batch are sized from free device memory as well
 (`ForwardBudget`), so a large batch cannot run the device out of memory.
+
+A batch that fails is run again piece by piece (`isolate`), so one bad request fails alone and
+the others in its batch are answered.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Awaitable, Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -26,6 +30,8 @@ from serve_app.cache import EmbeddingCache, ResponseCache
 from serve_app.metrics import batch_sizes
 
 T = TypeVar("T")
+R = TypeVar("R")
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,35 @@ class ForwardBudget:
         tokens = forward()
         torch.cuda.synchronize()
         self.bytes_per_token = max(1.0, (torch.cuda.max_memory_allocated() - before) / tokens)
+
+
+async def isolate(
+    pieces: Sequence[Piece[T]], run: Callable[[Sequence[Piece[T]]], Awaitable[list[R]]]
+) -> list[R | Exception]:
+    """`run(pieces)`: one result per piece. If the batch fails, each piece runs alone, and a
+    piece that fails alone gets its exception as its result (`@serve.batch` hands results,
+    exceptions included, to their callers as they are; `unwrap` raises them there)."""
+    try:
+        return list(await run(pieces))
+    except Exception as exc:
+        if len(pieces) == 1:
+            raise
+        logger.warning("A batch of %d failed (%r); retrying its pieces alone", len(pieces), exc)
+    results: list[R | Exception] = []
+    for piece in pieces:
+        try:
+            results.extend(await run([piece]))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def unwrap(results: Sequence[R | Exception]) -> list[R]:
+    """Results of a request's pieces, raising the first that failed."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return list(results)  # type: ignore[arg-type]
 
 
 def unflatten(flat: Sequence, requests: Sequence[Sized]) -> list[list]:

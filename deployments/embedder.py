@@ -11,7 +11,7 @@ import torch
 from ray import serve
 
 from deployments import loading, precision
-from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost
+from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost, isolate, unwrap
 from serve_app.cache import EmbeddingCache, open_cache
 from serve_app.config import CacheConfig, EmbedderConfig
 
@@ -122,7 +122,8 @@ class Embedder(BatchedModel):
             new_texts = [texts[i] for i in todo]
             counts = self._count_tokens(new_texts)
             pieces = self.pieces(new_texts, [min(c, self.max_tokens) for c in counts])
-            new = np.concatenate(await asyncio.gather(*(self._embed_batch(p) for p in pieces)))
+            done = await asyncio.gather(*(self._embed_batch(p) for p in pieces))
+            new = np.concatenate(unwrap(done))
             vectors[todo] = new
             for i, count in zip(todo, counts, strict=True):
                 tokens[i] = count
@@ -157,7 +158,10 @@ class Embedder(BatchedModel):
         return chunks
 
     @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
-    async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray]:
+    async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray | Exception]:
+        return await isolate(pieces, self._embed_pieces)
+
+    async def _embed_pieces(self, pieces: list[Piece[str]]) -> list[np.ndarray]:
         flat = [text for piece in pieces for text in piece.items]
         longest = max(t for piece in pieces for t in piece.tokens)
         # The forward pass runs off the event loop, so the next batch queues up meanwhile.

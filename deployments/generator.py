@@ -37,6 +37,7 @@ class _Sequence:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     rng: torch.Generator | None = None
+    dropped: int = 0  # prompt tokens cut from the start to fit the context window
     delta: Delta | None = None  # this step's output
     abandoned: bool = False  # its caller went away: drop it at the next step
 
@@ -71,6 +72,7 @@ class Generator(BatchedModel):
         self.device = loading.pick_device(config)
         loading.set_threads(config.torch_threads)
         self.tokenizer = loading.load_tokenizer(config, cache_dir)
+        self.counter = loading.TokenCounter(self.tokenizer)
         choice = loading.causal_lm_precision(config, cache_dir, self.device, self.tokenizer)
         self.precision = choice.precision
         self.model = loading.load_causal_lm(config, cache_dir, self.device, self.precision)
@@ -110,25 +112,21 @@ class Generator(BatchedModel):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the answer to `request`; non-empty deltas, the last with a finish_reason."""
+        # The prompt is built here, per request, so one that cannot be never joins a batch.
+        sequence = self._sequence(request)
         try:
-            async for delta in self._generate_batch(request):
+            async for delta in self._generate_batch(sequence):
                 if delta.text or delta.finish_reason:
                     yield delta
         finally:  # done, or the caller cancelled (deadline, disconnect): stop decoding for it
-            self._abandon(request)
-
-    def _abandon(self, request: GenerationRequest) -> None:
-        waiting = [s for a in self.waiting for s in a.sequences]
-        for sequence in (self.state.sequences if self.state else []) + waiting:
-            if sequence.request is request:
-                sequence.abandoned = True
+            sequence.abandoned = True
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(
         **GeneratorConfig().batching.serve_batch(), max_concurrent_batches=CONCURRENT_BATCHES
     )
-    async def _generate_batch(self, requests: list[GenerationRequest]):
-        admission = _Admission([self._sequence(r) for r in requests])
+    async def _generate_batch(self, sequences: list[_Sequence]):
+        admission = _Admission(list(sequences))
         self.waiting.append(admission)
         if self.loop_task is None or self.loop_task.done():
             self.loop_task = asyncio.create_task(self._decode_loop())
@@ -195,13 +193,13 @@ class Generator(BatchedModel):
         text = self.tokenizer.apply_chat_template(
             request.messages, tokenize=False, add_generation_prompt=True
         )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.counter([text], add_special_tokens=False)["input_ids"][0]
         # Keep the most recent context when a conversation outgrows the window.
         prompt = ids[-max(1, self.context_tokens - request.max_tokens) :]
         rng = None
         if request.seed is not None and request.temperature > 0:
             rng = torch.Generator(self.device).manual_seed(request.seed)
-        return _Sequence(request=request, prompt=prompt, rng=rng)
+        return _Sequence(request=request, prompt=prompt, rng=rng, dropped=len(ids) - len(prompt))
 
     @torch.inference_mode()
     def _admit(self, sequences: list[_Sequence]) -> None:
@@ -259,7 +257,7 @@ class Generator(BatchedModel):
         """Take one token into `sequence`; return the text that is now safe to emit."""
         finish = None
         if sequence.abandoned:
-            return Delta("", "cancelled", len(sequence.prompt), len(sequence.ids))
+            return Delta("", "cancelled", len(sequence.prompt), len(sequence.ids), sequence.dropped)
         if token in self.eos_ids:
             finish = "stop"
         else:
@@ -280,7 +278,7 @@ class Generator(BatchedModel):
         new = text[sequence.sent : max(end, sequence.sent)]
         sequence.sent += len(new)
         completion = len(sequence.ids) + (token in self.eos_ids)
-        return Delta(new, finish, len(sequence.prompt), completion)
+        return Delta(new, finish, len(sequence.prompt), completion, sequence.dropped)
 
 
 def _budget(sequence: _Sequence) -> int:

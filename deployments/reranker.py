@@ -18,7 +18,7 @@ from ray import serve
 
 from deployments import loading
 from deployments import precision as precision_
-from deployments.batching import BatchedModel, Piece, batch_cost, unflatten
+from deployments.batching import BatchedModel, Piece, batch_cost, isolate, unflatten, unwrap
 from serve_app.cache import ResponseCache, open_cache
 from serve_app.config import CacheConfig, RerankerConfig
 
@@ -190,7 +190,7 @@ class Reranker(BatchedModel):
             return [tuple(s) for s in hit["scores"]]
         pairs = [(query, p) for p in passages]
         pieces = self.pieces(pairs, self.scorer.count_tokens(pairs))
-        scored = await asyncio.gather(*(self._score_batch(p) for p in pieces))
+        scored = unwrap(await asyncio.gather(*(self._score_batch(p) for p in pieces)))
         scores = [s for piece in scored for s in piece]
         if self.cache:
             await self.cache.put(key, {"scores": scores})
@@ -198,7 +198,12 @@ class Reranker(BatchedModel):
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(**RerankerConfig().batching.serve_batch(), batch_size_fn=batch_cost)
-    async def _score_batch(self, pieces: list[Piece[Pair]]) -> list[list[tuple[float, int]]]:
+    async def _score_batch(
+        self, pieces: list[Piece[Pair]]
+    ) -> list[list[tuple[float, int]] | Exception]:
+        return await isolate(pieces, self._score_pieces)
+
+    async def _score_pieces(self, pieces: list[Piece[Pair]]) -> list[list[tuple[float, int]]]:
         flat = [pair for piece in pieces for pair in piece.items]
         scores = await asyncio.to_thread(self._score_sorted, flat)
         self.record_batch(len(pieces), len(flat), sum(sum(p.tokens) for p in pieces))

@@ -4,17 +4,20 @@ A request asks its route's `Gate` for a slot. It runs at once if fewer than `max
 are running, waits in a FIFO queue if fewer than `max_queued` wait, and otherwise is refused
 at once with 503 `overloaded` and `Retry-After`. Heavy routes are also refused while the host
 is under CPU or memory pressure. A request's deadline counts from arrival: one still waiting
-or running when it passes gets 504, and the model calls it made are cancelled.
+or running when it passes gets 504, and the model calls it made are cancelled. A call to a
+replica that dies under it is made once more where the route is idempotent; elsewhere the
+request fails with 503 `replica_unavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,9 +27,10 @@ from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
 from serve_app.config import Admission, RouteLimits, Shedding
 from serve_app.metrics import host_metrics, route_metrics
-from serve_app.protocol.errors import APIError, sse_event
+from serve_app.protocol.errors import REPLICA_FAILURES, APIError, sse_event
 
 T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
 Response = DeploymentResponse | DeploymentResponseGenerator
 
 
@@ -209,6 +213,17 @@ class Ticket:
     async def result(self, response: DeploymentResponse) -> Any:
         """The result of a handle call, bounded by the deadline."""
         return await self.wait(self.track(response))
+
+    async def call(self, make: Callable[[], DeploymentResponse]) -> Any:
+        """The result of the idempotent handle call `make()`, bounded by the deadline. If the
+        replica serving it dies, the call is made once more; Serve routes it to a live one
+        (or to the replacement it starts), so the client sees no failure."""
+        try:
+            return await self.result(make())
+        except REPLICA_FAILURES as exc:
+            logger.warning("%s: replica failed (%s); calling again", self.gate.route, type(exc))
+            route_metrics().retried.inc(tags={"route": self.gate.route})
+            return await self.result(make())
 
     def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         """Server-sent `events` until they end, or an error event when the deadline passes.

@@ -109,8 +109,11 @@ class GeneratorConfig(ModelDeployment):
 class StoreConfig(Section):
     """The document store: an external PostgreSQL with pgvector, or an embedded one."""
 
+    # repr=False: a URL may hold a password, and configs end up in logs and tracebacks.
     database_url: str | None = Field(
-        default=None, description="Set by DATABASE_URL. None: the embedded server in data_dir."
+        default=None,
+        repr=False,
+        description="Set by DATABASE_URL. None: the embedded server in data_dir.",
     )
     data_dir: Path = Field(default=Path("data/pgdata"), description="The embedded server's data.")
     pool_size: int = Field(default=4, ge=1, le=64, description="Connections per route replica.")
@@ -118,6 +121,9 @@ class StoreConfig(Section):
     hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
     # 80: recall@10 0.988 at 2.6 ms p50 on 100k chunks here (docs/benchmarks/retrieval.md).
     ef_search: int = Field(default=80, ge=1, le=1000, description="Default HNSW candidates.")
+    timeout_s: float = Field(
+        default=3.0, gt=0.0, le=300.0, description="Wait for a connection; then 503."
+    )
 
 
 class Chunking(Section):
@@ -138,7 +144,9 @@ class CacheConfig(Section):
     """
 
     redis_url: str | None = Field(
-        default=None, description="Set by REDIS_URL. None: an in-process LRU in each replica."
+        default=None,
+        repr=False,
+        description="Set by REDIS_URL. None: an in-process LRU in each replica.",
     )
     embedding_entries: int = Field(default=20_000, ge=0, le=10_000_000, description="0: off.")
     embedding_ttl_s: float = Field(default=7 * 24 * 3600, gt=0.0, description="In Redis.")
@@ -212,6 +220,57 @@ class Admission(Section):
         return cls.model_validate({**user_config, "routes": routes})
 
 
+class InputLimits(Section):
+    """What one request may hold. Past these the ingress answers 4xx before any model runs."""
+
+    max_body_bytes: int = Field(default=32 * 2**20, ge=1024, le=2**31, description="Else 413.")
+    max_inputs: int = Field(default=2048, ge=1, le=100_000, description="Embedding inputs.")
+    max_input_chars: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Each embedding input, rerank query or document, search query, message.",
+    )
+    max_documents: int = Field(
+        default=1000, ge=1, le=100_000, description="Rerank documents; ingested documents."
+    )
+    max_document_chars: int = Field(
+        default=5_000_000, ge=1, le=100_000_000, description="Each ingested document."
+    )
+    max_messages: int = Field(default=256, ge=1, le=100_000, description="Chat messages.")
+
+
+class AuthConfig(Section):
+    """API keys. With any key set, every /v1 route needs `Authorization: Bearer <key>`.
+
+    Keys come from the environment variable named `api_keys_env` (comma-separated) and from
+    `api_keys_file` (one per line, `#` comments), never from the serve config itself, so they
+    do not show in the dashboard or in logs.
+    """
+
+    api_keys_env: str = Field(default="RAG_API_KEYS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_keys_file: Path | None = None
+
+
+class IngressSettings(Section):
+    """The Ingress's `user_config`, all applied in place: admission (route limits and
+    shedding), input limits, and API keys."""
+
+    admission: Admission = Admission()
+    inputs: InputLimits = InputLimits()
+    auth: AuthConfig = AuthConfig()
+
+    @classmethod
+    def from_user_config(cls, user_config: dict | None) -> IngressSettings:
+        user_config = dict(user_config or {})
+        inputs, auth = user_config.pop("inputs", None), user_config.pop("auth", None)
+        return cls(
+            admission=Admission.from_user_config(user_config),
+            inputs=InputLimits.model_validate(inputs or {}),
+            auth=AuthConfig.model_validate(auth or {}),
+        )
+
+
 class AppConfig(BaseSettings):
     """The whole application. Built from `args`; `RAG_*` environment variables fill the rest."""
 
@@ -231,9 +290,13 @@ class AppConfig(BaseSettings):
     chunking: Chunking = Chunking()
     cache: CacheConfig = CacheConfig()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
-    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL", exclude=True)
+    database_url: str | None = Field(
+        default=None, validation_alias="DATABASE_URL", exclude=True, repr=False
+    )
     # REDIS_URL likewise wins over cache.redis_url.
-    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL", exclude=True)
+    redis_url: str | None = Field(
+        default=None, validation_alias="REDIS_URL", exclude=True, repr=False
+    )
     model_cache_dir: Path = Field(
         default=Path("~/.cache/rag-serve/models"),
         description="Where converted model weights are kept (e.g. GGUF -> safetensors).",

@@ -1,8 +1,9 @@
 """The HTTP ingress: thin routes that validate, call a model deployment's handle, shape the answer.
 
-Route -> protocol model (validation, 4xx in OpenAI's error shape) -> admission (the route's
-slot, queue and deadline; 503 or 504 in the same shape) -> deployment handle (batched model
-call) -> protocol response.
+Guard (API key, body size: 401, 413) -> route -> protocol model and input limits (validation,
+4xx in OpenAI's error shape) -> admission (the route's slot, queue and deadline; 503 or 504 in
+the same shape) -> deployment handle (batched model call; idempotent calls made again if their
+replica dies) -> protocol response.
 """
 
 import asyncio
@@ -10,18 +11,22 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import numpy as np
 import orjson
 from fastapi import FastAPI
+from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.admission import AdmissionControl
-from serve_app.config import Admission, AppConfig
-from serve_app.protocol import errors
+from serve_app.config import AppConfig, IngressSettings
+from serve_app.guard import APIKeys, Guard
+from serve_app.protocol import errors, limits
 from serve_app.protocol.documents import (
+    COLLECTION_PATTERN,
     CollectionInfo,
     CollectionList,
     Deleted,
@@ -65,6 +70,7 @@ app = FastAPI(
     version="0.1.0",
 )
 errors.install(app)
+app.add_middleware(Guard)
 
 
 def _usage(delta: Delta) -> Usage:
@@ -72,6 +78,7 @@ def _usage(delta: Delta) -> Usage:
         prompt_tokens=delta.prompt_tokens,
         completion_tokens=delta.completion_tokens,
         total_tokens=delta.prompt_tokens + delta.completion_tokens,
+        truncated_prompt_tokens=delta.truncated_prompt_tokens,
     )
 
 
@@ -191,11 +198,17 @@ class Ingress:
         self.documents = documents
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
-        self.admission = AdmissionControl(Admission())
+        self.settings = IngressSettings()
+        self.admission = AdmissionControl(self.settings.admission)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Route limits and shedding thresholds from the deployment's user_config, in place."""
-        self.admission.configure(Admission.from_user_config(user_config))
+        """Route limits, shedding, input limits and API keys from the deployment's
+        user_config, in place (a key file that cannot be read fails the update)."""
+        settings = IngressSettings.from_user_config(user_config)
+        app.state.api_keys = APIKeys.load(settings.auth)  # read by the Guard
+        app.state.input_limits = settings.inputs
+        self.admission.configure(settings.admission)
+        self.settings = settings
 
     # --- health -----------------------------------------------------------------------------
     @app.get("/healthz")
@@ -228,7 +241,13 @@ class Ingress:
         deployments, models = await asyncio.gather(
             asyncio.to_thread(_deployment_states), self._model_infos()
         )
-        return {**self.admission.report(), "deployments": deployments, "models": models}
+        return {
+            **self.admission.report(),
+            "inputs": self.settings.inputs.model_dump(),
+            "auth": {"keys": len(app.state.api_keys.digests)},  # how many, never which
+            "deployments": deployments,
+            "models": models,
+        }
 
     async def _model_infos(self) -> dict[str, dict]:
         roles = list(self.handles)
@@ -255,8 +274,9 @@ class Ingress:
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(self, request: EmbeddingRequest) -> Response:
         model = self._served_name("embedder", request.model)
+        limits.check_embeddings(request, self.settings.inputs)
         async with self.admission.admit("embeddings") as ticket:
-            result = await ticket.result(self.embedder.embed.remote(request.texts))
+            result = await ticket.call(lambda: self.embedder.embed.remote(request.texts))
         vectors = result.vectors
         if request.dimensions is not None:
             if request.dimensions > vectors.shape[1]:
@@ -279,7 +299,12 @@ class Ingress:
                 {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)
             ],
             "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            # truncated_inputs: inputs longer than the model reads, cut at its maximum.
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "truncated_inputs": result.truncated,
+            },
         }
         # The EmbeddingResponse shape, serialized by orjson straight from float32 rows: through
         # pydantic and json.dumps, thousands of floats per answer cost more than the hop itself.
@@ -292,9 +317,10 @@ class Ingress:
     @app.post("/rerank", include_in_schema=False)
     async def rerank(self, request: RerankRequest) -> RerankResponse:
         model = self._served_name("reranker", request.model)
+        limits.check_rerank(request, self.settings.inputs)
         texts = request.texts
         async with self.admission.admit("rerank") as ticket:
-            scored = await ticket.result(self.reranker.rerank.remote(request.query, texts))
+            scored = await ticket.call(lambda: self.reranker.rerank.remote(request.query, texts))
         order = sorted(range(len(texts)), key=lambda i: scored[i][0], reverse=True)
         results = [
             RerankResult(
@@ -311,6 +337,7 @@ class Ingress:
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(self, request: ChatCompletionRequest):
         model = self._served_name("generator", request.model)
+        limits.check_chat(request, self.settings.inputs)
         cap = self.config.generator.max_new_tokens
         budget = request.token_budget or cap
         if budget > cap:
@@ -354,11 +381,18 @@ class Ingress:
     @app.post("/v1/documents")
     async def ingest(self, request: IngestRequest) -> IngestResponse:
         """Chunk, embed and store documents; an id already stored is replaced atomically."""
+        limits.check_ingest(request, self.settings.inputs)
         async with self.admission.admit("ingest") as ticket:
-            return await ticket.result(self.documents.ingest.remote(request))
+            # Idempotent: a document's id (or its text's hash) names it, and each request is
+            # stored in one transaction, so a second try replaces what the first left, if any.
+            return await ticket.call(lambda: self.documents.ingest.remote(request))
 
     @app.delete("/v1/documents/{collection}/{document_id:path}")
-    async def delete_document(self, collection: str, document_id: str) -> Deleted:
+    async def delete_document(
+        self,
+        collection: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)],
+        document_id: Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00]+$")],
+    ) -> Deleted:
         if not await self.documents.delete_document.remote(collection, document_id):
             raise errors.APIError(
                 404,
@@ -375,7 +409,9 @@ class Ingress:
         return CollectionList(data=[CollectionInfo(**row) for row in rows])
 
     @app.delete("/v1/collections/{name}")
-    async def delete_collection(self, name: str) -> Deleted:
+    async def delete_collection(
+        self, name: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)]
+    ) -> Deleted:
         await self.documents.delete_collection.remote(name)
         return Deleted(id=name, object="collection")
 
@@ -383,12 +419,14 @@ class Ingress:
     @app.post("/v1/search")
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Nearest chunks by cosine (HNSW), metadata filters, optional rerank."""
+        limits.check_retrieval(request, self.settings.inputs)
         async with self.admission.admit("search") as ticket:
-            return await ticket.result(self.search_route.search.remote(request))
+            return await ticket.call(lambda: self.search_route.search.remote(request))
 
     @app.post("/v1/rag/query", response_model=RagResponse)
     async def rag_query(self, request: RagRequest):
         """Retrieve, rerank, and answer citing sources by number; SSE with `stream`."""
+        limits.check_retrieval(request, self.settings.inputs)
         cap = self.config.generator.max_new_tokens
         if request.max_tokens is not None and request.max_tokens > cap:
             raise errors.APIError(

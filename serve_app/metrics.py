@@ -20,6 +20,8 @@ class RouteMetrics:
     admitted: metrics.Counter
     rejected: metrics.Counter
     timed_out: metrics.Counter
+    retried: metrics.Counter
+    unauthorized: metrics.Counter
     running: metrics.Gauge
     queued: metrics.Gauge
 
@@ -38,6 +40,14 @@ def route_metrics() -> RouteMetrics:
         ),
         timed_out=metrics.Counter(
             "rag_route_timed_out", "Requests answered 504 at their deadline.", tag_keys=("route",)
+        ),
+        retried=metrics.Counter(
+            "rag_route_retried",
+            "Idempotent model calls made again after their replica died.",
+            tag_keys=("route",),
+        ),
+        unauthorized=metrics.Counter(
+            "rag_unauthorized", "Requests answered 401: no API key, or an unknown one."
         ),
         running=metrics.Gauge("rag_route_running", "Requests running now.", tag_keys=("route",)),
         queued=metrics.Gauge(

@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from serve_app.config import Chunking
-from serve_app.protocol.openai import NonEmptyText, Request
+from serve_app.protocol.openai import NonEmptyText, Request, valid_unicode
 
-CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-DocumentId = Annotated[str, Field(min_length=1, max_length=256)]
+COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
+MAX_JSON_DEPTH = 32
+
+
+def _storable(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters (PostgreSQL text cannot hold them)")
+    return text
+
+
+# Text that is stored: valid Unicode, as every input, and without NUL.
+StoredText = Annotated[NonEmptyText, AfterValidator(_storable)]
+DocumentId = Annotated[StoredText, Field(max_length=256)]
+
+
+def _json_safe(value: Any, depth: int = 0) -> None:
+    """What JSONB stores: finite numbers, strings without NUL, nesting at most MAX_JSON_DEPTH."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (no NaN or Infinity)")
+    if isinstance(value, str):
+        _storable(valid_unicode(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _json_safe(key, depth + 1)
+            _json_safe(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _json_safe(item, depth + 1)
+
+
+def _checked(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    _json_safe(value)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_checked)]
 
 
 # --- ingestion ----------------------------------------------------------------------------
@@ -20,8 +58,8 @@ class DocumentIn(Request):
     id: DocumentId | None = Field(
         default=None, description="Makes ingestion idempotent; defaults to a hash of the text."
     )
-    text: NonEmptyText
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    text: StoredText
+    metadata: JsonObject = Field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -80,7 +118,7 @@ class RetrievalRequest(Request):
     collection: CollectionName
     query: NonEmptyText
     top_k: int = Field(default=10, ge=1, le=200, description="Chunks retrieved.")
-    filters: dict[str, Any] | None = Field(default=None, description="JSONB containment.")
+    filters: JsonObject | None = Field(default=None, description="JSONB containment.")
     rerank: bool = False
     rerank_top_n: int | None = Field(
         default=None, ge=1, le=200, description="Chunks kept after reranking."

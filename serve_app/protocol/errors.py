@@ -6,10 +6,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_S = 1
+# A replica died (killed, crashed, its node gone) with the request on it.
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError)
 
 
 class ErrorBody(BaseModel):
@@ -62,8 +65,22 @@ def sse_event(error: APIError) -> str:
     return f"data: {ErrorResponse(error=error.body).model_dump_json()}\n\n"
 
 
+def replica_failed() -> APIError:
+    return APIError(
+        503,
+        "The model replica serving this request failed; retry.",
+        type="unavailable",
+        code="replica_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def sse_error(exc: BaseException) -> str:
     """An error event for a failure in the middle of a stream."""
+    if isinstance(exc, APIError):
+        return sse_event(exc)
+    if isinstance(exc, REPLICA_FAILURES):
+        return sse_event(replica_failed())
     return sse_event(APIError(500, f"Generation failed: {type(exc).__name__}", "api_error"))
 
 
@@ -90,6 +107,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     )
 
 
+# What FastAPI raises for a body it could not decode at all, and what this API says instead.
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+UNPARSABLE = "The request body could not be read as JSON: invalid UTF-8, or too deeply nested."
+
 _STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -105,7 +126,16 @@ def install(app: FastAPI) -> None:
         # Raised in another deployment, it arrives wrapped; `cause` is the original.
         cause = getattr(exc, "cause", exc)
         message = str(cause.args[0]) if cause.args else type(cause).__name__
-        return error_response(APIError(cause.status, message, cause.type, code=cause.code))
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if cause.status == 503 else None
+        return error_response(
+            APIError(cause.status, message, cause.type, code=cause.code, headers=headers)
+        )
+
+    for failure in REPLICA_FAILURES:
+
+        @app.exception_handler(failure)
+        async def _replica(_: Request, exc: Exception) -> JSONResponse:
+            return error_response(replica_failed())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,6 +143,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            # Not UTF-8, nested past the parser's recursion limit, an integer too long, ...
+            return error_response(APIError(400, UNPARSABLE, code="invalid_json"))
         kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
         return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
 

@@ -29,3 +29,4 @@ class Delta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    truncated_prompt_tokens: int = 0  # cut from the start of the conversation to fit the model

@@ -6,12 +6,32 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do; unsupported known ones fail.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def valid_unicode(text: str) -> str:
+    # JSON can spell lone surrogates (\\ud800); no tokenizer or database takes them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
 
 
 def new_id(prefix: str) -> str:
@@ -32,7 +52,6 @@ class ModelList(BaseModel):
 
 
 # --- embeddings ---------------------------------------------------------------------------
-NonEmptyText = Annotated[str, Field(min_length=1)]
 
 
 class EmbeddingRequest(Request):
@@ -56,6 +75,9 @@ class EmbeddingData(BaseModel):
 class EmbeddingUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
+    truncated_inputs: int = Field(
+        default=0, description="Inputs longer than the model reads, cut at its maximum."
+    )
 
 
 class EmbeddingResponse(BaseModel):
@@ -68,13 +90,20 @@ class EmbeddingResponse(BaseModel):
 # --- chat completions ---------------------------------------------------------------------
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # Only an assistant turn may come without text (OpenAI's tool-call turns).
+        if self.role != "assistant" and not self.text():
+            raise ValueError(f"a {self.role} message needs non-empty content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -94,10 +123,10 @@ class ChatCompletionRequest(Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: Literal[False] = False
@@ -125,6 +154,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    truncated_prompt_tokens: int = Field(
+        default=0, description="Tokens cut from the conversation's start to fit the model."
+    )
 
 
 class AssistantMessage(BaseModel):

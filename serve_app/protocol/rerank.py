@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import BaseModel, Field
 
-from serve_app.protocol.openai import Request
+from serve_app.protocol.openai import NonEmptyText, Request, Text
 
 
 class Document(BaseModel):
-    text: str
+    text: Text
 
 
 class RerankRequest(Request):
     model: str | None = None
-    query: Annotated[str, Field(min_length=1)]
-    documents: list[str | Document] = Field(min_length=1)
+    query: NonEmptyText
+    documents: list[Text | Document] = Field(min_length=1)
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
 

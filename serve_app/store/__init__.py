@@ -11,4 +11,6 @@ async def open_store(config: StoreConfig) -> VectorStore:
     """The configured store: `database_url` when set, else the embedded server in `data_dir`."""
     url = config.database_url or embedded_url(config.data_dir)
     hnsw = HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction)
-    return await VectorStore.open(url, pool_size=config.pool_size, hnsw=hnsw)
+    return await VectorStore.open(
+        url, pool_size=config.pool_size, hnsw=hnsw, timeout_s=config.timeout_s
+    )

@@ -3,18 +3,29 @@
 Async, on a `psycopg_pool` pool whose connections have pgvector's types registered. Chunks go
 in with binary COPY; a document's chunks are replaced in one transaction; each collection has
 its own HNSW index (cosine) over its own embedding dimension.
+
+Every query is parameterized. The only values written into SQL text are integers read back
+from the database (a collection's id and dimensions) and validated integers from the config.
+
+While the database is unreachable every call fails fast with `StoreUnavailable` (503); each
+connection is checked as it leaves the pool, so the first call after the database is back
+succeeds, and a store opened while the database was down migrates on its first call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from serve_app.protocol.errors import StatusError
 from serve_app.store.schema import migrate
@@ -33,6 +44,22 @@ class CollectionNotFound(StoreError):
 class ModelMismatch(StoreError):
     status = 409
     code = "embedding_model_mismatch"
+
+
+class InvalidData(StoreError):
+    status = 400
+    code = "invalid_value"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now; nothing of the call was committed."""
+
+    status = 503
+    type = "unavailable"
+    code = "store_unavailable"
+
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -70,31 +97,74 @@ class HnswParams:
 
 
 class VectorStore:
-    def __init__(self, pool: AsyncConnectionPool, hnsw: HnswParams) -> None:
+    def __init__(self, url: str, pool: AsyncConnectionPool, hnsw: HnswParams) -> None:
+        self.url = url
         self.pool = pool
         self.hnsw = hnsw
+        self.migrated = False
+        self._migrating = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, pool_size: int = 4, hnsw: HnswParams | None = None):
-        """Migrate the schema (idempotent), then open a pool of vector-aware connections."""
-        await asyncio.to_thread(migrate, url)
+    async def open(
+        cls, url: str, pool_size: int = 4, hnsw: HnswParams | None = None, timeout_s: float = 5.0
+    ) -> VectorStore:
+        """A pool of vector-aware connections, with the schema migrated (idempotent).
+
+        Opens even while the database is down: calls answer 503 until it is back.
+        """
         pool = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             configure=register_vector_async,
+            check=AsyncConnectionPool.check_connection,
+            timeout=timeout_s,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
         )
-        await pool.open(wait=True, timeout=30)
-        return cls(pool, hnsw or HnswParams())
+        await pool.open(wait=False)
+        store = cls(url, pool, hnsw or HnswParams())
+        try:
+            await store._migrate()
+        except StoreUnavailable:
+            logger.warning("The document store is unreachable; it migrates on its first call.")
+        return store
 
     async def close(self) -> None:
         await self.pool.close()
 
+    async def _migrate(self) -> None:
+        async with self._migrating:
+            if self.migrated:
+                return
+            try:
+                await asyncio.to_thread(migrate, self.url)
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable("The document store is unavailable; retry shortly.") from exc
+            self.migrated = True
+
+    @asynccontextmanager
+    async def _connection(self, transaction: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection (in a transaction if asked); 503 when the database is down."""
+        try:
+            if not self.migrated:
+                await self._migrate()
+            async with self.pool.connection() as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except psycopg.DataError as exc:  # a value the database refuses: the caller's input
+            raise InvalidData(f"The database refused a value: {exc.sqlstate}.") from exc
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # Never the URL or the driver's message: either may hold the password.
+            logger.warning("Document store unavailable: %s", type(exc).__name__)
+            raise StoreUnavailable("The document store is unavailable; retry shortly.") from exc
+
     # --- collections ----------------------------------------------------------------------
     async def collection(self, name: str) -> Collection:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (
                 await conn.execute(
                     "SELECT id, name, embedding_model, dimensions, version FROM collections"
@@ -108,7 +178,7 @@ class VectorStore:
 
     async def ensure_collection(self, name: str, model: str, dimensions: int) -> Collection:
         """The collection `name`, created for `model` if new; vectors of models never mix."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection(transaction=True) as conn:
             await conn.execute(
                 "INSERT INTO collections (name, embedding_model, dimensions) VALUES (%s, %s, %s)"
                 " ON CONFLICT (name) DO NOTHING",
@@ -138,7 +208,7 @@ class VectorStore:
         return collection
 
     async def list_collections(self) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (
                 await conn.execute(
                     "SELECT c.name, c.embedding_model, c.dimensions, c.created_at,"
@@ -152,7 +222,7 @@ class VectorStore:
 
     async def delete_collection(self, name: str) -> None:
         collection = await self.collection(name)
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection(transaction=True) as conn:
             await conn.execute(f"DROP INDEX IF EXISTS chunks_hnsw_{collection.id}")
             await conn.execute("DELETE FROM collections WHERE id = %s", (collection.id,))
 
@@ -161,7 +231,7 @@ class VectorStore:
         """Store `documents`, replacing any earlier version of each id, all in one transaction:
         a failure leaves every earlier version intact, never a mix."""
         ids = [d.id for d in documents]
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection(transaction=True) as conn:
             await self._bump(conn, collection)
             await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = ANY(%s)",
@@ -187,7 +257,7 @@ class VectorStore:
                             )
 
     async def delete_document(self, collection: Collection, document_id: str) -> bool:
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection(transaction=True) as conn:
             await self._bump(conn, collection)
             cur = await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = %s",
@@ -225,7 +295,7 @@ class VectorStore:
             f" WHERE {where} ORDER BY {distance} LIMIT %(k)s"
         )
         params = {"q": np.asarray(vector, dtype=np.float32), "k": top_k, "filters": Jsonb(filters)}
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self._connection(transaction=True) as conn:
             if exact:
                 await conn.execute("SET LOCAL enable_indexscan = off")
             else:

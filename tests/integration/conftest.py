@@ -46,9 +46,10 @@ def client(server):
         yield c
 
 
-def configure_ingress(client: httpx.Client, user_config: dict) -> None:
+def configure_ingress(client: httpx.Client, user_config: dict, key: str | None = None) -> None:
     """Redeploy with `user_config` laid over the test config's Ingress settings, section by
-    section and route by route, and wait until it is in effect."""
+    section and route by route, and wait until it is in effect (asking with API `key`, where
+    the new settings require one)."""
     base = ingress_config()
     user_config = {
         **base,
@@ -63,18 +64,26 @@ def configure_ingress(client: httpx.Client, user_config: dict) -> None:
         },
     }
     redeploy([{"name": "Ingress", "user_config": user_config}])
-    from serve_app.config import Admission, RouteLimits
+    from serve_app.config import IngressSettings, RouteLimits
+    from serve_app.guard import APIKeys
 
-    expected = Admission.from_user_config(user_config)
+    expected = IngressSettings.from_user_config(user_config)
+    admission = expected.admission
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + 60
     while True:
-        status = client.get("/v1/status").json()
-        routes = {
+        answer = client.get("/v1/status", headers=headers)
+        status = answer.json() if answer.status_code == 200 else None
+        routes = status and {
             name: {k: r[k] for k in RouteLimits.model_fields}
             for name, r in status["routes"].items()
         }
-        if routes == {n: limits.model_dump() for n, limits in expected.routes.items()} and (
-            status["shedding"]["limits"] == expected.shedding.model_dump()
+        if (
+            status
+            and routes == {n: limits.model_dump() for n, limits in admission.routes.items()}
+            and status["shedding"]["limits"] == admission.shedding.model_dump()
+            and status["inputs"] == expected.inputs.model_dump()
+            and status["auth"]["keys"] == len(APIKeys.load(expected.auth).digests)
         ):
             return
         assert time.monotonic() < deadline, "the new ingress user_config never arrived"

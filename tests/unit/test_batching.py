@@ -1,8 +1,10 @@
 """Batches bounded in items and tokens, and forward passes sized by free GPU memory."""
 
+import asyncio
+
 import pytest
 
-from deployments.batching import ForwardBudget, batch_cost, split
+from deployments.batching import ForwardBudget, Piece, batch_cost, isolate, split, unwrap
 
 
 def test_pieces_respect_both_bounds():
@@ -47,3 +49,26 @@ def test_forward_budget_follows_free_gpu_memory():
     budget.free_memory = lambda: 0
     assert budget.items(longest_tokens=100) == 1
     assert ForwardBudget(per_forward=16).items(longest_tokens=10_000) == 16  # CPU: fixed
+
+
+def test_a_failing_piece_fails_alone_and_the_rest_of_its_batch_succeeds():
+    pieces = [Piece([text], [1], 1) for text in ["a", "poison", "b"]]
+    calls = []
+
+    async def run(batch):
+        calls.append(len(batch))
+        if any("poison" in p.items for p in batch):
+            raise ValueError("bad input")
+        return [p.items[0].upper() for p in batch]
+
+    results = asyncio.run(isolate(pieces, run))
+    assert results[0] == "A" and results[2] == "B"
+    assert isinstance(results[1], ValueError)
+    assert calls == [3, 1, 1, 1]  # the batch once, then each piece alone
+    assert unwrap(results[:1]) == ["A"]
+    with pytest.raises(ValueError):
+        unwrap(results)
+    # A batch that succeeds runs once; a single piece that fails raises as it is.
+    assert asyncio.run(isolate(pieces[:1], run)) == ["A"]
+    with pytest.raises(ValueError):
+        asyncio.run(isolate(pieces[1:2], run))

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import deployment_options, plan
-from serve_app.config import Admission, AppConfig, Batching
+from serve_app.config import Admission, AppConfig, Batching, IngressSettings
 from serve_app.ingress import Ingress
 from serve_app.routes.documents import Documents
 from serve_app.routes.rag import Rag
@@ -68,7 +68,7 @@ def test_config_files_name_real_deployments(path):
         if name in models and "user_config" in override:
             Batching(**override["user_config"])
         if name == "Ingress" and "user_config" in override:
-            Admission.from_user_config(override["user_config"])
+            IngressSettings.from_user_config(override["user_config"])
 
 
 def test_default_graph_fits_two_cores_at_max_replicas():

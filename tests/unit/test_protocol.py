@@ -5,8 +5,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from serve_app.config import InputLimits
 from serve_app.protocol import errors
 from serve_app.protocol.documents import IngestRequest, SearchRequest
+from serve_app.protocol.limits import check_chat, check_embeddings, check_ingest, check_rerank
 from serve_app.protocol.openai import ChatCompletionRequest, EmbeddingRequest
 from serve_app.protocol.rerank import RerankRequest
 
@@ -122,3 +124,82 @@ def test_errors_use_openai_shape(client):
     body = assert_error_shape(client.get("/boom"), 500)
     assert "secret detail" not in body["message"]
     assert assert_error_shape(client.get("/teapot"), 418)["param"] == "spout"
+
+
+def test_text_that_no_tokenizer_or_database_takes_is_refused():
+    surrogate = "half of a pair \ud800"
+    for build in [
+        lambda: EmbeddingRequest(input=surrogate),
+        lambda: RerankRequest(query="q", documents=[surrogate]),
+        lambda: ChatCompletionRequest(messages=[{"role": "user", "content": surrogate}]),
+        lambda: IngestRequest(collection="c", documents=[{"text": "nul \x00 inside"}]),
+        lambda: IngestRequest(collection="c", documents=[{"id": "a\x00", "text": "t"}]),
+    ]:
+        with pytest.raises(ValidationError):
+            build()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"x": float("nan")}, {"x": [float("inf")]}, {"x": "\x00"}, {"\ud800": 1}],
+)
+def test_metadata_and_filters_must_be_storable_json(metadata):
+    with pytest.raises(ValidationError):
+        IngestRequest(collection="c", documents=[{"text": "t", "metadata": metadata}])
+    with pytest.raises(ValidationError):
+        SearchRequest(collection="c", query="q", filters=metadata)
+
+
+def test_json_nesting_is_bounded():
+    deep: dict = {"leaf": 1}
+    for _ in range(40):
+        deep = {"k": deep}
+    with pytest.raises(ValidationError, match="nested deeper"):
+        SearchRequest(collection="c", query="q", filters=deep)
+    shallow = {"a": {"b": [1, 2.5, "x", None, True]}}
+    assert SearchRequest(collection="c", query="q", filters=shallow).filters == shallow
+
+
+def test_messages_need_content_except_assistant_turns():
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    assert len(ChatCompletionRequest(messages=ok).messages) == 2
+    for message in [
+        {"role": "user", "content": ""},
+        {"role": "system"},
+        {"role": "user", "content": [{"type": "text", "text": ""}]},
+        {"role": "narrator", "content": "x"},
+    ]:
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(messages=[message])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], seed=2**64)
+
+
+def test_input_limits_answer_400_naming_the_field():
+    limits = InputLimits(max_inputs=3, max_input_chars=10, max_documents=2, max_messages=2)
+    assert InputLimits().max_inputs == 2048  # OpenAI's own limit, by default
+    check_embeddings(EmbeddingRequest(input=["a", "b", "c"]), limits)
+    cases = [
+        (check_embeddings, EmbeddingRequest(input=["a"] * 4), "input", "too_many_inputs"),
+        (check_embeddings, EmbeddingRequest(input=["a", "b" * 11]), "input.1", "input_too_long"),
+        (check_rerank, RerankRequest(query="q", documents=["a"] * 3), "documents", None),
+        (check_rerank, RerankRequest(query="q" * 11, documents=["a"]), "query.0", None),
+        (
+            check_chat,
+            ChatCompletionRequest(messages=[{"role": "user", "content": "x"}] * 3),
+            "messages",
+            None,
+        ),
+        (
+            check_ingest,
+            IngestRequest(collection="c", documents=[{"text": f"t{i}"} for i in range(3)]),
+            "documents",
+            "too_many_inputs",
+        ),
+    ]
+    for check, request, param, code in cases:
+        with pytest.raises(errors.APIError) as caught:
+            check(request, limits)
+        assert caught.value.status == 400
+        assert param is None or caught.value.body.param == param
+        assert code is None or caught.value.body.code == code

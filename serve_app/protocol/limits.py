@@ -1,0 +1,58 @@
+"""Per-request input limits (`InputLimits`, live in the Ingress's user_config), checked before
+any model runs. Each breach is a 400 in OpenAI's error shape naming the offending field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from serve_app.config import InputLimits
+from serve_app.protocol.documents import IngestRequest, RetrievalRequest
+from serve_app.protocol.errors import APIError
+from serve_app.protocol.openai import ChatCompletionRequest, EmbeddingRequest
+from serve_app.protocol.rerank import RerankRequest
+
+
+def _at_most(count: int, limit: int, what: str, param: str) -> None:
+    if count > limit:
+        raise APIError(
+            400,
+            f"{param}: at most {limit} {what} per request, got {count}.",
+            param=param,
+            code="too_many_inputs",
+        )
+
+
+def _each_at_most(texts: Iterable[str], limit: int, param: str) -> None:
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            raise APIError(
+                400,
+                f"{param}.{i}: at most {limit} characters, got {len(text)}.",
+                param=f"{param}.{i}",
+                code="input_too_long",
+            )
+
+
+def check_embeddings(request: EmbeddingRequest, limits: InputLimits) -> None:
+    _at_most(len(request.texts), limits.max_inputs, "inputs", "input")
+    _each_at_most(request.texts, limits.max_input_chars, "input")
+
+
+def check_rerank(request: RerankRequest, limits: InputLimits) -> None:
+    _at_most(len(request.documents), limits.max_documents, "documents", "documents")
+    _each_at_most([request.query], limits.max_input_chars, "query")
+    _each_at_most(request.texts, limits.max_input_chars, "documents")
+
+
+def check_chat(request: ChatCompletionRequest, limits: InputLimits) -> None:
+    _at_most(len(request.messages), limits.max_messages, "messages", "messages")
+    _each_at_most((m.text() for m in request.messages), limits.max_input_chars, "messages")
+
+
+def check_retrieval(request: RetrievalRequest, limits: InputLimits) -> None:
+    _each_at_most([request.query], limits.max_input_chars, "query")
+
+
+def check_ingest(request: IngestRequest, limits: InputLimits) -> None:
+    _at_most(len(request.documents), limits.max_documents, "documents", "documents")
+    _each_at_most((d.text for d in request.documents), limits.max_document_chars, "documents")
