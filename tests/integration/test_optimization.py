@@ -106,6 +106,33 @@ def test_a_batch_is_bounded_in_tokens_as_well_as_items(tmp_path, run):
     assert stats["max_items"] >= 20  # short inputs still fill a batch
 
 
+def test_an_input_that_fails_in_a_batch_fails_only_its_own_request(tmp_path, run, monkeypatch):
+    replica = embedder(tmp_path, "fp32", max_batch_size=64, batch_wait_timeout_s=0.2)
+    encode = replica._encode
+    forwards: list[list[str]] = []
+
+    def fragile(texts, longest=None):  # the model fails on one input, as a bad one would
+        forwards.append(list(texts))
+        if any("poison" in t for t in texts):
+            raise RuntimeError("the model could not read this input")
+        return encode(texts, longest)
+
+    monkeypatch.setattr(replica, "_encode", fragile)
+
+    async def together():
+        calls = [replica.embed([f"good sentence {i}"]) for i in range(4)]
+        calls.insert(2, replica.embed(["a poison pill"]))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = run(together())
+    assert isinstance(results[2], RuntimeError)
+    good = [r for i, r in enumerate(results) if i != 2]
+    assert all(r.vectors.shape == (1, 384) for r in good)
+    np.testing.assert_allclose(good[0].vectors, encode(["good sentence 0"]), atol=1e-5)
+    # The five shared one batch, which failed; then each ran alone.
+    assert len(forwards[0]) == 5 and sorted(len(f) for f in forwards[1:]) == [1] * 5
+
+
 def test_search_results_are_cached_until_the_collection_changes(client):
     ingest(client, "cached", [{"id": "a", "text": "Tides follow the Moon and the Sun."}])
     try:

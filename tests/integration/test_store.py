@@ -3,20 +3,29 @@
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import psycopg
 import pytest
 
 from serve_app.config import StoreConfig
 from serve_app.store import open_store
-from serve_app.store.embedded import stop_embedded
+from serve_app.store.embedded import embedded_url, stop_embedded
 from serve_app.store.schema import MIGRATIONS, migrate
-from serve_app.store.vector_store import CollectionNotFound, DocumentChunks, ModelMismatch
+from serve_app.store.vector_store import (
+    CollectionNotFound,
+    DocumentChunks,
+    InvalidData,
+    ModelMismatch,
+    StoreUnavailable,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +113,7 @@ async def exercise(config: StoreConfig) -> None:
         assert texts == {"delta", "gamma"}
 
         # A failing replacement (a 2-d vector in a 3-d collection) leaves the old version.
-        with pytest.raises(psycopg.Error):
+        with pytest.raises(InvalidData):  # 400: the caller's data, not a server fault
             await store.replace_documents(
                 docs, [DocumentChunks("a", {}, ["broken"], np.ones((1, 2), np.float32))]
             )
@@ -158,3 +167,79 @@ def test_embedded_data_survives_a_restart(embedded):
     stop_embedded(embedded.data_dir)
     assert not (embedded.data_dir / "postmaster.pid").exists()
     assert run(read()) == ["kept text"]
+
+
+def random_unit(n: int, dims: int = 384) -> np.ndarray:
+    v = np.random.default_rng(n).random((n, dims), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_stopping_postgres_mid_ingest_leaves_nothing_partial_and_the_store_recovers(tmp_path):
+    config = StoreConfig(data_dir=tmp_path / "pgdata", timeout_s=1.0)
+
+    async def scenario():
+        store = await open_store(config)
+        docs = await store.ensure_collection("big", "m", 384)
+        batch = [
+            DocumentChunks(
+                f"d{i}", {"i": i}, [f"text {i}.{j}" for j in range(400)], random_unit(400)
+            )
+            for i in range(60)
+        ]
+        writing = asyncio.create_task(store.replace_documents(docs, batch))
+        await asyncio.sleep(0.2)  # the COPY is under way
+        await asyncio.to_thread(stop_embedded, config.data_dir)
+        with pytest.raises(StoreUnavailable):
+            await writing
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(StoreUnavailable):
+            await store.collection("big")
+        assert asyncio.get_running_loop().time() - start < 3  # fails fast, never hangs
+        await asyncio.to_thread(embedded_url, config.data_dir)
+        # The same store, without a restart: the pool checks its connections and reconnects.
+        assert (await store.collection("big")).id == docs.id
+        assert await store.list_collections() == [
+            {**(await store.list_collections())[0], "documents": 0, "chunks": 0}
+        ]
+        await store.replace_documents(docs, batch)  # the same ingest again completes it
+        counts = (await store.list_collections())[0]
+        await store.close()
+        return counts
+
+    try:
+        counts = run(scenario())
+    finally:
+        stop_embedded(config.data_dir)
+    assert (counts["documents"], counts["chunks"]) == (60, 60 * 400)
+
+
+def test_embedded_data_survives_kill_9(tmp_path):
+    config = StoreConfig(data_dir=tmp_path / "pgdata")
+
+    async def write():
+        store = await open_store(config)
+        docs = await store.ensure_collection("durable", "m", 3)
+        await store.replace_documents(
+            docs, [DocumentChunks("x", {}, ["committed"], unit([[1, 0, 0]]))]
+        )
+        await store.close()
+
+    async def read():
+        store = await open_store(config)
+        try:
+            docs = await store.collection("durable")
+            return [h.text for h in await store.search(docs, unit([[1, 0, 0]])[0], top_k=1)]
+        finally:
+            await store.close()
+
+    try:
+        run(write())
+        pid = int((config.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)  # no shutdown at all: recovery replays the WAL
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert run(read()) == ["committed"]
+    finally:
+        stop_embedded(config.data_dir)
