@@ -13,6 +13,7 @@ sent, answers by status, and each violation with its request. Only 127.0.0.1, lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -49,6 +51,24 @@ def _violation(response) -> str | None:
     return None
 
 
+def _send_cases(operation, mode, cases: int, base_url: str, timeout_s: float, record) -> None:
+    @settings(
+        max_examples=cases,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(operation.as_strategy(generation_mode=mode))
+    def send(case) -> None:
+        _bounded(case)
+        record(case, mode, case.call(base_url=base_url, timeout=timeout_s))
+
+    with contextlib.suppress(Unsatisfiable):  # nothing to break: no parameters, no body
+        send()
+
+
 def fuzz(base_url: str, cases: int = 25, timeout_s: float = 120.0) -> dict[str, Any]:
     """Send `cases` positive and `cases` negative requests per operation; never raises on a
     bad answer, it records it."""
@@ -59,39 +79,28 @@ def fuzz(base_url: str, cases: int = 25, timeout_s: float = 120.0) -> dict[str, 
     per_operation: dict[str, int] = {}
     violations: list[dict[str, Any]] = []
     start = time.perf_counter()
+
+    def record(case, mode, response) -> None:
+        label = f"{case.operation.method.upper()} {case.operation.path}"
+        statuses[str(response.status_code)] += 1
+        per_operation[label] = per_operation.get(label, 0) + 1
+        if (problem := _violation(response)) is not None:
+            violations.append(
+                {
+                    "operation": label,
+                    "mode": str(mode),
+                    "problem": problem,
+                    "path": case.formatted_path,
+                    "query": case.query,
+                    "body": repr(case.body)[:500],
+                    "answer": response.text[:500],
+                }
+            )
+
     for result in schema.get_all_operations():
         operation = result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @settings(
-                max_examples=cases,
-                deadline=None,
-                derandomize=True,
-                database=None,
-                phases=[Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(operation.as_strategy(generation_mode=mode))
-            def send(case, label=label, mode=mode) -> None:
-                _bounded(case)
-                response = case.call(base_url=base_url, timeout=timeout_s)
-                statuses[str(response.status_code)] += 1
-                per_operation[label] = per_operation.get(label, 0) + 1
-                if (problem := _violation(response)) is not None:
-                    violations.append(
-                        {
-                            "operation": label,
-                            "mode": str(mode),
-                            "problem": problem,
-                            "path": case.formatted_path,
-                            "query": case.query,
-                            "body": repr(case.body)[:500],
-                            "answer": response.text[:500],
-                        }
-                    )
-
-            send()
+            _send_cases(operation, mode, cases, base_url, timeout_s, record)
     sent = sum(statuses.values())
     return {
         "cases": sent,
@@ -110,7 +119,10 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
-    report = fuzz(args.url, args.cases)
+    report = {
+        "command": f"python scripts/fuzz.py --cases {args.cases}",
+        **fuzz(args.url, args.cases),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fuzz.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
