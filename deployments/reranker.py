@@ -36,8 +36,8 @@ class Scorer(Protocol):
         """(score, tokens read) per pair."""
         ...
 
-    def count_tokens(self, pairs: list[Pair]) -> list[int]:
-        """Tokens the model reads per pair, after truncation."""
+    def count_tokens(self, pairs: list[Pair]) -> list[tuple[int, bool]]:
+        """Per pair: the tokens the model reads, and whether the pair was cut to fit."""
         ...
 
 
@@ -59,12 +59,15 @@ class QueryLikelihood:
         self.prefix = encode(self.PREFIX, add_special_tokens=False)
         self.bridge = encode(self.BRIDGE, add_special_tokens=False)
 
-    def count_tokens(self, pairs: list[Pair]) -> list[int]:
+    def count_tokens(self, pairs: list[Pair]) -> list[tuple[int, bool]]:
         fixed = len(self.prefix) + len(self.bridge)
         passages = self.counter([p for _, p in pairs], add_special_tokens=False)["input_ids"]
         queries = self.counter([" " + q for q, _ in pairs], add_special_tokens=False)["input_ids"]
         return [
-            fixed + min(len(p), self.max_passage_tokens) + min(len(q), self.max_query_tokens)
+            (
+                fixed + min(len(p), self.max_passage_tokens) + min(len(q), self.max_query_tokens),
+                len(p) > self.max_passage_tokens or len(q) > self.max_query_tokens,
+            )
             for p, q in zip(passages, queries, strict=True)
         ]
 
@@ -129,20 +132,15 @@ class CrossEncoderScorer:
         )
         return precision_.finish(encoder, mode, self.device)
 
-    def count_tokens(self, pairs: list[Pair]) -> list[int]:
-        return [
-            len(ids)
-            for ids in self.counter(
-                [q for q, _ in pairs],
-                [p for _, p in pairs],
-                truncation=True,
-                max_length=self.encoder.max_length,
-            )["input_ids"]
-        ]
+    def count_tokens(self, pairs: list[Pair]) -> list[tuple[int, bool]]:
+        limit = self.encoder.max_length
+        whole = self.counter([q for q, _ in pairs], [p for _, p in pairs], verbose=False)
+        return [(min(len(ids), limit), len(ids) > limit) for ids in whole["input_ids"]]
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         scores = self.encoder.predict(pairs, batch_size=len(pairs), show_progress_bar=False)
-        return [(float(s), t) for s, t in zip(scores, self.count_tokens(pairs), strict=True)]
+        counted = self.count_tokens(pairs)
+        return [(float(s), t) for s, (t, _) in zip(scores, counted, strict=True)]
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -163,7 +161,7 @@ class Reranker(BatchedModel):
         self.precision = self.scorer.precision.precision
         store = open_cache(caches, "rerank")
         self.cache = ResponseCache(store, "rerank") if store else None
-        self.namespace = f"{config.backend}:{config.model}:{self.precision}"
+        self.namespace = f"v2:{config.backend}:{config.model}:{self.precision}"
         self.info = {
             "role": "rerank",
             "backend": config.backend,
@@ -182,16 +180,18 @@ class Reranker(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.scorer.module, self.device)
 
-    async def rerank(self, query: str, passages: list[str]) -> list[tuple[float, int]]:
-        """(score, tokens read) per passage, in the passages' order; a query and passages
-        scored before come from the response cache."""
+    async def rerank(self, query: str, passages: list[str]) -> list[tuple[float, int, int]]:
+        """(score, tokens read, 1 if the pair was cut to fit the model else 0) per passage, in
+        the passages' order; a query and passages scored before come from the response cache."""
         key = self.cache.key(self.namespace, {"q": query, "p": passages}) if self.cache else ""
         if self.cache and (hit := await self.cache.get(key)) is not None:
             return [tuple(s) for s in hit["scores"]]
         pairs = [(query, p) for p in passages]
-        pieces = self.pieces(pairs, self.scorer.count_tokens(pairs))
+        counted = self.scorer.count_tokens(pairs)
+        pieces = self.pieces(pairs, [tokens for tokens, _ in counted])
         scored = unwrap(await asyncio.gather(*(self._score_batch(p) for p in pieces)))
-        scores = [s for piece in scored for s in piece]
+        flat = [s for piece in scored for s in piece]
+        scores = [(s, t, int(cut)) for (s, t), (_, cut) in zip(flat, counted, strict=True)]
         if self.cache:
             await self.cache.put(key, {"scores": scores})
         return scores

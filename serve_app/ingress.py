@@ -330,7 +330,10 @@ class Ingress:
             )
             for i in order[: request.top_n]
         ]
-        usage = RerankUsage(total_tokens=sum(tokens for _, tokens in scored))
+        usage = RerankUsage(
+            total_tokens=sum(tokens for _, tokens, _ in scored),
+            truncated_documents=sum(cut for _, _, cut in scored),
+        )
         return RerankResponse(id=new_id("rerank"), model=model, results=results, usage=usage)
 
     # --- chat -------------------------------------------------------------------------------

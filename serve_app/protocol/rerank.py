@@ -31,6 +31,9 @@ class RerankResult(BaseModel):
 
 class RerankUsage(BaseModel):
     total_tokens: int
+    truncated_documents: int = Field(
+        default=0, description="Documents (or the query) cut to the tokens the model reads."
+    )
 
 
 class RerankResponse(BaseModel):

@@ -105,6 +105,10 @@ def test_truncation_is_reported_in_usage(client):
     usage = client.post("/v1/embeddings", json={"input": [long_text, "short"]}).json()["usage"]
     assert usage["truncated_inputs"] == 1
     assert usage["prompt_tokens"] <= 256 + 10
+    rerank = client.post(
+        "/v1/rerank", json={"query": "which word?", "documents": [long_text, "a short one"]}
+    ).json()
+    assert rerank["usage"]["truncated_documents"] == 1
     chat = client.post(
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hello " * 9000}], "max_tokens": 2},
