@@ -119,6 +119,10 @@ class VectorStore:
             configure=register_vector_async,
             check=AsyncConnectionPool.check_connection,
             timeout=timeout_s,
+            # The pool retries a failed connection with a doubling delay until this passes,
+            # then lets the next request try at once: kept short, so the first request after
+            # an outage reconnects instead of waiting out a delay grown during it.
+            reconnect_timeout=timeout_s,
             open=False,
             kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
         )

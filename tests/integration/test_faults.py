@@ -153,7 +153,11 @@ def test_postgres_stopped_during_ingest(server, client):
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
     finally:
         embedded_url(DATA_DIR)  # back up: the routes recover by themselves
-    collections = {c["name"]: c for c in client.get("/v1/collections").json()["data"]}
+    back = time.monotonic()
+    while (listed := client.get("/v1/collections")).status_code != 200:
+        assert listed.status_code == 503 and time.monotonic() - back < 10, listed.text
+        time.sleep(0.2)
+    collections = {c["name"]: c for c in listed.json()["data"]}
     assert collections.get("outage", {"documents": 0})["documents"] == 0  # nothing partial
     again = client.post("/v1/documents", json=ingest)
     assert again.status_code == 200 and again.json()["ingested"] == 24
