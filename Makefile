@@ -22,9 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/serve run serve_config.yaml
 
+# The multi-node test needs a Ray cluster of its own: a second pytest run, after the first's
+# cluster is gone.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit tests/integration
+	$(BIN)/pytest -q -p no:cacheprovider tests/cluster
 
 unit: setup
 	$(BIN)/pytest -q tests/unit

@@ -50,7 +50,11 @@ def deployment_options(model: ModelDeployment) -> dict[str, Any]:
     """Ray Serve options of one model deployment, all taken from its config."""
     return {
         "name": type(model).__name__.removesuffix("Config"),
-        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": model.num_cpus,
+            "num_gpus": model.num_gpus,
+            **({"resources": dict(model.resources)} if model.resources else {}),
+        },
         "user_config": model.batching.model_dump(),
     }
 

@@ -30,6 +30,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from serve_app import metrics
+from serve_app.cluster import client_name
 from serve_app.config import CacheConfig
 
 logger = logging.getLogger("ray.serve")
@@ -230,6 +231,7 @@ class RedisCache(Cache):
             socket_connect_timeout=self._timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            client_name=client_name(self.name),
         )
 
     def _failed(self, exc: BaseException) -> None:

@@ -51,6 +51,10 @@ class ModelDeployment(Section):
     # A scheduling share, not a limit (threads are): at 0.2 / 0.2 / 0.4, two replicas of
     # each model and the rest of the graph fit on 2 cores.
     num_cpus: float = Field(default=0.4, gt=0.0, le=64.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica: pins it to nodes started with them.",
+    )
     threads: int | None = Field(
         default=None, ge=1, le=256, description="Torch intra-op threads; default max(1, num_cpus)."
     )

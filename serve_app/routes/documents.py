@@ -15,7 +15,7 @@ from serve_app.store.vector_store import DocumentChunks
 class Documents:
     async def __init__(self, embedder: DeploymentHandle, config: AppConfig) -> None:
         self.embedder = embedder
-        self.store = await open_store(config.store)
+        self.store = await open_store(config.store, "Documents")
         self.model = config.embedder.model
         self.chunking = config.chunking
 

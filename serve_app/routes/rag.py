@@ -53,7 +53,7 @@ class Rag:
         generator: DeploymentHandle,
         config: AppConfig,
     ) -> None:
-        self.store = await open_store(config.store)
+        self.store = await open_store(config.store, "Rag")
         self.retriever = Retriever(embedder, reranker, self.store, config)
         self.generator = generator
 

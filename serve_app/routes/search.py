@@ -16,7 +16,7 @@ class Search:
     async def __init__(
         self, embedder: DeploymentHandle, reranker: DeploymentHandle, config: AppConfig
     ) -> None:
-        self.store = await open_store(config.store)
+        self.store = await open_store(config.store, "Search")
         self.retriever = Retriever(embedder, reranker, self.store, config)
 
     async def search(self, request: SearchRequest) -> SearchResponse:

@@ -106,7 +106,12 @@ class VectorStore:
 
     @classmethod
     async def open(
-        cls, url: str, pool_size: int = 4, hnsw: HnswParams | None = None, timeout_s: float = 5.0
+        cls,
+        url: str,
+        pool_size: int = 4,
+        hnsw: HnswParams | None = None,
+        timeout_s: float = 5.0,
+        name: str = "rag-serve",
     ) -> VectorStore:
         """A pool of vector-aware connections, with the schema migrated (idempotent).
 
@@ -124,7 +129,11 @@ class VectorStore:
             # an outage reconnects instead of waiting out a delay grown during it.
             reconnect_timeout=timeout_s,
             open=False,
-            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, round(timeout_s)),
+                "application_name": name,  # who holds the connection, in pg_stat_activity
+            },
         )
         await pool.open(wait=False)
         store = cls(url, pool, hnsw or HnswParams())

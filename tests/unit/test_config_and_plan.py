@@ -155,3 +155,10 @@ def test_admission_overrides_merge_over_route_defaults():
 def test_bad_admission_is_rejected(user_config):
     with pytest.raises(ValidationError):
         Admission.from_user_config(user_config)
+
+
+def test_custom_resources_pin_a_model_to_the_nodes_that_have_them():
+    config = AppConfig(embedder={"resources": {"models": 0.01}})
+    options = deployment_options(config.embedder)["ray_actor_options"]
+    assert options["resources"] == {"models": 0.01}
+    assert "resources" not in deployment_options(config.reranker)["ray_actor_options"]
