@@ -22,11 +22,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from serve_app.cache import EmbeddingCache, ResponseCache
+from serve_app.config import ModelSettings
 from serve_app.metrics import batch_sizes
 
 T = TypeVar("T")
@@ -41,6 +42,7 @@ class Piece(Generic[T]):
     items: Sequence[T]
     tokens: Sequence[int]  # per item, as the model will read it (after truncation)
     cost: int
+    model: Any = None  # the loaded model its request is served by, where that can change
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,6 +181,7 @@ class BatchedModel:
     """
 
     batched: str
+    cache: EmbeddingCache | ResponseCache | None = None  # set by models that cache
     # Set by reconfigure, which Serve calls before the first request.
     max_batch_size: int
     max_batch_tokens: int
@@ -193,7 +196,6 @@ class BatchedModel:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
         self.started = time.perf_counter()
-        self.cache: EmbeddingCache | ResponseCache | None = None  # set by models that cache
 
     def loaded(self) -> None:
         """Called at the end of a subclass's __init__: loading and warm-up are done."""
@@ -205,16 +207,29 @@ class BatchedModel:
         batch_sizes().observe(items, tags={"deployment": type(self).__name__})
 
     def reconfigure(self, user_config: dict) -> None:
-        """Apply `user_config` (a `Batching`) to the running batcher, without a restart."""
+        """Apply `user_config` to the running batcher, without a restart. Only the Embedder
+        switches model or precision live; here they need a change of `args` (a restart)."""
+        settings = self.apply_batching(user_config)
+        if settings.model is not None or settings.precision is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot switch model or precision live: set them in "
+                "the application's args (which restarts its replicas)"
+            )
+
+    def apply_batching(self, user_config: dict) -> ModelSettings:
+        """The batch settings of `user_config` (a `ModelSettings`), in effect from now on."""
         from serve_app.config import Batching
 
-        batching = Batching.model_validate(user_config)
+        settings = ModelSettings.model_validate(user_config)
         method = getattr(self, self.batched)
-        method.set_max_batch_size(batching.max_batch_size)
-        method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self.max_batch_size = batching.max_batch_size
-        self.max_batch_tokens = batching.max_batch_tokens
-        self.info["batching"] = batching.model_dump()
+        method.set_max_batch_size(settings.max_batch_size)
+        method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.max_batch_size = settings.max_batch_size
+        self.max_batch_tokens = settings.max_batch_tokens
+        self.info["batching"] = Batching.model_validate(
+            settings.model_dump(include=set(Batching.model_fields))
+        ).model_dump()
+        return settings
 
     def model_info(self) -> dict[str, object]:
         """Model, precision, device, memory and the executed batch sizes so far."""

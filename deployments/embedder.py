@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+import gc
+import logging
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ from serve_app.config import CacheConfig, EmbedderConfig
 # 196 in passes of 16, 146 in passes of 64 (docs/benchmarks/batch.md). On a GPU a batch is one
 # pass, as far as free memory allows.
 SENTENCES_PER_FORWARD = {"cpu": 8, "cuda": 1024}
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -28,54 +33,138 @@ class Embeddings:
     vectors: np.ndarray  # (n, dim) float32, unit length
     tokens: list[int]  # tokens per input, after truncation
     truncated: int  # inputs cut at the model's max_seq_length
+    model: str  # the model that made them (a collection's vectors must all share one)
+    precision: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model at one precision, loaded and warm: everything a request is served by. A live
+    switch builds a new one beside it and swaps the reference; requests under way keep theirs."""
+
+    source: str
+    precision: str
+    model: Any  # SentenceTransformer
+    counter: loading.TokenCounter
+    cache: EmbeddingCache | None
+    budget: ForwardBudget
+    trials: list[dict]
+    measured: bool
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.max_seq_length
 
 
 @serve.deployment(max_ongoing_requests=128)
 class Embedder(BatchedModel):
     """Embeds texts; concurrent requests share forward passes through `@serve.batch`, and texts
-    embedded before come from the embedding cache."""
+    embedded before come from the embedding cache. Its user_config may name another `model` or
+    `precision`: the new one loads beside the running one and takes over once warm."""
 
     batched = "_embed_batch"
 
     def __init__(self, config: EmbedderConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
+        self.config, self.cache_dir, self.caches = config, cache_dir, caches
         self.device = loading.pick_device(config)
         loading.set_threads(config.torch_threads)
-        path = loading.local_path(config.model)
+        self.info = {
+            "role": "embedding",
+            "model": config.name,
+            "device": self.device,
+            "threads": torch.get_num_threads(),
+        }
+        self.target = (config.model, config.precision)
+        self.switching: asyncio.Task | None = None
+        self._serve(self._bring_up(*self.target))
+        self.loaded()
+
+    @property
+    def precision(self) -> str:
+        return self.current.precision
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        return self.current.cache
+
+    def _bring_up(self, source: str, requested: str) -> LoadedModel:
+        """Load `source` at `requested` precision (`auto`: measured, or the stored choice),
+        warm its kernels and size its forward passes."""
+        path = loading.local_path(source)
         choice = precision.resolve(
-            config.precision,
+            requested,
             self.device,
-            f"sentence-transformer|{config.model}|{precision.device_signature(self.device)}",
+            f"sentence-transformer|{source}|{precision.device_signature(self.device)}",
             lambda p: self._load(path, p),
             self._probe,
             precision.mean_cosine,
             precision.MIN_MEAN_COSINE,
-            cache_dir,
+            self.cache_dir,
         )
-        self.precision = choice.precision
-        self.model = self._load(path, self.precision)
-        self.dimensions = self.model.get_embedding_dimension()
-        self.max_tokens = self.model.max_seq_length
-        self.counter = loading.TokenCounter(self.model.tokenizer)
-        store = open_cache(caches, "embedding")
-        self.cache = EmbeddingCache(store, f"{config.model}:{self.precision}") if store else None
-        self.info = {
-            "role": "embedding",
-            "model": config.name,
-            "source": config.model,
-            "precision": self.precision,
-            "precision_requested": config.precision,
-            "precision_trials": [asdict(t) for t in choice.trials],
-            "precision_measured": choice.measured,
-            "device": self.device,
-            "threads": torch.get_num_threads(),
-            "dimensions": self.dimensions,
-            "max_input_tokens": self.max_tokens,
-        }
-        self.budget = ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device)
-        self._encode(["warm up the kernels"] * 8)
-        self.budget.measure(self._longest_forward)
-        self.loaded()
+        model = self._load(path, choice.precision)
+        store = open_cache(self.caches, "embedding")
+        bundle = LoadedModel(
+            source=source,
+            precision=choice.precision,
+            model=model,
+            counter=loading.TokenCounter(model.tokenizer),
+            cache=EmbeddingCache(store, f"{source}:{choice.precision}") if store else None,
+            budget=ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device),
+            trials=[asdict(t) for t in choice.trials],
+            measured=choice.measured,
+        )
+        self._encode(["warm up the kernels"] * 8, loaded=bundle)
+        bundle.budget.measure(lambda: self._longest_forward(bundle))
+        return bundle
+
+    def _serve(self, bundle: LoadedModel, requested: str | None = None) -> None:
+        """Make `bundle` the model new requests use; the previous one is freed once the
+        requests still holding it finish."""
+        self.current = bundle
+        self.info.update(
+            source=bundle.source,
+            precision=bundle.precision,
+            precision_requested=requested or self.target[1],
+            precision_trials=bundle.trials,
+            precision_measured=bundle.measured,
+            dimensions=bundle.dimensions,
+            max_input_tokens=bundle.max_tokens,
+            since=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Batch settings in place; another model or precision loads beside the running one
+        (in a thread, so requests keep being answered) and is swapped in when warm."""
+        settings = self.apply_batching(user_config)
+        target = (settings.model or self.config.model, settings.precision or self.config.precision)
+        if target == self.target:
+            return
+        self.target = target
+        self.info["switching_to"] = {"source": target[0], "precision": target[1]}
+        self.switching = asyncio.get_running_loop().create_task(self._switch(target))
+
+    async def _switch(self, target: tuple[str, str]) -> None:
+        try:
+            bundle = await asyncio.to_thread(self._bring_up, *target)
+        except Exception as exc:  # the running model stays; the failure shows in model_info
+            logger.exception("Embedder: switching to %s at %s failed", *target)
+            self.info["switch_error"] = f"{type(exc).__name__}: {exc}"
+            self.info.pop("switching_to", None)
+            return
+        if target != self.target:  # a later switch superseded this one
+            return
+        self.info.pop("switching_to", None)
+        self.info.pop("switch_error", None)
+        self._serve(bundle, requested=target[1])
+        logger.info("Embedder: now serving %s at %s", bundle.source, bundle.precision)
 
     def _load(self, path: str, mode: str):
         from sentence_transformers import SentenceTransformer
@@ -99,53 +188,56 @@ class Embedder(BatchedModel):
                 show_progress_bar=False,
             )
 
-    def _longest_forward(self) -> int:
+    def _longest_forward(self, bundle: LoadedModel) -> int:
         """A forward pass of full-length inputs, to measure activation memory per token."""
         n = SENTENCES_PER_FORWARD["cpu"]
-        self._encode(["lorem ipsum " * self.max_tokens] * n)
-        return n * self.max_tokens
+        self._encode(["lorem ipsum " * bundle.max_tokens] * n, loaded=bundle)
+        return n * bundle.max_tokens
 
     def memory(self) -> dict[str, int]:
-        return loading.memory_report(self.model, self.device)
+        return loading.memory_report(self.current.model, self.device)
 
     async def embed(self, texts: list[str]) -> Embeddings:
         """Embed `texts`: cached ones from the cache, the rest in batches shared with other
-        requests (a request larger than one batch is split and its pieces batched)."""
-        found = await self.cache.lookup(texts) if self.cache else [None] * len(texts)
+        requests (a request larger than one batch is split and its pieces batched). One model
+        serves the whole request, even if a switch lands meanwhile."""
+        current = self.current
+        found = await current.cache.lookup(texts) if current.cache else [None] * len(texts)
         todo = [i for i, hit in enumerate(found) if hit is None]
-        vectors = np.empty((len(texts), self.dimensions), dtype=np.float32)
+        vectors = np.empty((len(texts), current.dimensions), dtype=np.float32)
         tokens = [0] * len(texts)
         for i, hit in enumerate(found):
             if hit is not None:
                 vectors[i], tokens[i] = hit
         if todo:
             new_texts = [texts[i] for i in todo]
-            counts = self._count_tokens(new_texts)
-            pieces = self.pieces(new_texts, [min(c, self.max_tokens) for c in counts])
+            counts = [len(ids) for ids in current.counter(new_texts)["input_ids"]]
+            pieces = [
+                replace(piece, model=current)
+                for piece in self.pieces(new_texts, [min(c, current.max_tokens) for c in counts])
+            ]
             done = await asyncio.gather(*(self._embed_batch(p) for p in pieces))
             new = np.concatenate(unwrap(done))
             vectors[todo] = new
             for i, count in zip(todo, counts, strict=True):
                 tokens[i] = count
-            if self.cache:
-                await self.cache.store(new_texts, new, counts)
+            if current.cache:
+                await current.cache.store(new_texts, new, counts)
         return Embeddings(
             vectors=vectors,
-            tokens=[min(t, self.max_tokens) for t in tokens],
-            truncated=sum(t > self.max_tokens for t in tokens),
+            tokens=[min(t, current.max_tokens) for t in tokens],
+            truncated=sum(t > current.max_tokens for t in tokens),
+            model=current.source,
+            precision=current.precision,
         )
 
-    def _count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens per text as the model would read it untruncated, special tokens included."""
-        return [len(ids) for ids in self.counter(texts)["input_ids"]]
-
-    # Start-up values; reconfigure() applies the deployment's user_config before any request.
     def chunk(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[str]]:
         """Cut each text into windows of at most `max_tokens` of this model's tokens, each
         starting `max_tokens - overlap` tokens after the last; chunks are spans of the text."""
-        max_tokens = min(max_tokens, self.model.max_seq_length - 2)  # room for [CLS]/[SEP]
+        current = self.current
+        max_tokens = min(max_tokens, current.max_tokens - 2)  # room for [CLS]/[SEP]
         step = max(1, max_tokens - overlap)
-        offsets = self.counter(texts, add_special_tokens=False, return_offsets_mapping=True)[
+        offsets = current.counter(texts, add_special_tokens=False, return_offsets_mapping=True)[
             "offset_mapping"
         ]
         chunks = []
@@ -157,23 +249,40 @@ class Embedder(BatchedModel):
             chunks.append(pieces or [text])
         return chunks
 
+    # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
     async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray | Exception]:
         return await isolate(pieces, self._embed_pieces)
 
     async def _embed_pieces(self, pieces: list[Piece[str]]) -> list[np.ndarray]:
-        flat = [text for piece in pieces for text in piece.items]
-        longest = max(t for piece in pieces for t in piece.tokens)
-        # The forward pass runs off the event loop, so the next batch queues up meanwhile.
-        vectors = await asyncio.to_thread(self._encode, flat, longest)
-        self.record_batch(len(pieces), len(flat), sum(sum(p.tokens) for p in pieces))
-        return np.split(vectors, np.cumsum([len(p) for p in pieces])[:-1])
+        # Pieces of requests that began before a switch keep the model they began with.
+        out: list[np.ndarray] = [np.empty(0)] * len(pieces)
+        groups: dict[int, list[int]] = {}
+        for k, piece in enumerate(pieces):
+            groups.setdefault(id(piece.model), []).append(k)
+        for members in groups.values():
+            group = [pieces[k] for k in members]
+            flat = [text for piece in group for text in piece.items]
+            longest = max(t for piece in group for t in piece.tokens)
+            # The forward pass runs off the event loop, so the next batch queues up meanwhile.
+            vectors = await asyncio.to_thread(self._encode, flat, longest, group[0].model)
+            for k, part in zip(
+                members, np.split(vectors, np.cumsum([len(p) for p in group])[:-1]), strict=True
+            ):
+                out[k] = part
+        self.record_batch(
+            len(pieces), sum(len(p) for p in pieces), sum(sum(p.tokens) for p in pieces)
+        )
+        return out
 
-    def _encode(self, texts: list[str], longest: int | None = None) -> np.ndarray:
+    def _encode(
+        self, texts: list[str], longest: int | None = None, loaded: LoadedModel | None = None
+    ) -> np.ndarray:
+        loaded = loaded or self.current
         with torch.inference_mode():
-            vectors = self.model.encode(
+            vectors = loaded.model.encode(
                 texts,
-                batch_size=self.budget.items(longest or self.max_tokens),
+                batch_size=loaded.budget.items(longest or loaded.max_tokens),
                 convert_to_tensor=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,

@@ -121,6 +121,37 @@ class Generator(BatchedModel):
         finally:  # done, or the caller cancelled (deadline, disconnect): stop decoding for it
             sequence.abandoned = True
 
+    async def choose(self, messages: list[dict[str, str]], options: list[str]) -> list[float]:
+        """Constrained answering: the probability of each option as the assistant's whole
+        reply to `messages` (softmax over the options' mean token log-probabilities), so the
+        answer is always one of them. One forward pass over all options, off the event loop;
+        it shares the model with the decode loop, not its batches."""
+        return await asyncio.to_thread(self._choose, messages, options)
+
+    @torch.inference_mode()
+    def _choose(self, messages: list[dict[str, str]], options: list[str]) -> list[float]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        counter = self.counter
+        prompt = counter([text], add_special_tokens=False)["input_ids"][0]
+        answers = counter(options, add_special_tokens=False)["input_ids"]
+        rows = [prompt + answer for answer in answers]
+        batch = counter.pad(rows, self.device)
+        mask = batch["attention_mask"]
+        keep = max(len(a) for a in answers) + 1
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=keep,
+        ).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = batch["input_ids"][:, -(keep - 1) :]
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        means = torch.stack([token_logprobs[k, -len(a) :].mean() for k, a in enumerate(answers)])
+        return torch.softmax(means, dim=0).tolist()
+
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(
         **GeneratorConfig().batching.serve_batch(), max_concurrent_batches=CONCURRENT_BATCHES

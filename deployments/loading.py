@@ -70,6 +70,11 @@ class TokenCounter:
         with self.lock:
             return self.tokenizer(*texts, **kwargs)
 
+    def pad(self, rows: list[list[int]], device: str) -> dict:
+        """Left-padded (as the tokenizer pads) tensors of token-id rows, on `device`."""
+        with self.lock:
+            return self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
+
 
 def set_threads(n: int) -> None:
     """Pin torch's intra-op pool so co-located replicas don't oversubscribe the cores."""

@@ -2,7 +2,7 @@
 
 It validates the args into an `AppConfig`, decides GPU shares from what the cluster has, and
 binds the graph: Ingress -> model deployments (Embedder, Reranker, Generator) and route
-deployments (Search, Rag, Documents), which call the models and the document store.
+deployments (Search, Rag, Documents, Classify), which call the models and the document store.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from deployments.generator import Generator
 from deployments.reranker import Reranker
 from serve_app.config import AppConfig, ModelDeployment
 from serve_app.ingress import Ingress
+from serve_app.routes.classify import Classify
 from serve_app.routes.documents import Documents
 from serve_app.routes.rag import Rag
 from serve_app.routes.search import Search
@@ -75,4 +76,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     search = Search.bind(embedder, reranker, config)
     rag = Rag.bind(embedder, reranker, generator, config)
     documents = Documents.bind(embedder, config)
-    return Ingress.bind(embedder, reranker, generator, search, rag, documents, config)
+    classify = Classify.bind(embedder, generator, config)
+    return Ingress.bind(embedder, reranker, generator, search, rag, documents, classify, config)

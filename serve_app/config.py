@@ -39,6 +39,14 @@ class Batching(Section):
         return self.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
 
 
+class ModelSettings(Batching):
+    """A model deployment's `user_config`: its batching and, for the Embedder, a `model` or
+    `precision` to switch to live (None: the one in `args`)."""
+
+    model: str | None = None
+    precision: Precision | None = None
+
+
 class ModelDeployment(Section):
     """What every model deployment shares: which model, where it runs, how it batches."""
 
@@ -161,11 +169,31 @@ class CacheConfig(Section):
     )
 
 
+class ClassifyConfig(Section):
+    """The classification cascade: embedding similarity first, the generator when unsure."""
+
+    threshold: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="Escalate when the top probability is below."
+    )
+    # Softmax temperature over cosine similarities to the label descriptions; fitted on a
+    # labelled set by scripts/bench_classify.py (lowest negative log-likelihood).
+    temperature: float = Field(default=0.05, gt=0.0, le=10.0)
+    # Words that turn a sentence ("good, but ..."): their presence escalates under `auto`.
+    # Markers of letters are matched as whole words; others (Korean endings) anywhere.
+    contrast_markers: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "en": ["but", "though", "although", "however", "yet", "except"],
+            "ko": ["지만", "는데", "그러나", "하지만"],
+        }
+    )
+    max_labels: int = Field(default=32, ge=2, le=1000)
+
+
 class IngressConfig(Section):
     ready_timeout_s: float = Field(default=2.0, gt=0.0)
 
 
-Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest"]
+Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest", "classify"]
 
 
 class RouteLimits(Section):
@@ -201,6 +229,8 @@ DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
     "search": RouteLimits(max_running=4, max_queued=20, deadline_s=30),
     "rag": RouteLimits(max_running=2, max_queued=10, deadline_s=120, shed=True, retry_after_s=5),
     "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True, retry_after_s=5),
+    # Mostly embeddings; an escalated input costs one generator forward pass per label set.
+    "classify": RouteLimits(max_running=4, max_queued=16, deadline_s=60, retry_after_s=2),
 }
 
 
@@ -293,6 +323,7 @@ class AppConfig(BaseSettings):
     store: StoreConfig = StoreConfig()
     chunking: Chunking = Chunking()
     cache: CacheConfig = CacheConfig()
+    classify: ClassifyConfig = ClassifyConfig()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
     database_url: str | None = Field(
         default=None, validation_alias="DATABASE_URL", exclude=True, repr=False

@@ -25,6 +25,7 @@ from serve_app.admission import AdmissionControl
 from serve_app.config import AppConfig, IngressSettings
 from serve_app.guard import APIKeys, Guard
 from serve_app.protocol import errors, limits
+from serve_app.protocol.classify import ClassifyRequest, ClassifyResponse
 from serve_app.protocol.documents import (
     COLLECTION_PATTERN,
     CollectionInfo,
@@ -188,6 +189,7 @@ class Ingress:
         search: DeploymentHandle,
         rag: DeploymentHandle,
         documents: DeploymentHandle,
+        classifier: DeploymentHandle,
         config: AppConfig,
     ) -> None:
         self.embedder = embedder
@@ -196,6 +198,7 @@ class Ingress:
         self.search_route = search
         self.rag = rag
         self.documents = documents
+        self.classifier = classifier
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
         self.settings = IngressSettings()
@@ -245,6 +248,7 @@ class Ingress:
             **self.admission.report(),
             "inputs": self.settings.inputs.model_dump(),
             "auth": {"keys": len(app.state.api_keys.digests)},  # how many, never which
+            "classify": self.config.classify.model_dump(include={"threshold", "temperature"}),
             "deployments": deployments,
             "models": models,
         }
@@ -379,6 +383,14 @@ class Ingress:
             ],
             usage=_usage(last),
         )
+
+    # --- classification ---------------------------------------------------------------------
+    @app.post("/v1/classify")
+    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+        """A label per input: embedding similarity, and the generator where that is unsure."""
+        limits.check_classify(request, self.settings.inputs, self.config.classify.max_labels)
+        async with self.admission.admit("classify") as ticket:
+            return await ticket.call(lambda: self.classifier.classify.remote(request))
 
     # --- documents --------------------------------------------------------------------------
     @app.post("/v1/documents")

@@ -109,3 +109,27 @@ def cache_metrics() -> CacheMetrics:
             tag_keys=("cache",),
         ),
     )
+
+
+@dataclass(frozen=True)
+class ClassifyMetrics:
+    inputs: metrics.Counter
+    latency: metrics.Histogram
+
+
+@cache
+def classify_metrics() -> ClassifyMetrics:
+    """The classification cascade: who decided each input, and request latency by path."""
+    return ClassifyMetrics(
+        inputs=metrics.Counter(
+            "rag_classify_inputs",
+            "Inputs classified, by who decided: embedding (fast path) or llm (escalated).",
+            tag_keys=("decided_by",),
+        ),
+        latency=metrics.Histogram(
+            "rag_classify_latency_ms",
+            "Classify request latency; path llm when any input of it was escalated.",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+            tag_keys=("path",),
+        ),
+    )

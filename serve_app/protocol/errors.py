@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from ray.exceptions import RayActorError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_S = 1
-# A replica died (killed, crashed, its node gone) with the request on it.
-REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError)
+# A replica died (killed, crashed, its node gone) with the request on it, or the result it
+# made was lost with its node.
+REPLICA_FAILURES = (
+    RayActorError,
+    ReplicaUnavailableError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+)
+logger = logging.getLogger("ray.serve")
 
 
 class ErrorBody(BaseModel):
@@ -162,5 +172,7 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # The client learns only the type; the log keeps the traceback.
+        logger.error("Unhandled error on %s", request.url.path, exc_info=exc)
         return error_response(APIError(500, f"Internal error: {type(exc).__name__}", "api_error"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from serve_app.config import InputLimits
+from serve_app.protocol.classify import ClassifyRequest
 from serve_app.protocol.documents import IngestRequest, RetrievalRequest
 from serve_app.protocol.errors import APIError
 from serve_app.protocol.openai import ChatCompletionRequest, EmbeddingRequest
@@ -47,6 +48,13 @@ def check_rerank(request: RerankRequest, limits: InputLimits) -> None:
 def check_chat(request: ChatCompletionRequest, limits: InputLimits) -> None:
     _at_most(len(request.messages), limits.max_messages, "messages", "messages")
     _each_at_most((m.text() for m in request.messages), limits.max_input_chars, "messages")
+
+
+def check_classify(request: ClassifyRequest, limits: InputLimits, max_labels: int) -> None:
+    _at_most(len(request.inputs), limits.max_inputs, "inputs", "inputs")
+    _each_at_most(request.inputs, limits.max_input_chars, "inputs")
+    _at_most(len(request.labels), max_labels, "labels", "labels")
+    _each_at_most(request.names + request.descriptions, limits.max_input_chars, "labels")
 
 
 def check_retrieval(request: RetrievalRequest, limits: InputLimits) -> None:

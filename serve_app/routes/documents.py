@@ -16,7 +16,6 @@ class Documents:
     async def __init__(self, embedder: DeploymentHandle, config: AppConfig) -> None:
         self.embedder = embedder
         self.store = await open_store(config.store, "Documents")
-        self.model = config.embedder.model
         self.chunking = config.chunking
 
     async def ingest(self, request: IngestRequest) -> IngestResponse:
@@ -27,7 +26,7 @@ class Documents:
         flat = [chunk for doc_chunks in pieces for chunk in doc_chunks]
         embedded = await self.embedder.embed.remote(flat)
         collection = await self.store.ensure_collection(
-            request.collection, self.model, embedded.vectors.shape[1]
+            request.collection, embedded.model, embedded.vectors.shape[1]
         )
         documents, start = [], 0
         for doc, doc_chunks in zip(request.documents, pieces, strict=True):

@@ -36,7 +36,6 @@ class Retriever:
         self.embedder = embedder
         self.reranker = reranker
         self.store = store
-        self.model = config.embedder.model
         self.ef_search = config.store.ef_search
         store = open_cache(config.cache, "search")
         self.cache = ResponseCache(store, "search") if store else None
@@ -44,15 +43,10 @@ class Retriever:
     async def retrieve(self, request: RetrievalRequest) -> Retrieved:
         """The `top_k` nearest chunks; reranked and cut to `rerank_top_n` when asked."""
         collection = await self.store.collection(request.collection)
-        if collection.embedding_model != self.model:
-            raise ModelMismatch(
-                f"The collection '{request.collection}' was embedded with "
-                f"{collection.embedding_model}; this service embeds with {self.model}."
-            )
         if not self.cache:
             return await self._retrieve(collection, request)
         key = self.cache.key(
-            f"{collection.id}:{collection.version}:{self.model}",
+            f"{collection.id}:{collection.version}:{collection.embedding_model}",
             request.model_dump(mode="json", exclude={"collection"}),
         )
         if (hit := await self.cache.get(key)) is not None:
@@ -71,6 +65,12 @@ class Retriever:
         start = time.perf_counter()
         embedded = await self.embedder.embed.remote([request.query])
         timings["embed_ms"] = (time.perf_counter() - start) * 1000
+        # The model that embedded the query, which a live switch may have changed.
+        if embedded.model != collection.embedding_model:
+            raise ModelMismatch(
+                f"The collection '{collection.name}' was embedded with "
+                f"{collection.embedding_model}; this service embeds with {embedded.model}."
+            )
         start = time.perf_counter()
         hits = await self.store.search(
             collection,

@@ -2,8 +2,12 @@
 in process (no Ray); the response cache over HTTP."""
 
 import asyncio
+import threading
+import time
+from collections import Counter
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 from ray import serve
@@ -11,6 +15,7 @@ from ray import serve
 from deployments.embedder import Embedder
 from deployments.precision import UnsupportedPrecision
 from serve_app.config import CacheConfig, EmbedderConfig
+from tests.integration.conftest import TEST_CONFIG, redeploy
 from tests.integration.test_documents import ingest, search
 
 pytestmark = pytest.mark.integration
@@ -36,11 +41,11 @@ def run():
         loop.close()
 
 
-def embedder(tmp_path, precision: str, **batching) -> Embedder:
+def embedder(tmp_path, precision: str, caches: CacheConfig | None = None, **batching) -> Embedder:
     replica = Embedder.func_or_class(
-        EmbedderConfig(precision=precision, threads=1), tmp_path, CacheConfig()
+        EmbedderConfig(precision=precision, threads=1), tmp_path, caches or CacheConfig()
     )
-    replica.reconfigure({**EmbedderConfig().batching.model_dump(), **batching})
+    replica.apply_batching({**EmbedderConfig().batching.model_dump(), **batching})
     return replica
 
 
@@ -111,11 +116,11 @@ def test_an_input_that_fails_in_a_batch_fails_only_its_own_request(tmp_path, run
     encode = replica._encode
     forwards: list[list[str]] = []
 
-    def fragile(texts, longest=None):  # the model fails on one input, as a bad one would
+    def fragile(texts, *args):  # the model fails on one input, as a bad one would
         forwards.append(list(texts))
         if any("poison" in t for t in texts):
             raise RuntimeError("the model could not read this input")
-        return encode(texts, longest)
+        return encode(texts, *args)
 
     monkeypatch.setattr(replica, "_encode", fragile)
 
@@ -133,6 +138,46 @@ def test_an_input_that_fails_in_a_batch_fails_only_its_own_request(tmp_path, run
     assert len(forwards[0]) == 5 and sorted(len(f) for f in forwards[1:]) == [1] * 5
 
 
+def test_a_live_precision_switch_under_load_fails_nothing_and_swaps_when_warm(tmp_path, run):
+    replica = embedder(tmp_path, "fp32", CacheConfig(embedding_entries=0))
+    probe = SENTENCES[0]
+    reference = {"fp32": replica._encode([probe])[0]}
+    answers: list = []
+
+    async def client(k: int, stop: asyncio.Event) -> None:
+        i = 0
+        while not stop.is_set():
+            answers.append(await replica.embed([probe, f"client {k} request {i}"]))
+            i += 1
+
+    async def switch_under_load():
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(k, stop)) for k in range(4)]
+        await asyncio.sleep(0.5)
+        settings = {**EmbedderConfig().batching.model_dump(), "precision": "bf16"}
+        await replica.reconfigure(settings)  # returns at once; the load goes on meanwhile
+        assert replica.precision == "fp32" and replica.model_info()["switching_to"]
+        served_while_loading = len(answers)
+        await replica.switching
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)  # raises if any request failed
+        return served_while_loading
+
+    before_switch_done = run(switch_under_load())
+    reference["bf16"] = replica._encode([probe])[0]
+    precisions = [a.precision for a in answers]
+    switch = precisions.index("bf16")
+    assert switch > 0 and before_switch_done > 0
+    assert set(precisions[:switch]) == {"fp32"} and set(precisions[switch:]) == {"bf16"}
+    for answer in answers:  # each vector is the model's at the precision it reports
+        np.testing.assert_allclose(answer.vectors[0], reference[answer.precision], atol=1e-5)
+    assert not np.allclose(reference["fp32"], reference["bf16"], atol=1e-5)
+    info = replica.model_info()
+    assert info["precision"] == "bf16" and info["precision_requested"] == "bf16"
+    assert "switching_to" not in info and info["since"]
+
+
 def test_search_results_are_cached_until_the_collection_changes(client):
     ingest(client, "cached", [{"id": "a", "text": "Tides follow the Moon and the Sun."}])
     try:
@@ -147,3 +192,40 @@ def test_search_results_are_cached_until_the_collection_changes(client):
         assert not search(client, "cached", "What causes tides?")["cached"]
     finally:
         client.delete("/v1/collections/cached")
+
+
+def test_serve_deploy_switches_the_embedder_precision_live(server, client):
+    """A new `precision` in the Embedder's user_config, applied as `serve deploy` applies it:
+    the replica keeps answering on fp32 while bf16 loads, then answers on bf16."""
+    test_config = next(
+        d for d in TEST_CONFIG["applications"][0]["deployments"] if d["name"] == "Embedder"
+    )
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=server, timeout=120) as c:
+            i = 0
+            while not stop.is_set():
+                codes.append(c.post("/v1/embeddings", json={"input": f"live {i}"}).status_code)
+                i += 1
+
+    def serving(precision: str) -> None:
+        deadline = time.monotonic() + 180
+        while client.get("/v1/status").json()["models"]["embedder"]["precision"] != precision:
+            assert time.monotonic() < deadline, f"never switched to {precision}"
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        user_config = {**test_config["user_config"], "precision": "bf16"}
+        redeploy([{"name": "Embedder", "user_config": user_config}])
+        serving("bf16")
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join(timeout=200)
+        redeploy()  # back to the test config's fp32
+        serving("fp32")
+    assert codes and set(codes) == {200}, Counter(codes)

@@ -9,12 +9,19 @@ from pydantic import ValidationError
 from serve_app.app import deployment_options, plan
 from serve_app.config import Admission, AppConfig, Batching, IngressSettings
 from serve_app.ingress import Ingress
+from serve_app.routes.classify import Classify
 from serve_app.routes.documents import Documents
 from serve_app.routes.rag import Rag
 from serve_app.routes.search import Search
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUTE_DEPLOYMENTS = {"Ingress": Ingress, "Search": Search, "Rag": Rag, "Documents": Documents}
+ROUTE_DEPLOYMENTS = {
+    "Ingress": Ingress,
+    "Search": Search,
+    "Rag": Rag,
+    "Documents": Documents,
+    "Classify": Classify,
+}
 
 
 def app_args(path: str) -> dict:
@@ -140,7 +147,15 @@ def test_admission_overrides_merge_over_route_defaults():
     assert admission.routes["chat"].max_running == 5  # the default, kept
     assert admission.routes["chat"].max_queued == 1
     assert admission.routes["chat"].shed and not admission.routes["embeddings"].shed
-    assert set(admission.routes) == {"embeddings", "rerank", "chat", "search", "rag", "ingest"}
+    assert set(admission.routes) == {
+        "embeddings",
+        "rerank",
+        "chat",
+        "search",
+        "rag",
+        "ingest",
+        "classify",
+    }
 
 
 @pytest.mark.parametrize(
