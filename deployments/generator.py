@@ -138,17 +138,7 @@ class Generator(BatchedModel):
         answers = counter(options, add_special_tokens=False)["input_ids"]
         rows = [prompt + answer for answer in answers]
         batch = counter.pad(rows, self.device)
-        mask = batch["attention_mask"]
-        keep = max(len(a) for a in answers) + 1
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            logits_to_keep=keep,
-        ).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch["input_ids"][:, -(keep - 1) :]
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        token_logprobs = loading.tail_logprobs(self.model, batch, max(len(a) for a in answers))
         means = torch.stack([token_logprobs[k, -len(a) :].mean() for k, a in enumerate(answers)])
         return torch.softmax(means, dim=0).tolist()
 

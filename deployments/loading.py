@@ -76,6 +76,23 @@ class TokenCounter:
             return self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
 
 
+@torch.inference_mode()
+def tail_logprobs(model, batch: dict, tail: int) -> torch.Tensor:
+    """Log-probabilities of the last `tail` tokens of each left-padded row, each given all the
+    tokens before it: one forward pass that computes logits for the last positions only.
+    Shared by the query-likelihood reranker and the generator's constrained choice."""
+    mask = batch["attention_mask"]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=tail + 1,
+    ).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["input_ids"][:, -tail:]
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def set_threads(n: int) -> None:
     """Pin torch's intra-op pool so co-located replicas don't oversubscribe the cores."""
     torch.set_num_threads(n)

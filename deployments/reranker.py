@@ -82,18 +82,7 @@ class QueryLikelihood:
         # Left padding puts every query at the end of its row, so only the last
         # max(query_lengths) + 1 positions need logits.
         batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
-        mask = batch["attention_mask"]
-        keep = max(query_lengths) + 1
-        with torch.inference_mode():
-            logits = self.module(
-                input_ids=batch["input_ids"],
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                logits_to_keep=keep,
-            ).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch["input_ids"][:, -(keep - 1) :]
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        token_logprobs = loading.tail_logprobs(self.module, batch, max(query_lengths))
         return [
             (token_logprobs[k, -n:].mean().exp().item() if n else 0.0, len(rows[k]))
             for k, n in enumerate(query_lengths)

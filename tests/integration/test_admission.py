@@ -179,12 +179,14 @@ def test_embedder_scales_up_under_load_and_back_down(server, client):
 
 def test_status_summarizes_routes_deployments_and_models(client):
     status = client.get("/v1/status").json()
-    assert set(status["routes"]) == {"embeddings", "rerank", "chat", "search", "rag", "ingest"}
+    routes = {"embeddings", "rerank", "chat", "search", "rag", "ingest", "classify"}
+    assert set(status["routes"]) == routes
     chat = status["routes"]["chat"]
     assert chat["max_running"] == 8 and chat["max_queued"] == 32 and chat["shed"]
     assert {"running", "queued", "admitted", "rejected", "timed_out"} <= set(chat)
     assert status["deployments"]["Embedder"]["replicas"]["RUNNING"] >= 1
-    assert {"Ingress", "Search", "Rag", "Documents", "Generator"} <= set(status["deployments"])
+    deployments = {"Ingress", "Search", "Rag", "Documents", "Classify", "Generator"}
+    assert deployments <= set(status["deployments"])
     assert status["models"]["generator"]["precision"] == "fp32"
     assert 0 < status["shedding"]["memory_percent"] < 100
 
