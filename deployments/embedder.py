@@ -70,7 +70,10 @@ class Embedder(BatchedModel):
 
     def __init__(self, config: EmbedderConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
-        self.config, self.cache_dir, self.caches = config, cache_dir, caches
+        self.config, self.cache_dir = config, cache_dir
+        # One cache (and Redis connection) for the replica; each loaded model has its own
+        # namespace in it, so a switch neither reconnects nor serves the old model's vectors.
+        self.cache_store = open_cache(caches, "embedding")
         self.device = loading.pick_device(config)
         loading.set_threads(config.torch_threads)
         self.info = {
@@ -107,13 +110,14 @@ class Embedder(BatchedModel):
             self.cache_dir,
         )
         model = self._load(path, choice.precision)
-        store = open_cache(self.caches, "embedding")
         bundle = LoadedModel(
             source=source,
             precision=choice.precision,
             model=model,
             counter=loading.TokenCounter(model.tokenizer),
-            cache=EmbeddingCache(store, f"{source}:{choice.precision}") if store else None,
+            cache=EmbeddingCache(self.cache_store, f"{source}:{choice.precision}")
+            if self.cache_store
+            else None,
             budget=ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device),
             trials=[asdict(t) for t in choice.trials],
             measured=choice.measured,
