@@ -7,6 +7,12 @@ is under CPU or memory pressure. A request's deadline counts from arrival: one s
 or running when it passes gets 504, and the model calls it made are cancelled. A call to a
 replica that dies under it is made once more where the route is idempotent; elsewhere the
 request fails with 503 `replica_unavailable`.
+
+Background work (precomputing popular answers) takes a route's slot only when one is free,
+nobody waits and the host is not under pressure, and gives it up the moment a client needs
+it: a client that would otherwise wait or be refused preempts it (its calls are cancelled),
+and host pressure within a shedding window of background work stops that work instead of
+refusing clients. So background work never causes a client's 503.
 """
 
 from __future__ import annotations
@@ -111,6 +117,9 @@ class Gate:
     admitted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     timed_out: int = 0
+    background: set[Ticket] = field(default_factory=set)
+    background_ended: float = -float("inf")  # monotonic time the last background ticket ended
+    preempted: int = 0
 
     def full(self) -> bool:
         return self.running >= self.limits.max_running and len(self.waiters) >= (
@@ -184,18 +193,22 @@ class Gate:
             "admitted": self.admitted,
             "rejected": dict(self.rejected),
             "timed_out": self.timed_out,
+            "background": len(self.background),
+            "preempted": self.preempted,
         }
 
 
 class Ticket:
     """An admitted request: its slot, its deadline, and the model calls to cancel at it."""
 
-    def __init__(self, gate: Gate, deadline: float) -> None:
+    def __init__(self, gate: Gate, deadline: float, background: bool = False) -> None:
         self.gate = gate
         self.deadline = deadline
         self.calls: list[Response] = []
         self.released = False
         self.streaming = False
+        self.background = background
+        self.preempted = False
 
     def track(self, response: Response) -> Response:
         """Remember a handle call, to cancel it if the deadline passes."""
@@ -267,9 +280,19 @@ class Ticket:
         self.gate.count("timed_out")
         return deadline_exceeded(self.gate.route, self.gate.limits.deadline_s)
 
+    def preempt(self) -> None:
+        """Give a background ticket's slot to a client now; its calls are cancelled."""
+        self.preempted = True
+        self.gate.preempted += 1
+        self.cancel()
+        self.release()
+
     def release(self) -> None:
         if not self.released:
             self.released = True
+            if self.background:
+                self.gate.background.discard(self)
+                self.gate.background_ended = time.monotonic()
             self.gate.release()
 
 
@@ -302,10 +325,17 @@ class AdmissionControl:
         """A ticket for `route`, or 503 at once, or 504 if the deadline passes while queued."""
         gate = self.gates[route]
         deadline = asyncio.get_running_loop().time() + gate.limits.deadline_s
+        if gate.background and gate.running >= gate.limits.max_running:
+            next(iter(gate.background)).preempt()  # the client takes its slot
         reason = None
         if gate.limits.shed and self.pressure.sample():
-            reason = "resource_pressure"
-        elif gate.full():
+            if self._background_recent():
+                # The pressure may be background work's own: that work stops, clients run.
+                for ticket in [t for g in self.gates.values() for t in g.background]:
+                    ticket.preempt()
+            else:
+                reason = "resource_pressure"
+        if reason is None and gate.full():
             reason = "queue_full"
         if reason is not None:
             gate.count("rejected", reason)
@@ -317,6 +347,24 @@ class AdmissionControl:
             raise deadline_exceeded(route, gate.limits.deadline_s) from None
         gate.count("admitted")
         return Ticket(gate, deadline)
+
+    def background(self, route: str) -> Ticket | None:
+        """A background ticket for `route` if a slot is free, nobody waits and the host is
+        not under pressure; else None. Release it when done; a client may preempt it."""
+        gate = self.gates[route]
+        if gate.waiters or gate.running >= gate.limits.max_running or self.pressure.sample():
+            return None
+        gate.running += 1
+        gate._publish()
+        deadline = asyncio.get_running_loop().time() + gate.limits.deadline_s
+        ticket = Ticket(gate, deadline, background=True)
+        gate.background.add(ticket)
+        return ticket
+
+    def _background_recent(self) -> bool:
+        """Whether background work ran within the CPU averaging window."""
+        since = time.monotonic() - self.pressure.shedding.window_s
+        return any(g.background or g.background_ended > since for g in self.gates.values())
 
     def report(self) -> dict[str, Any]:
         return {

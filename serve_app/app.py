@@ -2,7 +2,8 @@
 
 It validates the args into an `AppConfig`, decides GPU shares from what the cluster has, and
 binds the graph: Ingress -> model deployments (Embedder, Reranker, Generator) and route
-deployments (Search, Rag, Documents, Classify), which call the models and the document store.
+deployments (Search, Rag, Documents, Classify), which call the models and the document store,
+and the Precompute job, which keeps the answers of popular queries computed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from serve_app.config import AppConfig, ModelDeployment
 from serve_app.ingress import Ingress
 from serve_app.routes.classify import Classify
 from serve_app.routes.documents import Documents
+from serve_app.routes.precompute import Precompute
 from serve_app.routes.rag import Rag
 from serve_app.routes.search import Search
 
@@ -77,4 +79,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     rag = Rag.bind(embedder, reranker, generator, config)
     documents = Documents.bind(embedder, config)
     classify = Classify.bind(embedder, generator, config)
-    return Ingress.bind(embedder, reranker, generator, search, rag, documents, classify, config)
+    precompute = Precompute.options(user_config=config.precompute.schedule.model_dump()).bind(
+        config
+    )
+    return Ingress.bind(
+        embedder, reranker, generator, search, rag, documents, classify, precompute, config
+    )

@@ -190,6 +190,38 @@ class ClassifyConfig(Section):
     max_labels: int = Field(default=32, ge=2, le=1000)
 
 
+class Schedule(Section):
+    """The Precompute deployment's `user_config`, changed in place: which answers it keeps
+    computed ahead of time, and how often it looks."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=30.0, ge=1.0, le=86_400.0, description="Between passes.")
+    top_n: int = Field(default=20, ge=1, le=10_000, description="Requests kept precomputed.")
+    min_count: int = Field(default=3, ge=1, description="Times asked before a request ranks.")
+    window_s: float = Field(
+        default=86_400.0, gt=0.0, description="Only requests asked within it rank; older counts go."
+    )
+    max_age_s: float = Field(
+        default=3600.0, gt=0.0, description="An answer older than this is computed again."
+    )
+    kinds: list[Literal["search", "rag"]] = Field(default_factory=lambda: ["search", "rag"])
+
+
+class PrecomputeConfig(Section):
+    """Popular queries: the ingress counts every search and RAG request in PostgreSQL, a
+    scheduled job keeps the answers of the most asked ones computed, and the ingress answers
+    those from memory until their collection changes."""
+
+    count_queries: bool = True
+    serve_precomputed: bool = True
+    flush_interval_s: float = Field(
+        default=5.0, gt=0.0, le=3600.0, description="Counts are written in batches this often."
+    )
+    # The default user_config of the Precompute deployment; `deployments[].user_config`
+    # overrides it live.
+    schedule: Schedule = Schedule()
+
+
 class IngressConfig(Section):
     ready_timeout_s: float = Field(default=2.0, gt=0.0)
 
@@ -325,6 +357,7 @@ class AppConfig(BaseSettings):
     chunking: Chunking = Chunking()
     cache: CacheConfig = CacheConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
     database_url: str | None = Field(
         default=None, validation_alias="DATABASE_URL", exclude=True, repr=False

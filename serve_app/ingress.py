@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.admission import AdmissionControl
 from serve_app.config import AppConfig, IngressSettings
 from serve_app.guard import APIKeys, Guard
+from serve_app.popular import Popular, age_s
 from serve_app.protocol import errors, limits
 from serve_app.protocol.classify import ClassifyRequest, ClassifyResponse
 from serve_app.protocol.documents import (
@@ -64,6 +65,8 @@ from serve_app.protocol.rerank import (
     RerankUsage,
 )
 from serve_app.routes.rag import Generated, Sources
+from serve_app.store import open_store
+from serve_app.store.popular import Answer, PopularStore
 
 app = FastAPI(
     title="rag-serve",
@@ -149,8 +152,8 @@ async def _rag_events(sources: Sources, rest: AsyncIterator) -> AsyncIterator[st
     yield "data: [DONE]\n\n"
 
 
-async def _rag_answer(events: AsyncIterator) -> tuple[str, Delta, Generated]:
-    """The answer's text, its last delta and the generation summary."""
+async def _rag_answer(sources: Sources, events: AsyncIterator) -> RagResponse:
+    """The whole answer: the generator's text joined, with its citations and timings."""
     text, last, generated = "", None, None
     async for event in events:
         if isinstance(event, Delta):
@@ -158,7 +161,33 @@ async def _rag_answer(events: AsyncIterator) -> tuple[str, Delta, Generated]:
         elif isinstance(event, Generated):
             generated = event
     assert last is not None and generated is not None
-    return text, last, generated
+    return RagResponse(
+        answer=text,
+        finish_reason=last.finish_reason,
+        citations=sources.citations,
+        usage=RagUsage(**_usage(last).model_dump()),
+        timings=Timings(**sources.timings, generate_ms=generated.generate_ms),
+    )
+
+
+def _precomputed(answer: Answer, stream: bool = False) -> Response:
+    """A precomputed answer as JSON, or for a streamed RAG request as its SSE events, saying
+    where it came from and its age (also the `Age` header)."""
+    age = age_s(answer)
+    cache = {"cached": True, "cache": {"source": "precomputed", "age_s": round(age, 3)}}
+    headers = {"Age": str(int(age))}
+    if not stream:
+        body = orjson.dumps({**answer.body, **cache})
+        return Response(body, media_type="application/json", headers=headers)
+    body = answer.body
+    done = {
+        "type": "done",
+        **{k: body[k] for k in ("finish_reason", "citations", "usage", "timings")},
+        **cache,
+    }
+    events = [{"type": "delta", "text": body["answer"]}, done] if body["answer"] else [done]
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return Response(sse, media_type="text/event-stream", headers=headers)
 
 
 def _deployment_states() -> dict[str, dict]:
@@ -181,7 +210,7 @@ def _deployment_states() -> dict[str, dict]:
 class Ingress:
     """Composes the model deployments behind one FastAPI app."""
 
-    def __init__(
+    async def __init__(
         self,
         embedder: DeploymentHandle,
         reranker: DeploymentHandle,
@@ -190,6 +219,7 @@ class Ingress:
         rag: DeploymentHandle,
         documents: DeploymentHandle,
         classifier: DeploymentHandle,
+        precompute: DeploymentHandle,
         config: AppConfig,
     ) -> None:
         self.embedder = embedder
@@ -199,10 +229,15 @@ class Ingress:
         self.rag = rag
         self.documents = documents
         self.classifier = classifier
+        self.precompute = precompute
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
         self.settings = IngressSettings()
         self.admission = AdmissionControl(self.settings.admission)
+        # Popular queries: counted here, answered from memory when precomputed.
+        store = await open_store(config.store.model_copy(update={"pool_size": 2}), "Ingress")
+        models = "|".join(m.name for m in config.models().values())
+        self.popular = Popular(PopularStore(store), store.url, config.precompute, models)
 
     def reconfigure(self, user_config: dict) -> None:
         """Route limits, shedding, input limits and API keys from the deployment's
@@ -241,14 +276,17 @@ class Ingress:
     @app.get("/v1/status")
     async def status(self) -> dict[str, object]:
         """Routes with limits and load, host pressure, replicas per deployment, and models."""
-        deployments, models = await asyncio.gather(
-            asyncio.to_thread(_deployment_states), self._model_infos()
+        deployments, models, schedule = await asyncio.gather(
+            asyncio.to_thread(_deployment_states),
+            self._model_infos(),
+            self.precompute.report.remote(),
         )
         return {
             **self.admission.report(),
             "inputs": self.settings.inputs.model_dump(),
             "auth": {"keys": len(app.state.api_keys.digests)},  # how many, never which
             "classify": self.config.classify.model_dump(include={"threshold", "temperature"}),
+            "precompute": {**self.popular.report(), "schedule": schedule},
             "deployments": deployments,
             "models": models,
         }
@@ -431,35 +469,60 @@ class Ingress:
         return Deleted(id=name, object="collection")
 
     # --- search and answers -----------------------------------------------------------------
-    @app.post("/v1/search")
-    async def search(self, request: SearchRequest) -> SearchResponse:
+    @app.post("/v1/search", response_model=SearchResponse)
+    async def search(self, request: SearchRequest):
         """Nearest chunks by cosine (HNSW), metadata filters, optional rerank."""
         limits.check_retrieval(request, self.settings.inputs)
+        if (answer := self.popular.lookup("search", request)) is not None:
+            return _precomputed(answer)  # no model runs: no slot taken
         async with self.admission.admit("search") as ticket:
             return await ticket.call(lambda: self.search_route.search.remote(request))
 
     @app.post("/v1/rag/query", response_model=RagResponse)
     async def rag_query(self, request: RagRequest):
         """Retrieve, rerank, and answer citing sources by number; SSE with `stream`."""
-        limits.check_retrieval(request, self.settings.inputs)
-        cap = self.config.generator.max_new_tokens
-        if request.max_tokens is not None and request.max_tokens > cap:
-            raise errors.APIError(
-                400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
-            )
-        request = request.model_copy(update={"max_tokens": request.max_tokens or min(256, cap)})
+        request = self._rag_request(request)
+        if (answer := self.popular.lookup("rag", request)) is not None:
+            return _precomputed(answer, request.stream)
         async with self.admission.admit("rag") as ticket:
             events = ticket.track(self.rag.options(stream=True).answer.remote(request))
             sources: Sources = await ticket.wait(anext(events))  # retrieval errors: a status
             if request.stream:
                 stream = ticket.stream(_rag_events(sources, events))
                 return StreamingResponse(stream, media_type="text/event-stream")
-            text, last, generated = await ticket.wait(_rag_answer(events))
+            return await ticket.wait(_rag_answer(sources, events))
 
-        return RagResponse(
-            answer=text,
-            finish_reason=last.finish_reason,
-            citations=sources.citations,
-            usage=RagUsage(**_usage(last).model_dump()),
-            timings=Timings(**sources.timings, generate_ms=generated.generate_ms),
-        )
+    def _rag_request(self, request: RagRequest) -> RagRequest:
+        """The request checked against the input limits, with its max_tokens default filled."""
+        limits.check_retrieval(request, self.settings.inputs)
+        cap = self.config.generator.max_new_tokens
+        if request.max_tokens is not None and request.max_tokens > cap:
+            raise errors.APIError(
+                400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
+            )
+        return request.model_copy(update={"max_tokens": request.max_tokens or min(256, cap)})
+
+    # --- background work --------------------------------------------------------------------
+    async def run_background(self, kind: str, request: dict) -> dict | None:
+        """Run a counted search or RAG request for the Precompute job, at background priority
+        (admission.background): its answer without cache fields, or None where the route had
+        no free slot or a client took it."""
+        route, parsed = ("search", SearchRequest(**request))
+        if kind == "rag":
+            route, parsed = "rag", self._rag_request(RagRequest(**{**request, "stream": False}))
+        ticket = self.admission.background(route)
+        if ticket is None:
+            return None
+        try:
+            if route == "search":
+                answer = await ticket.result(self.search_route.search.remote(parsed))
+            else:
+                events = ticket.track(self.rag.options(stream=True).answer.remote(parsed))
+                answer = await ticket.wait(_rag_answer(await ticket.wait(anext(events)), events))
+        except Exception:
+            if ticket.preempted:
+                return None
+            raise
+        finally:
+            ticket.release()
+        return answer.model_dump(mode="json", exclude={"cached", "cache"})

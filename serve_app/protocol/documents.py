@@ -146,11 +146,22 @@ class Timings(BaseModel):
     generate_ms: float = 0.0
 
 
+class CacheInfo(BaseModel):
+    """Where a cached answer came from, and how old it is (also sent as the `Age` header)."""
+
+    source: Literal["response", "precomputed"] = Field(
+        description="response: the search cache filled by an earlier request; precomputed: "
+        "computed ahead of time for a popular query."
+    )
+    age_s: float = Field(description="Seconds since the answer was computed.")
+
+
 class SearchResponse(BaseModel):
     collection: str
     results: list[SearchResult]
     timings: Timings
-    cached: bool = Field(default=False, description="Answered from the response cache.")
+    cached: bool = Field(default=False, description="Answered from a cache.")
+    cache: CacheInfo | None = None
 
 
 # --- answers ------------------------------------------------------------------------------
@@ -184,3 +195,5 @@ class RagResponse(BaseModel):
     citations: list[Citation]
     usage: RagUsage
     timings: Timings
+    cached: bool = Field(default=False, description="A precomputed answer.")
+    cache: CacheInfo | None = None

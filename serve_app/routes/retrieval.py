@@ -22,7 +22,7 @@ class Retrieved:
     hits: list[Hit]
     rerank_scores: list[float] | None
     timings: dict[str, float]
-    cached: bool = False
+    cached_age_s: float | None = None  # answered from the response cache, computed this long ago
 
 
 class Retriever:
@@ -51,11 +51,13 @@ class Retriever:
         )
         if (hit := await self.cache.get(key)) is not None:
             hits = [Hit(**h) for h in hit["hits"]]
-            return Retrieved(hits, hit["rerank_scores"], {}, cached=True)
+            age_s = max(0.0, time.time() - hit.get("stored_at", time.time()))
+            return Retrieved(hits, hit["rerank_scores"], {}, cached_age_s=age_s)
         retrieved = await self._retrieve(collection, request)
         value = {
             "hits": [asdict(h) for h in retrieved.hits],
             "rerank_scores": retrieved.rerank_scores,
+            "stored_at": time.time(),
         }
         await self.cache.put(key, value)
         return retrieved

@@ -6,7 +6,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
-from serve_app.protocol.documents import SearchRequest, SearchResponse, SearchResult, Timings
+from serve_app.protocol.documents import (
+    CacheInfo,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    Timings,
+)
 from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
@@ -33,9 +39,11 @@ class Search:
             )
             for h, r in zip(retrieved.hits, rerank_scores, strict=True)
         ]
+        age_s = retrieved.cached_age_s
         return SearchResponse(
             collection=request.collection,
             results=results,
             timings=Timings(**retrieved.timings),
-            cached=retrieved.cached,
+            cached=age_s is not None,
+            cache=None if age_s is None else CacheInfo(source="response", age_s=round(age_s, 3)),
         )

@@ -55,6 +55,62 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE collections ADD COLUMN version bigint NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        3,
+        """
+        -- How often each search or RAG request was asked, by its normalized form (`key`):
+        -- the ranking of popular queries whose answers are precomputed (serve_app/popular.py).
+        CREATE TABLE query_counts (
+            collection_id bigint NOT NULL REFERENCES collections (id) ON DELETE CASCADE,
+            kind text NOT NULL CHECK (kind IN ('search', 'rag')),
+            key text NOT NULL,
+            query text NOT NULL,
+            request jsonb NOT NULL,
+            count bigint NOT NULL CHECK (count > 0),
+            first_seen timestamptz NOT NULL DEFAULT now(),
+            last_seen timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (collection_id, kind, key)
+        );
+        CREATE INDEX query_counts_rank ON query_counts (last_seen, count);
+        -- Answers computed ahead of time for the most asked requests, valid while their
+        -- collection is at `version`.
+        CREATE TABLE precomputed_answers (
+            collection_id bigint NOT NULL REFERENCES collections (id) ON DELETE CASCADE,
+            kind text NOT NULL CHECK (kind IN ('search', 'rag')),
+            key text NOT NULL,
+            version bigint NOT NULL,
+            answer jsonb NOT NULL,
+            computed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (collection_id, kind, key)
+        );
+        -- Every ingress replica keeps the valid answers in memory and LISTENs here: a change
+        -- to a collection (a new version, or its deletion) and a new answer reach all of them
+        -- when the transaction commits, whoever made it.
+        CREATE FUNCTION rag_notify_collection() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'DELETE' THEN
+                PERFORM pg_notify('rag_collections', OLD.id || ':-1');
+            ELSIF NEW.version IS DISTINCT FROM OLD.version THEN
+                PERFORM pg_notify('rag_collections', NEW.id || ':' || NEW.version);
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER collections_changed AFTER UPDATE OR DELETE ON collections
+            FOR EACH ROW EXECUTE FUNCTION rag_notify_collection();
+        CREATE FUNCTION rag_notify_precomputed() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            answer precomputed_answers;
+        BEGIN
+            IF TG_OP = 'DELETE' THEN answer := OLD; ELSE answer := NEW; END IF;
+            PERFORM pg_notify(
+                'rag_precomputed', answer.collection_id || ':' || answer.kind || ':' || answer.key
+            );
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER precomputed_changed AFTER INSERT OR UPDATE OR DELETE ON precomputed_answers
+            FOR EACH ROW EXECUTE FUNCTION rag_notify_precomputed();
+        """,
+    ),
 ]
 
 

@@ -157,7 +157,7 @@ class VectorStore:
             self.migrated = True
 
     @asynccontextmanager
-    async def _connection(self, transaction: bool = False) -> AsyncIterator[Any]:
+    async def connection(self, transaction: bool = False) -> AsyncIterator[Any]:
         """A pooled connection (in a transaction if asked); 503 when the database is down."""
         try:
             if not self.migrated:
@@ -177,7 +177,7 @@ class VectorStore:
 
     # --- collections ----------------------------------------------------------------------
     async def collection(self, name: str) -> Collection:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             row = await (
                 await conn.execute(
                     "SELECT id, name, embedding_model, dimensions, version FROM collections"
@@ -191,7 +191,7 @@ class VectorStore:
 
     async def ensure_collection(self, name: str, model: str, dimensions: int) -> Collection:
         """The collection `name`, created for `model` if new; vectors of models never mix."""
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             await conn.execute(
                 "INSERT INTO collections (name, embedding_model, dimensions) VALUES (%s, %s, %s)"
                 " ON CONFLICT (name) DO NOTHING",
@@ -221,7 +221,7 @@ class VectorStore:
         return collection
 
     async def list_collections(self) -> list[dict[str, Any]]:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             rows = await (
                 await conn.execute(
                     "SELECT c.name, c.embedding_model, c.dimensions, c.created_at,"
@@ -235,7 +235,7 @@ class VectorStore:
 
     async def delete_collection(self, name: str) -> None:
         collection = await self.collection(name)
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             await conn.execute(f"DROP INDEX IF EXISTS chunks_hnsw_{collection.id}")
             await conn.execute("DELETE FROM collections WHERE id = %s", (collection.id,))
 
@@ -244,7 +244,7 @@ class VectorStore:
         """Store `documents`, replacing any earlier version of each id, all in one transaction:
         a failure leaves every earlier version intact, never a mix."""
         ids = [d.id for d in documents]
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             await self._bump(conn, collection)
             await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = ANY(%s)",
@@ -270,7 +270,7 @@ class VectorStore:
                             )
 
     async def delete_document(self, collection: Collection, document_id: str) -> bool:
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             await self._bump(conn, collection)
             cur = await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = %s",
@@ -308,7 +308,7 @@ class VectorStore:
             f" WHERE {where} ORDER BY {distance} LIMIT %(k)s"
         )
         params = {"q": np.asarray(vector, dtype=np.float32), "k": top_k, "filters": Jsonb(filters)}
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             if exact:
                 await conn.execute("SET LOCAL enable_indexscan = off")
             else:
