@@ -100,7 +100,9 @@ class PrecomputedAnswers:
         self.misses: Counter[str] = Counter()
 
     def get(self, asked: Asked) -> Answer | None:
-        answer = self.entries.get((asked.collection, asked.kind, asked.key))
+        """The valid answer, if any; none while a change might have been missed."""
+        key = (asked.collection, asked.kind, asked.key)
+        answer = self.entries.get(key) if self.subscribed else None
         outcome = "hits" if answer else "misses"
         getattr(self, outcome)[asked.kind] += 1
         recorded = metrics.cache_metrics()

@@ -7,10 +7,11 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import deployment_options, plan
-from serve_app.config import Admission, AppConfig, Batching, IngressSettings
+from serve_app.config import Admission, AppConfig, Batching, IngressSettings, Schedule
 from serve_app.ingress import Ingress
 from serve_app.routes.classify import Classify
 from serve_app.routes.documents import Documents
+from serve_app.routes.precompute import Precompute
 from serve_app.routes.rag import Rag
 from serve_app.routes.search import Search
 
@@ -21,6 +22,7 @@ ROUTE_DEPLOYMENTS = {
     "Rag": Rag,
     "Documents": Documents,
     "Classify": Classify,
+    "Precompute": Precompute,
 }
 
 
@@ -76,6 +78,8 @@ def test_config_files_name_real_deployments(path):
             Batching(**override["user_config"])
         if name == "Ingress" and "user_config" in override:
             IngressSettings.from_user_config(override["user_config"])
+        if name == "Precompute" and "user_config" in override:
+            Schedule(**override["user_config"])
 
 
 def test_default_graph_fits_two_cores_at_max_replicas():
@@ -86,7 +90,7 @@ def test_default_graph_fits_two_cores_at_max_replicas():
     total = 0.0
     for name, share in cpus.items():
         override = tuned[name]
-        assert "autoscaling_config" in override or name == "Ingress"
+        assert "autoscaling_config" in override or name in ("Ingress", "Precompute")
         replicas = override.get("autoscaling_config", {}).get("max_replicas", 1)
         total += share * override.get("num_replicas", replicas)
     assert tuned["Embedder"]["autoscaling_config"]["max_replicas"] >= 2
