@@ -438,7 +438,10 @@ class Ingress:
         async with self.admission.admit("ingest") as ticket:
             # Idempotent: a document's id (or its text's hash) names it, and each request is
             # stored in one transaction, so a second try replaces what the first left, if any.
-            return await ticket.call(lambda: self.documents.ingest.remote(request))
+            try:
+                return await ticket.call(lambda: self.documents.ingest.remote(request))
+            finally:  # even a failed ingest may have committed
+                self.popular.answers.forget(request.collection)
 
     @app.delete("/v1/documents/{collection}/{document_id:path}")
     async def delete_document(
@@ -446,7 +449,9 @@ class Ingress:
         collection: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)],
         document_id: Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00]+$")],
     ) -> Deleted:
-        if not await self.documents.delete_document.remote(collection, document_id):
+        deleted = await self.documents.delete_document.remote(collection, document_id)
+        self.popular.answers.forget(collection)
+        if not deleted:
             raise errors.APIError(
                 404,
                 f"No document '{document_id}' in '{collection}'.",
@@ -466,6 +471,7 @@ class Ingress:
         self, name: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)]
     ) -> Deleted:
         await self.documents.delete_collection.remote(name)
+        self.popular.answers.forget(name)
         return Deleted(id=name, object="collection")
 
     # --- search and answers -----------------------------------------------------------------

@@ -110,6 +110,12 @@ class PrecomputedAnswers:
         counter.inc(tags={"cache": f"precomputed-{asked.kind}"})
         return answer
 
+    def forget(self, collection: str) -> None:
+        """Drop a collection's answers now: this replica changed it. (Other replicas drop them
+        on the notification, which arrives as the change commits.)"""
+        for key in [k for k in self.entries if k[0] == collection]:
+            del self.entries[key]
+
     def report(self) -> dict[str, Any]:
         kinds = ("search", "rag")
         return {
