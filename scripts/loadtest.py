@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/loadtest.py --route chat --steps 1,5,50 --duration 60 \\
         [--url http://127.0.0.1:8000] [--out docs/benchmarks] [--name NAME] \\
-        [--collection loadtest] [--max-tokens 32] [--poll 1.0] [--timeout 300]
+        [--collection loadtest] [--max-tokens 32] [--poll 1.0] [--timeout 300] \\
+        [--zipf 1.1 --queries 100 --seed 0]
 
 Routes: embeddings, rerank, chat, search, rag, ingest. Each step of --steps runs that many
 clients for --duration seconds, one step after the other; each client sends a request, waits
@@ -11,7 +12,10 @@ a step runs at most 512 clients for at most 600 s.
 
 Bodies rotate through English sentences of 8-40 words taken from the license texts in
 /usr/share/common-licenses. For search and rag, a seed corpus is ingested into --collection
-before the load starts.
+before the load starts. With --zipf S (search and rag), each query is instead drawn from the
+first --queries sentences with probability proportional to 1 / rank^S, as popular queries are
+asked in real traffic; the report then counts answers by their cache (`precomputed`,
+`response`, or none) with the latency of each.
 
 While the load runs, /v1/status is polled every --poll seconds for the RUNNING replicas of each
 deployment, the shedding monitor's CPU and memory use, and the route's running and queued
@@ -90,6 +94,7 @@ class Record:
     status: str
     concurrency: int
     retry_after: bool = False
+    cache: str | None = None  # where a search or RAG answer came from, if a cache
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,10 @@ class LoadConfig:
     timeout: float = 300.0
     wait_retry_after: bool = True
     ramp: float = 5.0
+    zipf: float | None = None
+    queries: int = 100
+    seed_corpus: bool = True  # search and rag: ingest the seed corpus first
+    seed: int = 0
     command: str = ""
 
 
@@ -151,14 +160,30 @@ def _window(sentences: Sequence[str], start: int, size: int) -> list[str]:
     return [sentences[(start + k) % len(sentences)] for k in range(size)]
 
 
+def zipf_ranks(exponent: float, queries: int, seed: int = 0) -> Iterator[int]:
+    """Endless ranks in [0, queries): rank r with probability proportional to 1 / (r+1)^s."""
+    if exponent <= 0 or queries < 1:
+        raise ValueError("the Zipf exponent and the number of queries must be positive")
+    weights = 1.0 / np.arange(1, queries + 1) ** exponent
+    rng = np.random.default_rng(seed)
+    while True:
+        yield from rng.choice(queries, size=4096, p=weights / weights.sum()).tolist()
+
+
 def bodies(
-    route: str, sentences: Sequence[str], collection: str = "loadtest", max_tokens: int = 32
+    route: str,
+    sentences: Sequence[str],
+    collection: str = "loadtest",
+    max_tokens: int = 32,
+    ranks: Iterator[int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Endless JSON bodies for a route, rotating through the sentences."""
+    """Endless JSON bodies for a route, rotating through the sentences, or for search and
+    rag drawing each query's sentence by `ranks` (a Zipf mix)."""
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}")
     for n in itertools.count():
-        sentence = sentences[n % len(sentences)]
+        index = next(ranks) if ranks is not None and route in SEEDED_ROUTES else n
+        sentence = sentences[index % len(sentences)]
         if route == "embeddings":
             yield {"input": sentence}
         elif route == "rerank":
@@ -255,17 +280,22 @@ async def poll_status(
 # --- load -------------------------------------------------------------------------------------
 async def send(
     client: aiohttp.ClientSession, path: str, body: dict[str, Any]
-) -> tuple[str, float, float | None]:
-    """Status (a code, or "error"), latency in seconds and Retry-After in seconds, if sent."""
+) -> tuple[str, float, float | None, str | None]:
+    """Status (a code, or "error"), latency in seconds, Retry-After in seconds if sent, and
+    the cache a 200 search or RAG answer came from (its `cache.source`), if any."""
     start = time.perf_counter()
     try:
         async with client.post(path, json=body) as response:
-            await response.read()
+            content = await response.read()
     except (aiohttp.ClientError, TimeoutError):
-        return "error", time.perf_counter() - start, None
+        return "error", time.perf_counter() - start, None, None
     latency = time.perf_counter() - start
     retry_after = _retry_after(response) if "retry-after" in response.headers else None
-    return str(response.status), latency, retry_after
+    cache = None
+    if response.status == 200 and path in (ROUTES["search"], ROUTES["rag"]):
+        with contextlib.suppress(ValueError, AttributeError):
+            cache = (json.loads(content).get("cache") or {}).get("source")
+    return str(response.status), latency, retry_after, cache
 
 
 async def run_step(
@@ -292,8 +322,10 @@ async def run_step(
         await asyncio.sleep(min(ramp * index / concurrency, duration))
         while time.perf_counter() < deadline:
             sent = time.perf_counter() - t0
-            status, latency, retry_after = await send(client, path, next(requests))
-            records.append(Record(sent, latency, status, concurrency, retry_after is not None))
+            status, latency, retry_after, cache = await send(client, path, next(requests))
+            records.append(
+                Record(sent, latency, status, concurrency, retry_after is not None, cache)
+            )
             if status == "503" and wait_retry_after and retry_after:
                 await asyncio.sleep(max(0.0, min(retry_after, deadline - time.perf_counter())))
 
@@ -343,9 +375,10 @@ async def run_load(cfg: LoadConfig, sentences: Sequence[str] | None = None) -> R
         ) as client,
         httpx.AsyncClient(base_url=base, timeout=max(2.0, cfg.poll), trust_env=False) as poller,
     ):
-        if cfg.route in SEEDED_ROUTES:
+        if cfg.route in SEEDED_ROUTES and cfg.seed_corpus:
             await seed(poller, seed_batches(sentences, cfg.collection))
-        requests = bodies(cfg.route, sentences, cfg.collection, cfg.max_tokens)
+        ranks = zipf_ranks(cfg.zipf, cfg.queries, cfg.seed) if cfg.zipf else None
+        requests = bodies(cfg.route, sentences, cfg.collection, cfg.max_tokens, ranks)
         stop = asyncio.Event()
         run.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         t0 = time.perf_counter()
@@ -400,6 +433,25 @@ def summarize(
         },
         "missing_retry_after_503": sum(r.status == "503" and not r.retry_after for r in records),
         "max_memory_percent": max(memory) if memory else None,
+        "cache": cache_summary(records),
+    }
+
+
+def cache_summary(records: Sequence[Record]) -> dict[str, Any]:
+    """Of the 200s: the share answered from a cache, and count and latency by source."""
+    ok = [r for r in records if r.status == "200"]
+    sources: dict[str, list[Record]] = {}
+    for r in ok:
+        sources.setdefault(r.cache or "none", []).append(r)
+    return {
+        "hit_rate": round(sum(r.cache is not None for r in ok) / len(ok), 4) if ok else None,
+        "by_source": {
+            source: {
+                "count": len(chosen),
+                "latency_ms": percentiles_ms([r.latency for r in chosen]),
+            }
+            for source, chosen in sorted(sources.items())
+        },
     }
 
 
@@ -435,6 +487,7 @@ def build_report(cfg: LoadConfig, run: Run) -> dict[str, Any]:
         "timeout": cfg.timeout,
         "ramp_s": cfg.ramp,
         "wait_retry_after": cfg.wait_retry_after,
+        "mix": {"zipf": cfg.zipf, "queries": cfg.queries, "seed": cfg.seed} if cfg.zipf else None,
         "started_at": run.started_at,
         "host": {"node": platform.node(), "cpu_count": os.cpu_count()},
         "results": step_results(run),
@@ -635,6 +688,9 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
     parser.add_argument(
         "--ramp", type=float, default=5.0, help="seconds over which a step's clients start"
     )
+    parser.add_argument("--zipf", type=float, help="search/rag: Zipf exponent of the query mix")
+    parser.add_argument("--queries", type=int, default=100, help="distinct queries in the mix")
+    parser.add_argument("--seed", type=int, default=0, help="of the query mix")
     parser.add_argument(
         "--no-retry-wait",
         dest="wait_retry_after",
@@ -650,6 +706,8 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         parser.error(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
     if args.poll < 0.1 or args.timeout <= 0 or args.max_tokens < 1:
         parser.error("--poll must be at least 0.1, --timeout and --max-tokens positive")
+    if args.zipf is not None and (args.zipf <= 0 or args.queries < 1):
+        parser.error("--zipf and --queries must be positive")
     name = args.name or args.route
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         parser.error(f"--name {name!r} must be letters, digits, '_', '.' or '-'")
@@ -666,6 +724,9 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         timeout=args.timeout,
         wait_retry_after=args.wait_retry_after,
         ramp=args.ramp,
+        zipf=args.zipf,
+        queries=args.queries,
+        seed=args.seed,
         command=" ".join([".venv/bin/python", *sys.argv]),
     )
 

@@ -214,3 +214,34 @@ def test_search_seeds_the_collection_first(server_url, tmp_path):
     assert ingested == [10, 10, 10, 10, 10, 10]  # five batches of ten, the first sent twice
     assert searched and searched[0]["collection"] == "seeded" and searched[0]["top_k"] == 5
     assert report["overall"]["status"] == {"200": len(searched)}
+
+
+def test_zipf_mix_draws_popular_queries_more_often():
+    from itertools import islice
+
+    ranks = list(islice(loadtest.zipf_ranks(1.0, 50, seed=1), 20_000))
+    counts = [ranks.count(r) for r in range(50)]
+    assert min(ranks) == 0 and max(ranks) < 50
+    # 1/rank: rank 1 about twice rank 2 and ten times rank 10 (sampling noise allowed).
+    assert 1.7 < counts[0] / counts[1] < 2.3 and 7 < counts[0] / counts[9] < 13
+    assert list(islice(loadtest.zipf_ranks(1.0, 50, seed=1), 100)) == ranks[:100]
+    sentences = [f"s{i}" for i in range(50)]
+    mixed = loadtest.bodies("search", sentences, ranks=iter([3, 3, 0]))
+    assert [next(mixed)["query"] for _ in range(3)] == ["s3", "s3", "s0"]
+    with pytest.raises(ValueError):
+        next(loadtest.zipf_ranks(0, 10))
+
+
+def test_cache_summary_counts_hits_by_source():
+    Record = loadtest.Record
+    records = [
+        Record(0, 0.005, "200", 1, cache="precomputed"),
+        Record(0, 0.007, "200", 1, cache="precomputed"),
+        Record(0, 0.020, "200", 1, cache="response"),
+        Record(0, 1.500, "200", 1),
+        Record(0, 0.001, "503", 1),
+    ]
+    summary = loadtest.cache_summary(records)
+    assert summary["hit_rate"] == 0.75
+    assert summary["by_source"]["precomputed"]["count"] == 2
+    assert summary["by_source"]["none"]["latency_ms"]["p50"] == 1500.0

@@ -1,0 +1,194 @@
+"""Precomputed answers for popular queries: a Zipf query mix with and without them.
+
+    .venv/bin/python scripts/bench_precompute.py [--zipf 1.1] [--queries 100] \\
+        [--search-clients 4 --search-s 30] [--rag-clients 2 --rag-s 60] [--top-n 20]
+
+Starts a local Ray cluster and configs/test.yaml (an empty embedded PostgreSQL in a temporary
+folder), then for search and for RAG runs the same Zipf-distributed load (scripts/loadtest.py,
+same seed; one client, then several) twice:
+- without: the Precompute job disabled; search still has its response cache;
+- with: the job enabled (every 5 s, top --top-n requests asked at least twice), after a pass
+  has computed the answers ranked by the first run's counts. It keeps running during the load.
+Reports, per route and run, the share of 200s answered from a cache by source, and p50/p99
+latency overall and by source. Writes docs/benchmarks/precompute.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import loadtest
+from benchlib import ROOT, machine, write_report
+
+from serve_app.launch import deploy, load_config, wait_ready
+
+SCHEDULE = {"interval_s": 5, "min_count": 2, "window_s": 86400, "max_age_s": 3600}
+
+
+def app_config(data_dir: Path) -> dict:
+    config = load_config(ROOT / "configs" / "test.yaml")
+    app = config["applications"][0]
+    args = {**app["args"], "store": {"data_dir": str(data_dir)}}
+    return {**config, "applications": [{**app, "args": args}]}
+
+
+def set_schedule(config: dict, **schedule) -> str:
+    """The Precompute job's user_config changed in place, as `serve deploy` does."""
+    return deploy(config, [{"name": "Precompute", "user_config": {**SCHEDULE, **schedule}}])
+
+
+def settled(url: str, kind: str, timeout_s: float = 300.0) -> dict:
+    """The job's last pass once it ranked requests of `kind` and every one is fresh."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            status = client.get("/v1/status").json()["precompute"]
+            last = status["schedule"]["last_pass"]
+            if (
+                last
+                and last["ranked"]
+                and last["fresh"] == last["ranked"]
+                and status["answers"][kind]
+            ):
+                return {"last_pass": last, "answers": status["answers"]}
+            time.sleep(1.0)
+    raise TimeoutError("the Precompute job did not settle")
+
+
+def run(url: str, route: str, clients: int, seconds: float, args, seed_corpus: bool) -> list:
+    """One client (latency alone), then `clients` (under load), `seconds` each."""
+    cfg = loadtest.LoadConfig(
+        url=url,
+        route=route,
+        steps=[1, clients],
+        duration=seconds,
+        out=ROOT / "docs" / "benchmarks",
+        name=f"precompute-{route}",
+        collection=f"popular-{route}",
+        seed_corpus=seed_corpus,  # seeding again would change the collection
+        max_tokens=args.max_tokens,
+        ramp=0.0,
+        zipf=args.zipf,
+        queries=args.queries,
+        seed=args.seed,
+    )
+    steps = loadtest.step_results(asyncio.run(loadtest.run_load(cfg)))
+    return [
+        {
+            "clients": step["concurrency"],
+            "seconds": step["elapsed_s"],
+            "requests": step["requests"],
+            "ok_rps": step["ok_rps"],
+            "status": step["status"],
+            "latency_ms": step["latency_ms"]["200"],
+            "cache": step["cache"],
+        }
+        for step in steps
+    ]
+
+
+def markdown(report: dict) -> str:
+    mix = report["mix"]
+    lines = [
+        "# Precomputed answers for popular queries",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+        f"app: configs/test.yaml. Query mix: Zipf s={mix['zipf']} over {mix['queries']} "
+        f"distinct queries (seed {mix['seed']}), the same sequence in both runs. Job: every "
+        f"{SCHEDULE['interval_s']} s, top {report['top_n']} requests asked at least "
+        f"{SCHEDULE['min_count']} times.",
+        "",
+        "| route | precompute | clients | 200/s | hit rate | precomputed | response cache "
+        "| miss | p50 ms | p99 ms | p50 precomputed | p50 miss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for route, runs in report["routes"].items():
+        for label, r in [(name, r) for name in ("without", "with") for r in runs[name]]:
+            by = r["cache"]["by_source"]
+
+            def count(source, by=by):
+                return by.get(source, {}).get("count", 0)
+
+            def p50(source, by=by):
+                value = by.get(source, {}).get("latency_ms", {}).get("p50")
+                return "-" if value is None else f"{value:.1f}"
+
+            lines.append(
+                f"| {route} | {label} | {r['clients']} | {r['ok_rps']:.2f} "
+                f"| {r['cache']['hit_rate']:.1%} | {count('precomputed')} "
+                f"| {count('response')} | {count('none')} | {r['latency_ms']['p50']:.1f} "
+                f"| {r['latency_ms']['p99']:.1f} | {p50('precomputed')} | {p50('none')} |"
+            )
+    lines += [
+        "",
+        "Latency is from the client's send to the whole answer, over HTTP on this machine, "
+        "for 200s. `hit rate`: the share of 200s answered from a cache (precomputed, or the "
+        "search route's response cache). Ratios are of one run on a shared machine.",
+        "",
+    ]
+    for route, runs in report["routes"].items():
+        job = runs["job"]
+        lines.append(
+            f"- {route}: before the `with` run the job had {job['answers']} answers "
+            f"(last pass: {job['last_pass']})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-n", type=int, default=20)
+    parser.add_argument("--search-clients", type=int, default=4)
+    parser.add_argument("--search-s", type=float, default=30.0, help="per step")
+    parser.add_argument("--rag-clients", type=int, default=2)
+    parser.add_argument("--rag-s", type=float, default=60.0, help="per step")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    config = app_config(Path(tempfile.mkdtemp(prefix="rag-bench-")) / "pgdata")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = set_schedule(config, enabled=False, top_n=args.top_n)
+        wait_ready(url)
+        routes = {}
+        for route, clients, seconds in (
+            ("search", args.search_clients, args.search_s),
+            ("rag", args.rag_clients, args.rag_s),
+        ):
+            set_schedule(config, enabled=False, top_n=args.top_n)
+            without = run(url, route, clients, seconds, args, seed_corpus=True)
+            print(route, "without", without)
+            set_schedule(config, enabled=True, top_n=args.top_n, kinds=[route])
+            job = settled(url, route)
+            with_ = run(url, route, clients, seconds, args, seed_corpus=False)
+            print(route, "with", with_)
+            routes[route] = {"without": without, "with": with_, "job": job}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    report = {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "machine": machine(),
+        "mix": {"zipf": args.zipf, "queries": args.queries, "seed": args.seed},
+        "top_n": args.top_n,
+        "routes": routes,
+    }
+    write_report(report, "precompute", markdown)
+
+
+if __name__ == "__main__":
+    main()
