@@ -37,7 +37,7 @@ class Precompute:
     async def __init__(self, config: AppConfig) -> None:
         store = config.store.model_copy(update={"pool_size": 2})
         self.store = PopularStore(await open_store(store, "Precompute"))
-        self.schedule = config.precompute.schedule
+        self.defaults = self.schedule = config.precompute.schedule
         self.ingress: DeploymentHandle | None = None
         self.wake = asyncio.Event()
         self.running = asyncio.Lock()
@@ -46,7 +46,8 @@ class Precompute:
         self.loop = asyncio.get_running_loop().create_task(self._schedule())
 
     def reconfigure(self, user_config: dict) -> None:
-        self.schedule = Schedule.model_validate(user_config or {})
+        """The schedule: `user_config` laid over `args.precompute.schedule`, field by field."""
+        self.schedule = Schedule.model_validate({**self.defaults.model_dump(), **user_config})
         self.wake.set()  # a new interval takes effect now, not after the old one
 
     async def run(self) -> dict[str, Any]:
