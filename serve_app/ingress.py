@@ -513,14 +513,15 @@ class Ingress:
         """Run a counted search or RAG request for the Precompute job, at background priority
         (admission.background): its answer without cache fields, or None where the route had
         no free slot or a client took it."""
-        route, parsed = ("search", SearchRequest(**request))
-        if kind == "rag":
-            route, parsed = "rag", self._rag_request(RagRequest(**{**request, "stream": False}))
-        ticket = self.admission.background(route)
+        if kind == "search":
+            parsed = SearchRequest(**request)
+        else:
+            parsed = self._rag_request(RagRequest(**{**request, "stream": False}))
+        ticket = self.admission.background(kind)  # the routes are named as the kinds
         if ticket is None:
             return None
         try:
-            if route == "search":
+            if kind == "search":
                 answer = await ticket.result(self.search_route.search.remote(parsed))
             else:
                 events = ticket.track(self.rag.options(stream=True).answer.remote(parsed))

@@ -65,7 +65,7 @@ class QueryCounter:
         self.store = store
         self.flush_interval_s = flush_interval_s
         self.pending: Counter[Asked] = Counter()
-        self.flushed = 0
+        self.written = 0
 
     def count(self, asked: Asked) -> None:
         if asked in self.pending or len(self.pending) < MAX_PENDING:
@@ -74,13 +74,16 @@ class QueryCounter:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # counting must outlive any one failure
+                logger.exception("Writing query counts failed; those counts are dropped")
 
     async def flush(self) -> None:
         batch, self.pending = self.pending, Counter()
         try:
             await self.store.record(list(batch.items()))
-            self.flushed += sum(batch.values())
+            self.written += sum(batch.values())
         except StoreUnavailable:
             for asked, n in batch.items():  # kept for the next flush
                 if asked in self.pending or len(self.pending) < MAX_PENDING:
@@ -132,6 +135,8 @@ class PrecomputedAnswers:
                 await self._follow()
             except (psycopg.Error, StoreUnavailable, OSError) as exc:
                 logger.warning("Precomputed answers paused: %s; retrying", type(exc).__name__)
+            except Exception:
+                logger.exception("Precomputed answers paused; retrying")
             finally:
                 self.subscribed = False
                 self.entries.clear()
@@ -204,4 +209,8 @@ class Popular:
         return self.answers.get(asked) if self.config.serve_precomputed else None
 
     def report(self) -> dict[str, Any]:
-        return {**self.answers.report(), "counts_pending": sum(self.counter.pending.values())}
+        return {
+            **self.answers.report(),
+            "counts_pending": sum(self.counter.pending.values()),
+            "counts_written": self.counter.written,
+        }

@@ -30,6 +30,9 @@ from serve_app.store.vector_store import StoreUnavailable
 logger = logging.getLogger("ray.serve")
 
 RETRY_S = 5.0  # after a pass that found a route busy
+# What a pass reports: requests ranked, of those already fresh, computed, given up because a
+# route was busy (or a client took the slot), failed; answers pruned; store outages.
+PASS_COUNTS = ("ranked", "fresh", "computed", "busy", "failed", "pruned", "store_unavailable")
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.05})
@@ -98,8 +101,7 @@ class Precompute:
             self.last = {
                 "started_at": started,
                 "duration_s": round(time.time() - started, 3),
-                **{k: outcome[k] for k in ("ranked", "fresh", "computed", "busy", "failed")},
-                **{k: v for k, v in outcome.items() if k in ("pruned", "store_unavailable")},
+                **{k: outcome[k] for k in PASS_COUNTS},
             }
             return self.last
 
