@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.admission import AdmissionControl
 from serve_app.config import AppConfig, IngressSettings
 from serve_app.guard import APIKeys, Guard
-from serve_app.popular import Popular, age_s
+from serve_app.popular import Popular
 from serve_app.protocol import errors, limits
 from serve_app.protocol.classify import ClassifyRequest, ClassifyResponse
 from serve_app.protocol.documents import (
@@ -173,7 +173,7 @@ async def _rag_answer(sources: Sources, events: AsyncIterator) -> RagResponse:
 def _precomputed(answer: Answer, stream: bool = False) -> Response:
     """A precomputed answer as JSON, or for a streamed RAG request as its SSE events, saying
     where it came from and its age (also the `Age` header)."""
-    age = age_s(answer)
+    age = answer.age_s
     cache = {"cached": True, "cache": {"source": "precomputed", "age_s": round(age, 3)}}
     headers = {"Age": str(int(age))}
     if not stream:

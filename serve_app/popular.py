@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 import unicodedata
 from collections import Counter
 from typing import Any
@@ -67,9 +66,9 @@ class QueryCounter:
         self.pending: Counter[Asked] = Counter()
         self.written = 0
 
-    def count(self, asked: Asked) -> None:
+    def count(self, asked: Asked, times: int = 1) -> None:
         if asked in self.pending or len(self.pending) < MAX_PENDING:
-            self.pending[asked] += 1
+            self.pending[asked] += times
 
     async def run(self) -> None:
         while True:
@@ -85,9 +84,8 @@ class QueryCounter:
             await self.store.record(list(batch.items()))
             self.written += sum(batch.values())
         except StoreUnavailable:
-            for asked, n in batch.items():  # kept for the next flush
-                if asked in self.pending or len(self.pending) < MAX_PENDING:
-                    self.pending[asked] += n
+            for asked, times in batch.items():  # kept for the next flush
+                self.count(asked, times)
 
 
 class PrecomputedAnswers:
@@ -180,10 +178,6 @@ class PrecomputedAnswers:
             del self.entries[k]
         if answer is not None:
             self.entries[(answer.collection, answer.kind, answer.key)] = answer
-
-
-def age_s(answer: Answer) -> float:
-    return max(0.0, time.time() - answer.computed_at.timestamp())
 
 
 class Popular:

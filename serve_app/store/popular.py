@@ -7,6 +7,7 @@ was computed for: every query here that reads answers joins on that.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,6 +55,10 @@ class Answer:
     version: int
     body: dict[str, Any]
     computed_at: datetime
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.computed_at.timestamp())
 
 
 _ANSWER_COLUMNS = (
@@ -145,16 +150,3 @@ class PopularStore:
                 )
             ).fetchone()
         return Answer(*row) if row else None
-
-    async def counts(self, collection: str) -> list[dict[str, Any]]:
-        """The counts of one collection, most asked first (for operators and tests)."""
-        async with self.store.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT q.kind, q.query, q.count, q.last_seen FROM query_counts q"
-                    " JOIN collections c ON c.id = q.collection_id WHERE c.name = %s"
-                    " ORDER BY q.count DESC",
-                    (collection,),
-                )
-            ).fetchall()
-        return [dict(zip(("kind", "query", "count", "last_seen"), r, strict=True)) for r in rows]
