@@ -72,7 +72,16 @@ def app_config(database_url: str) -> dict:
         "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
     }
     search = {"name": "Search", "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
-    deployments = [d for d in app["deployments"] if d["name"] != "Embedder"] + [embedder, search]
+    # The one Ingress replica stays on the head, beside the one proxy: the HTTP requests an
+    # ingress replica is handling when its node dies get 500 from Serve's proxy, which does not
+    # retry (docs/reliability.md). What this test loses is the replicas behind the ingress.
+    ingress = {
+        **next(d for d in app["deployments"] if d["name"] == "Ingress"),
+        "ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 0.01}},
+    }
+    replaced = {"Embedder", "Search", "Ingress"}
+    deployments = [d for d in app["deployments"] if d["name"] not in replaced]
+    deployments += [embedder, search, ingress]
     return {
         **TEST_CONFIG,
         "proxy_location": "HeadOnly",  # one machine: a proxy per node would share one port
