@@ -176,11 +176,11 @@ class BatchStats:
 class BatchedModel:
     """What the three model deployments share: live batch settings and a `model_info` report.
 
-    Subclasses set `batched` to the name of their `@serve.batch` method and fill `info` after
-    loading their model.
+    Subclasses set `batched` to the names of their `@serve.batch` methods (the settings apply
+    to each) and fill `info` after loading their model.
     """
 
-    batched: str
+    batched: tuple[str, ...]
     cache: EmbeddingCache | ResponseCache | None = None  # set by models that cache
     # Set by reconfigure, which Serve calls before the first request.
     max_batch_size: int
@@ -221,9 +221,10 @@ class BatchedModel:
         from serve_app.config import Batching
 
         settings = ModelSettings.model_validate(user_config)
-        method = getattr(self, self.batched)
-        method.set_max_batch_size(settings.max_batch_size)
-        method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        for name in self.batched:
+            method = getattr(self, name)
+            method.set_max_batch_size(settings.max_batch_size)
+            method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.max_batch_size = settings.max_batch_size
         self.max_batch_tokens = settings.max_batch_tokens
         self.info["batching"] = Batching.model_validate(

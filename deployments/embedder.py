@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,7 @@ from ray import serve
 from deployments import loading, precision
 from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost, isolate, unwrap
 from serve_app.cache import EmbeddingCache, open_cache
+from serve_app.chunking import Windows
 from serve_app.config import CacheConfig, EmbedderConfig
 
 # Sentences per forward pass on CPU. sentence-transformers sorts a batch by length before
@@ -25,6 +28,9 @@ from serve_app.config import CacheConfig, EmbedderConfig
 # 196 in passes of 16, 146 in passes of 64 (docs/benchmarks/batch.md). On a GPU a batch is one
 # pass, as far as free memory allows.
 SENTENCES_PER_FORWARD = {"cpu": 8, "cuda": 1024}
+# The longest a bulk forward pass waits for queries to finish before it starts anyway, so a
+# steady stream of queries slows an ingest down but cannot stall it past its deadline.
+BULK_YIELD_S = 0.5
 logger = logging.getLogger("ray.serve")
 
 
@@ -64,9 +70,13 @@ class LoadedModel:
 class Embedder(BatchedModel):
     """Embeds texts; concurrent requests share forward passes through `@serve.batch`, and texts
     embedded before come from the embedding cache. Its user_config may name another `model` or
-    `precision`: the new one loads beside the running one and takes over once warm."""
+    `precision`: the new one loads beside the running one and takes over once warm.
 
-    batched = "_embed_batch"
+    Two lanes: queries (search, RAG, classify, /v1/embeddings) and bulk work (ingest). Each has
+    its own `@serve.batch` queue, so a query never queues behind an ingest's pieces, and bulk
+    batches run one forward pass at a time, starting none while a query is being embedded."""
+
+    batched = ("_embed_batch", "_bulk_batch")
 
     def __init__(self, config: EmbedderConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
@@ -84,6 +94,9 @@ class Embedder(BatchedModel):
         }
         self.target = (config.model, config.precision)
         self.switching: asyncio.Task | None = None
+        self.queries = 0  # query requests being embedded now
+        self.no_queries = asyncio.Event()  # set while there are none: bulk passes may start
+        self.no_queries.set()
         self._serve(self._bring_up(*self.target))
         self.loaded()
 
@@ -201,10 +214,25 @@ class Embedder(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.current.model, self.device)
 
-    async def embed(self, texts: list[str]) -> Embeddings:
+    async def embed(self, texts: list[str], bulk: bool = False) -> Embeddings:
         """Embed `texts`: cached ones from the cache, the rest in batches shared with other
         requests (a request larger than one batch is split and its pieces batched). One model
-        serves the whole request, even if a switch lands meanwhile."""
+        serves the whole request, even if a switch lands meanwhile. `bulk` (ingest) work
+        yields to queries."""
+        if bulk:
+            return await self._embed(texts, self._bulk_batch)
+        self.queries += 1
+        self.no_queries.clear()
+        try:
+            return await self._embed(texts, self._embed_batch)
+        finally:
+            self.queries -= 1
+            if not self.queries:
+                self.no_queries.set()
+
+    async def _embed(
+        self, texts: list[str], batch: Callable[[Piece[str]], Awaitable[np.ndarray]]
+    ) -> Embeddings:
         current = self.current
         found = await current.cache.lookup(texts) if current.cache else [None] * len(texts)
         todo = [i for i, hit in enumerate(found) if hit is None]
@@ -215,12 +243,14 @@ class Embedder(BatchedModel):
                 vectors[i], tokens[i] = hit
         if todo:
             new_texts = [texts[i] for i in todo]
-            counts = [len(ids) for ids in current.counter(new_texts)["input_ids"]]
+            # Counted off the event loop: 2048 long inputs take a while to tokenize.
+            counted = await asyncio.to_thread(current.counter, new_texts)
+            counts = [len(ids) for ids in counted["input_ids"]]
             pieces = [
                 replace(piece, model=current)
                 for piece in self.pieces(new_texts, [min(c, current.max_tokens) for c in counts])
             ]
-            done = await asyncio.gather(*(self._embed_batch(p) for p in pieces))
+            done = await asyncio.gather(*(batch(p) for p in pieces))
             new = np.concatenate(unwrap(done))
             vectors[todo] = new
             for i, count in zip(todo, counts, strict=True):
@@ -236,29 +266,58 @@ class Embedder(BatchedModel):
         )
 
     def chunk(self, texts: list[str], max_tokens: int, overlap: int) -> list[list[str]]:
-        """Cut each text into windows of at most `max_tokens` of this model's tokens, each
-        starting `max_tokens - overlap` tokens after the last; chunks are spans of the text."""
+        """Cut each text into windows of at most `max_tokens` of this model's tokens
+        (serve_app/chunking.py: overlap cut with the window, the last window ending at the
+        text's end); chunks are spans of the text."""
         current = self.current
-        max_tokens = min(max_tokens, current.max_tokens - 2)  # room for [CLS]/[SEP]
-        step = max(1, max_tokens - overlap)
+        windows = Windows.fit(max_tokens, overlap, current.max_tokens - 2)  # room for CLS/SEP
         offsets = current.counter(texts, add_special_tokens=False, return_offsets_mapping=True)[
             "offset_mapping"
         ]
         chunks = []
         for text, spans in zip(texts, offsets, strict=True):
-            starts = range(0, max(1, len(spans) - overlap), step) if spans else []
-            pieces = [
-                text[spans[i][0] : spans[min(i + max_tokens, len(spans)) - 1][1]] for i in starts
-            ]
+            pieces = [text[spans[i][0] : spans[j - 1][1]] for i, j in windows.spans(len(spans))]
             chunks.append(pieces or [text])
         return chunks
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
     async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray | Exception]:
-        return await isolate(pieces, self._embed_pieces)
+        return await isolate(pieces, lambda batch: self._embed_pieces(batch, self._encode_now))
 
-    async def _embed_pieces(self, pieces: list[Piece[str]]) -> list[np.ndarray]:
+    # The bulk lane: the same settings (reconfigure() applies them to both), its own queue.
+    @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
+    async def _bulk_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray | Exception]:
+        return await isolate(pieces, lambda batch: self._embed_pieces(batch, self._encode_yielding))
+
+    async def _encode_now(
+        self, texts: list[str], tokens: list[int], loaded: LoadedModel
+    ) -> np.ndarray:
+        # The forward pass runs off the event loop, so the next batch queues up meanwhile.
+        return await asyncio.to_thread(self._encode, texts, max(tokens), loaded)
+
+    async def _encode_yielding(
+        self, texts: list[str], tokens: list[int], loaded: LoadedModel
+    ) -> np.ndarray:
+        """`texts` one forward pass at a time, shortest first, each started once no query is
+        being embedded (or after BULK_YIELD_S): a query never waits behind a bulk batch."""
+        order = np.argsort(tokens, kind="stable")
+        size = loaded.budget.items(max(tokens))
+        vectors = np.empty((len(texts), loaded.dimensions), dtype=np.float32)
+        for start in range(0, len(order), size):
+            part = order[start : start + size]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BULK_YIELD_S):
+                    await self.no_queries.wait()
+            longest = max(tokens[i] for i in part)
+            vectors[part] = await asyncio.to_thread(
+                self._encode, [texts[i] for i in part], longest, loaded
+            )
+        return vectors
+
+    async def _embed_pieces(
+        self, pieces: list[Piece[str]], encode: Callable[..., Awaitable[np.ndarray]]
+    ) -> list[np.ndarray]:
         # Pieces of requests that began before a switch keep the model they began with.
         out: list[np.ndarray] = [np.empty(0)] * len(pieces)
         groups: dict[int, list[int]] = {}
@@ -267,9 +326,8 @@ class Embedder(BatchedModel):
         for members in groups.values():
             group = [pieces[k] for k in members]
             flat = [text for piece in group for text in piece.items]
-            longest = max(t for piece in group for t in piece.tokens)
-            # The forward pass runs off the event loop, so the next batch queues up meanwhile.
-            vectors = await asyncio.to_thread(self._encode, flat, longest, group[0].model)
+            tokens = [t for piece in group for t in piece.tokens]
+            vectors = await encode(flat, tokens, group[0].model)
             for k, part in zip(
                 members, np.split(vectors, np.cumsum([len(p) for p in group])[:-1]), strict=True
             ):

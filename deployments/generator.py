@@ -6,11 +6,19 @@ loop, which takes one forward pass per step for every sequence in flight, with a
 New batches join the loop between steps (continuous batching), so a request arriving while
 others decode does not wait for them to finish. Each sequence keeps its own sampling settings,
 stop strings and token budget, and leaves the loop (and the cache) as soon as it is done.
+
+One request cannot fail another's. Sampling runs on sanitized float32 logits, so every value
+the API accepts samples a token. Anything else that raises for one sequence inside a step
+(sampling, detokenizing, stop handling) ends that sequence alone, with the error delivered to
+its own caller; a prefill that fails fails only the requests it was prefilling. Only a failed
+decode forward pass, which holds every sequence, fails all of them, and the loop then starts
+afresh for the requests that arrive next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +31,23 @@ from transformers.cache_utils import DynamicLayer
 
 from deployments import loading
 from deployments.batching import BatchedModel
+from deployments.lane import Lane
 from serve_app.config import GeneratorConfig
+from serve_app.protocol.classify import Choice
 from serve_app.protocol.generation import Delta, GenerationRequest
 
 # Admission batches that may be in flight at once; they share the one decode loop.
 CONCURRENT_BATCHES = 4
+# Constrained choices (Generator.choose) waiting for their lane before new ones are refused.
+CHOICE_QUEUE = 64
+# Below this temperature sampling is greedy: a logit gap of 0.05 between the best two tokens
+# already leaves the runner-up e^-50 of the mass, and dividing by much smaller values overflows
+# float32 (1e-45 is a valid temperature by the API's bounds).
+GREEDY_BELOW = 1e-3
+# Logits are clamped to +-LOGIT_BOUND before sampling (real ones are tens at most), so that
+# logits / temperature stays finite for every temperature at or above GREEDY_BELOW.
+LOGIT_BOUND = 1e4
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -40,6 +60,11 @@ class _Sequence:
     dropped: int = 0  # prompt tokens cut from the start to fit the context window
     delta: Delta | None = None  # this step's output
     abandoned: bool = False  # its caller went away: drop it at the next step
+    error: Exception | None = None  # what failed it this step: its caller gets it, it leaves
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or bool(self.delta and self.delta.finish_reason)
 
 
 @dataclass
@@ -65,25 +90,17 @@ class _DecodeState:
 class Generator(BatchedModel):
     """Chat generation with a KV cache and continuous batching of concurrent requests."""
 
-    batched = "_generate_batch"
+    batched = ("_generate_batch",)
 
     def __init__(self, config: GeneratorConfig, cache_dir: Path) -> None:
         super().__init__()
         self.device = loading.pick_device(config)
         loading.set_threads(config.torch_threads)
-        self.tokenizer = loading.load_tokenizer(config, cache_dir)
-        self.counter = loading.TokenCounter(self.tokenizer)
-        choice = loading.causal_lm_precision(config, cache_dir, self.device, self.tokenizer)
+        tokenizer = loading.load_tokenizer(config, cache_dir)
+        choice = loading.causal_lm_precision(config, cache_dir, self.device, tokenizer)
         self.precision = choice.precision
-        self.model = loading.load_causal_lm(config, cache_dir, self.device, self.precision)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id}
-        self.eos_ids.discard(None)
-        self.context_tokens = getattr(self.model.config, "max_position_embeddings", 2048)
-        self.state: _DecodeState | None = None
-        self.waiting: list[_Admission] = []
-        self.running: list[_Admission] = []
-        self.loop_task: asyncio.Task | None = None
+        model = loading.load_causal_lm(config, cache_dir, self.device, self.precision)
+        self._bind(tokenizer, model)
         self.info = {
             "role": "generation",
             "model": config.name,
@@ -96,51 +113,90 @@ class Generator(BatchedModel):
             "threads": torch.get_num_threads(),
             "context_tokens": self.context_tokens,
             "kv_cache": True,
+            "continuous_batching": self.mergeable,
         }
+        self.loaded()
+
+    def _bind(self, tokenizer, model) -> None:
+        """Take `model` and its (left-padding) tokenizer, with an empty decode loop, and warm
+        them up with a batch of two."""
+        self.tokenizer, self.model = tokenizer, model
+        self.counter = loading.TokenCounter(tokenizer)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+        self.context_tokens = getattr(model.config, "max_position_embeddings", 2048)
+        self.state: _DecodeState | None = None
+        self.waiting: list[_Admission] = []
+        self.running: list[_Admission] = []
+        self.loop_task: asyncio.Task | None = None
         warm = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         self._admit([self._sequence(warm), self._sequence(warm)])
         # Only plain growing caches can be stacked mid-decode; models with other cache layers
         # (sliding window, ...) admit new requests when the loop is empty instead.
         self.mergeable = all(type(layer) is DynamicLayer for layer in self.state.cache.layers)
-        self.info["continuous_batching"] = self.mergeable
         while self.state is not None:
             self._step()
-        self.loaded()
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, without special tokens: what RAG fits its sources by."""
+        ids = await asyncio.to_thread(self.counter, texts, add_special_tokens=False)
+        return [len(row) for row in ids["input_ids"]]
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the answer to `request`; non-empty deltas, the last with a finish_reason."""
-        # The prompt is built here, per request, so one that cannot be never joins a batch.
-        sequence = self._sequence(request)
+        # The prompt is built here, per request, so one that cannot be never joins a batch;
+        # in a thread, as templating and tokenizing a long conversation takes a while.
+        sequence = await asyncio.to_thread(self._sequence, request)
         try:
             async for delta in self._generate_batch(sequence):
+                if isinstance(delta, Exception):  # this sequence alone failed in a step
+                    raise delta
                 if delta.text or delta.finish_reason:
                     yield delta
         finally:  # done, or the caller cancelled (deadline, disconnect): stop decoding for it
             sequence.abandoned = True
 
-    async def choose(self, messages: list[dict[str, str]], options: list[str]) -> list[float]:
+    async def choose(
+        self, messages: list[dict[str, str]], options: list[str], max_prompt_tokens: int
+    ) -> Choice:
         """Constrained answering: the probability of each option as the assistant's whole
-        reply to `messages` (softmax over the options' mean token log-probabilities), so the
-        answer is always one of them. One forward pass over all options, off the event loop;
-        it shares the model with the decode loop, not its batches."""
-        return await asyncio.to_thread(self._choose, messages, options)
+        reply to `messages` (softmax over the log-probabilities of the option's tokens and the
+        end of the turn), so the answer is always one of them. One forward pass over all
+        options, on a lane of its own with a bounded queue: choices never take the threads the
+        decode loop's forward passes run on, and past `CHOICE_QUEUE` waiting calls the answer
+        is `busy`. A prompt with its longest option over `max_prompt_tokens` is not run."""
+        if not hasattr(self, "choice_lane"):  # on first use: most replicas never choose
+            self.choice_lane = Lane(CHOICE_QUEUE, "choose")
+        if self.choice_lane.full():
+            return Choice(None, "busy")
+        return await self.choice_lane.run(self._choose, messages, options, max_prompt_tokens)
 
     @torch.inference_mode()
-    def _choose(self, messages: list[dict[str, str]], options: list[str]) -> list[float]:
+    def _choose(
+        self, messages: list[dict[str, str]], options: list[str], max_prompt_tokens: int
+    ) -> Choice:
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
         counter = self.counter
         prompt = counter([text], add_special_tokens=False)["input_ids"][0]
-        answers = counter(options, add_special_tokens=False)["input_ids"]
-        rows = [prompt + answer for answer in answers]
-        batch = counter.pad(rows, self.device)
-        token_logprobs = loading.tail_logprobs(self.model, batch, max(len(a) for a in answers))
-        means = torch.stack([token_logprobs[k, -len(a) :].mean() for k, a in enumerate(answers)])
-        return torch.softmax(means, dim=0).tolist()
+        # The end of the turn makes each option the whole reply: without it, an option that
+        # begins another ("bug", "bug report") would be scored as that one's start.
+        end = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        answers = [a + end for a in counter(options, add_special_tokens=False)["input_ids"]]
+        longest = max(len(a) for a in answers)
+        if len(prompt) + longest > max_prompt_tokens:
+            return Choice(None, "prompt_too_long")
+        batch = counter.pad([prompt + answer for answer in answers], self.device)
+        token_logprobs = loading.tail_logprobs(self.model, batch, longest)
+        # The reply's log-probability (a sum): a mean would favour options whose later tokens
+        # follow from their first, whatever the text says.
+        totals = torch.stack([token_logprobs[k, -len(a) :].sum() for k, a in enumerate(answers)])
+        return Choice(torch.softmax(totals, dim=0).tolist())
 
     # Start-up values; reconfigure() applies the deployment's user_config before any request.
     @serve.batch(
@@ -157,22 +213,56 @@ class Generator(BatchedModel):
             yield out
 
     async def _decode_loop(self) -> None:
-        """Admit waiting batches between steps; run steps until nothing is in flight."""
+        """Admit waiting batches between steps; run steps until nothing is in flight.
+
+        A decode step that raises (its forward pass holds every row in flight) fails the
+        admissions in flight, and the state starts empty again, so the waiting requests and
+        those arriving later are served."""
         try:
             while self.waiting or self.state is not None:
-                admitted = self._take_admissions()
-                if admitted:
-                    rows = [s for a in admitted for s in a.sequences]
-                    await asyncio.to_thread(self._admit, rows)
-                    self.running += admitted
-                # Each forward pass runs off the event loop, so requests keep arriving.
-                await asyncio.to_thread(self._step)
-                self._publish()
-        except BaseException as exc:
-            for admission in self.running + self.waiting:
-                admission.outputs.put_nowait(exc)
+                try:
+                    await self._turn()
+                except Exception as exc:
+                    logger.exception("Generator: a decode step failed its sequences")
+                    self._fail(self.running, exc)
+                    self.state, self.running = None, []
+        except BaseException as exc:  # cancelled (the replica is stopping): fail everyone
+            self._fail(self.running + self.waiting, exc)
             self.state, self.running, self.waiting = None, [], []
             raise
+
+    async def _turn(self) -> None:
+        """One turn of the loop: admit what fits, then one step for every sequence."""
+        admitted = self._take_admissions()
+        if admitted:
+            await self._join(admitted)
+        if self.state is not None:
+            # Each forward pass runs off the event loop, so requests keep arriving.
+            await asyncio.to_thread(self._step)
+            self._publish()
+
+    async def _join(self, admitted: list[_Admission]) -> None:
+        """Prefill `admitted` and merge them into the running state. A prefill that raises
+        is tried again batch by batch, and only a batch that fails alone fails: the sequences
+        in flight and the other batches carry on."""
+        rows = [s for a in admitted for s in a.sequences]
+        try:
+            new = await asyncio.to_thread(self._prefill, rows)
+        except Exception as exc:
+            if len(admitted) > 1:
+                for admission in admitted:
+                    await self._join([admission])
+                return
+            logger.exception("Generator: a prefill of %d sequences failed", len(rows))
+            self._fail(admitted, exc)
+            return
+        self.running += admitted
+        await asyncio.to_thread(self._merge_in, new)
+
+    @staticmethod
+    def _fail(admissions: list[_Admission], exc: BaseException) -> None:
+        for admission in admissions:
+            admission.outputs.put_nowait(exc)
 
     def _take_admissions(self) -> list[_Admission]:
         """Waiting batches that fit beside the sequences in flight: at most `max_batch_size`
@@ -199,15 +289,15 @@ class Generator(BatchedModel):
         """Hand each running admission this step's outputs, one per request."""
         still = []
         for admission in self.running:
-            out = [s.delta if s.delta is not None else StopIteration for s in admission.sequences]
+            out = [_output(s) for s in admission.sequences]
             admission.outputs.put_nowait(out)
-            if all(s.delta is None or s.delta.finish_reason for s in admission.sequences):
+            if all(s.delta is None or s.done for s in admission.sequences):
                 admission.outputs.put_nowait(None)
             else:
                 still.append(admission)
             for s in admission.sequences:
-                if s.delta is not None and s.delta.finish_reason:
-                    s.delta = None  # done: StopIteration from the next step on
+                if s.done:
+                    s.delta, s.error = None, None  # ended: StopIteration from the next step on
         self.running = still
 
     def _sequence(self, request: GenerationRequest) -> _Sequence:
@@ -222,9 +312,16 @@ class Generator(BatchedModel):
             rng = torch.Generator(self.device).manual_seed(request.seed)
         return _Sequence(request=request, prompt=prompt, rng=rng, dropped=len(ids) - len(prompt))
 
-    @torch.inference_mode()
     def _admit(self, sequences: list[_Sequence]) -> None:
         """Prefill `sequences` in one left-padded pass and merge them into the running state."""
+        self._merge_in(self._prefill(sequences))
+
+    def _merge_in(self, new: _DecodeState) -> None:
+        self.state = new if self.state is None else _merge(self.state, new)
+
+    @torch.inference_mode()
+    def _prefill(self, sequences: list[_Sequence]) -> _DecodeState:
+        """The decode state of `sequences` alone, after one left-padded pass over their prompts."""
         batch = self.tokenizer.pad(
             {"input_ids": [s.prompt for s in sequences]}, return_tensors="pt"
         ).to(self.device)
@@ -239,18 +336,28 @@ class Generator(BatchedModel):
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        new = _DecodeState(sequences, cache, mask, positions[:, -1], logits)
-        self.state = new if self.state is None else _merge(self.state, new)
+        return _DecodeState(sequences, cache, mask, positions[:, -1], logits)
 
     @torch.inference_mode()
     def _step(self) -> None:
-        """Sample one token per sequence, emit text, drop finished ones, run the next pass."""
+        """Sample one token per sequence, emit text, drop finished ones, run the next pass.
+
+        A sequence whose sampling or advancing raises takes the error as its output and
+        leaves; the others go on."""
         state = self.state
         assert state is not None
-        tokens = _sample(state.logits, state.sequences)
-        for sequence, token in zip(state.sequences, tokens.tolist(), strict=True):
-            sequence.delta = self._advance(sequence, token)
-        keep = [k for k, s in enumerate(state.sequences) if not s.delta.finish_reason]
+        logits = state.logits.float()
+        chosen = []
+        for k, sequence in enumerate(state.sequences):
+            try:
+                token = _sample_row(logits[k], sequence)
+                sequence.delta = self._advance(sequence, token)
+            except Exception as exc:
+                logger.warning("Generator: a sequence failed in a decode step (%r)", exc)
+                token, sequence.error = 0, exc
+            chosen.append(token)
+        tokens = torch.tensor(chosen, device=state.logits.device)
+        keep = [k for k, s in enumerate(state.sequences) if not s.done]
         if not keep:
             self.state = None
             return
@@ -307,30 +414,39 @@ def _budget(sequence: _Sequence) -> int:
     return len(sequence.prompt) + sequence.request.max_tokens
 
 
-def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
-    """Greedy where temperature is 0, else temperature and nucleus (top_p) sampling per row;
-    OpenAI's frequency and presence penalties first lower the logits of tokens already said."""
-    logits = logits.float()
-    for k, sequence in enumerate(sequences):
-        request = sequence.request
-        if sequence.ids and (request.frequency_penalty or request.presence_penalty):
-            said = torch.tensor(sequence.ids, device=logits.device)
-            counts = torch.bincount(said, minlength=logits.shape[-1])[: logits.shape[-1]]
-            logits[k] -= (
-                counts * request.frequency_penalty + (counts > 0) * request.presence_penalty
-            )
-    tokens = logits.argmax(-1)
-    for k, sequence in enumerate(sequences):
-        request = sequence.request
-        if request.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[k] / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        tokens[k] = torch.multinomial(probs, 1, generator=sequence.rng)[0]
-    return tokens
+def _output(sequence: _Sequence) -> Delta | Exception | type[StopIteration]:
+    """What a sequence's caller gets for this step: its delta, its error, or the end."""
+    if sequence.error is not None:
+        return sequence.error
+    return sequence.delta if sequence.delta is not None else StopIteration
+
+
+def _sample_row(logits: torch.Tensor, sequence: _Sequence) -> int:
+    """The next token of one sequence from its float32 `logits` (vocab,): greedy below
+    GREEDY_BELOW, else temperature and nucleus (top_p) sampling; OpenAI's frequency and
+    presence penalties first lower the logits of tokens already said.
+
+    Every value the API accepts gives a token: logits are made finite and bounded first
+    (NaN to the bottom, +-inf and outliers clamped), probabilities come from a log-softmax,
+    and a row whose probabilities are still not usable falls back to its argmax."""
+    request = sequence.request
+    if sequence.ids and (request.frequency_penalty or request.presence_penalty):
+        said = torch.tensor(sequence.ids, device=logits.device)
+        counts = torch.bincount(said, minlength=logits.shape[-1])[: logits.shape[-1]]
+        logits = logits - (
+            counts * request.frequency_penalty + (counts > 0) * request.presence_penalty
+        )
+    logits = logits.nan_to_num(nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    if request.temperature < GREEDY_BELOW:
+        return int(logits.argmax())
+    probs = torch.log_softmax(logits / request.temperature, dim=-1).exp()
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    if not (torch.isfinite(probs).all() and probs.sum() > 0):
+        return int(logits.argmax())
+    return int(torch.multinomial(probs, 1, generator=sequence.rng))
 
 
 def _merge(old: _DecodeState, new: _DecodeState) -> _DecodeState:

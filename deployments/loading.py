@@ -76,6 +76,13 @@ class TokenCounter:
             return self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` can stand for, so a text can be cut to
+    what the model reads (its first n tokens lie within n * this) before it is tokenized.
+    Byte-level tokens spell each byte as a character, so this counts bytes, and errs long."""
+    return max(len(t or "") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
 @torch.inference_mode()
 def tail_logprobs(model, batch: dict, tail: int) -> torch.Tensor:
     """Log-probabilities of the last `tail` tokens of each left-padded row, each given all the

@@ -31,6 +31,7 @@ PAIRS_PER_FORWARD = 2
 class Scorer(Protocol):
     module: torch.nn.Module
     precision: precision_.Choice
+    max_query_chars: int  # a query's characters past this are never read
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
         """(score, tokens read) per pair."""
@@ -58,26 +59,45 @@ class QueryLikelihood:
         encode = self.tokenizer.encode
         self.prefix = encode(self.PREFIX, add_special_tokens=False)
         self.bridge = encode(self.BRIDGE, add_special_tokens=False)
+        # Texts are cut to what the model can read before they are tokenized (+1: the space
+        # before a query), so a long input costs no more than a short one.
+        chars = loading.max_token_chars(self.tokenizer)
+        self.max_query_chars = (self.max_query_tokens + 1) * chars
+        self.max_passage_chars = (self.max_passage_tokens + 1) * chars
+
+    def _ids(self, pairs: list[Pair], tokenize) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of each pair's passage and query, uncut; each distinct query once."""
+        passages = tokenize([p[: self.max_passage_chars] for _, p in pairs])
+        distinct = list(dict.fromkeys(q[: self.max_query_chars] for q, _ in pairs))
+        by_query = dict(zip(distinct, tokenize([" " + q for q in distinct]), strict=True))
+        return passages, [by_query[q[: self.max_query_chars]] for q, _ in pairs]
 
     def count_tokens(self, pairs: list[Pair]) -> list[tuple[int, bool]]:
         fixed = len(self.prefix) + len(self.bridge)
-        passages = self.counter([p for _, p in pairs], add_special_tokens=False)["input_ids"]
-        queries = self.counter([" " + q for q, _ in pairs], add_special_tokens=False)["input_ids"]
+        passages, queries = self._ids(
+            pairs, lambda texts: self.counter(texts, add_special_tokens=False)["input_ids"]
+        )
         return [
             (
                 fixed + min(len(p), self.max_passage_tokens) + min(len(q), self.max_query_tokens),
-                len(p) > self.max_passage_tokens or len(q) > self.max_query_tokens,
+                # A passage longer than the cut is over max_passage_tokens, whatever its tokens.
+                len(p) > self.max_passage_tokens
+                or len(q) > self.max_query_tokens
+                or len(passage) > self.max_passage_chars,
             )
-            for p, q in zip(passages, queries, strict=True)
+            for p, q, (_, passage) in zip(passages, queries, pairs, strict=True)
         ]
 
     def score(self, pairs: list[Pair]) -> list[tuple[float, int]]:
-        encode = self.tokenizer.encode
+        passages, queries = self._ids(
+            pairs, lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        )
         rows, query_lengths = [], []
-        for query, passage in pairs:
-            passage_ids = encode(passage, add_special_tokens=False)[: self.max_passage_tokens]
-            query_ids = encode(" " + query, add_special_tokens=False)[: self.max_query_tokens]
-            rows.append(self.prefix + passage_ids + self.bridge + query_ids)
+        for passage_ids, query_ids in zip(passages, queries, strict=True):
+            query_ids = query_ids[: self.max_query_tokens]
+            rows.append(
+                self.prefix + passage_ids[: self.max_passage_tokens] + self.bridge + query_ids
+            )
             query_lengths.append(len(query_ids))
         # Left padding puts every query at the end of its row, so only the last
         # max(query_lengths) + 1 positions need logits.
@@ -107,6 +127,9 @@ class CrossEncoderScorer:
         self.encoder = self._load(self.precision.precision)
         self.module = self.encoder
         self.counter = loading.TokenCounter(self.encoder.tokenizer)
+        self.max_query_chars = self.encoder.max_length * loading.max_token_chars(
+            self.encoder.tokenizer
+        )
 
     def _load(self, mode: str):
         from sentence_transformers import CrossEncoder
@@ -136,7 +159,7 @@ class CrossEncoderScorer:
 class Reranker(BatchedModel):
     """Scores passages against a query; pairs of concurrent requests share forward passes."""
 
-    batched = "_score_batch"
+    batched = ("_score_batch",)
 
     def __init__(self, config: RerankerConfig, cache_dir: Path, caches: CacheConfig) -> None:
         super().__init__()
@@ -175,8 +198,11 @@ class Reranker(BatchedModel):
         key = self.cache.key(self.namespace, {"q": query, "p": passages}) if self.cache else ""
         if self.cache and (hit := await self.cache.get(key)) is not None:
             return [tuple(s) for s in hit["scores"]]
+        # Cut to what the model reads, then counted off the event loop: tokenizing up to
+        # max_documents long passages takes a while.
+        query = query[: self.scorer.max_query_chars]
         pairs = [(query, p) for p in passages]
-        counted = self.scorer.count_tokens(pairs)
+        counted = await asyncio.to_thread(self.scorer.count_tokens, pairs)
         pieces = self.pieces(pairs, [tokens for tokens, _ in counted])
         scored = unwrap(await asyncio.gather(*(self._score_batch(p) for p in pieces)))
         flat = [s for piece in scored for s in piece]

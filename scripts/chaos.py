@@ -1,13 +1,15 @@
 """Faults under a bounded load, against the service on this machine; writes docs/benchmarks/chaos.
 
-    .venv/bin/python scripts/chaos.py [--url http://127.0.0.1:18000] [--data-dir data/pgdata] \\
-        [--outage-s 10] [--gap-s 25] [--recovery-timeout-s 180]
+    .venv/bin/python scripts/chaos.py [--config configs/test.yaml] [--url URL] \\
+        [--data-dir data/pgdata] [--outage-s 10] [--gap-s 25] [--recovery-timeout-s 180] \\
+        [--name chaos]
 
 Needs a running service with the embedded PostgreSQL, and the Ray cluster it runs on (joined
-with `ray.init(address="auto")`). Only 127.0.0.1, localhost and ::1 are accepted. Run it
-against `serve run configs/test.yaml` (port 18000): its CPU shedding is off, so what the
-report shows is the faults, not load shedding (on 2 cores this load keeps the CPU above
-serve_config.yaml's 90% threshold, and chat, rag and ingest would answer 503 throughout).
+with `ray.init(address="auto")`). Only 127.0.0.1, localhost and ::1 are accepted. `--config`
+names the serve config the service runs (`serve run configs/test.yaml`, or the default
+`serve_config.yaml`); the URL defaults to its http_options. Under serve_config.yaml the
+service sheds load as it would in production: the report counts what was refused, by route
+and reason, and the audit shows that nothing acknowledged was lost.
 
 Clients run a closed loop on every route: embeddings (4), rerank, search (2) and chat (2), rag,
 and one writer ingesting numbered one-chunk documents. Every `--gap-s` seconds one fault:
@@ -15,11 +17,13 @@ and one writer ingesting numbered one-chunk documents. Every `--gap-s` seconds o
 stopped for `--outage-s` seconds and started again. After the last fault the writer re-sends
 every document whose ingest failed, and the collection is checked in the database itself.
 
-Reported (docs/benchmarks/chaos.json and .md):
+Reported (docs/benchmarks/NAME.json and .md):
 - requests sent, and answers by route and status;
+- 503s by route and reason (`queue_full`, `queue_wait`, `resource_pressure`, ...): load shed;
 - client-visible failures on the idempotent routes (embeddings, rerank, search; a search
-  refused with `store_unavailable` while the database is down is the specified answer and is
-  counted apart), target 0;
+  refused with `store_unavailable` while the database is down is the specified answer, and a
+  503 `overloaded` is load shedding, the specified answer to load: both counted apart),
+  target 0;
 - documents lost (acknowledged but absent) or duplicated (more chunks than written), target 0;
 - recovery per fault: seconds until the deployment is healthy again with all its replicas, and
   until each affected route answers 200 again.
@@ -37,11 +41,13 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 import ray
+import yaml
 from benchlib import machine, write_report
 
 from serve_app.store.embedded import embedded_url, stop_embedded
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+RESEND_ATTEMPTS = 20
 IDEMPOTENT = ("embeddings", "rerank", "search")
 COLLECTION = "chaos"
 ROUTES = {
@@ -73,7 +79,7 @@ class Chaos:
         self.url, self.data_dir = url, data_dir
         self.recovery_timeout_s = recovery_timeout_s
         self.answers: dict[str, Counter] = defaultdict(Counter)
-        self.failures: list[dict] = []  # non-200 answers with their time and error code
+        self.failures: list[dict] = []  # non-200 answers with their time, type and code
         self.acknowledged: set[str] = set()
         self.unacknowledged: set[str] = set()
         self.running = True
@@ -87,13 +93,15 @@ class Chaos:
         status = str(answer.status_code) if answer is not None else "error"
         self.answers[route][status] += 1
         if status != "200":
-            code = error
+            code, kind = error, None
             if answer is not None:
                 try:
-                    code = answer.json()["error"]["code"]
+                    code, kind = answer.json()["error"]["code"], answer.json()["error"]["type"]
                 except Exception:
                     code = "not-json"
-            self.failures.append({"route": route, "at": self.now(), "status": status, "code": code})
+            self.failures.append(
+                {"route": route, "at": self.now(), "status": status, "code": code, "type": kind}
+            )
 
     async def client(self, http: httpx.AsyncClient, route: str, path: str, k: int) -> None:
         i = k * 100_000
@@ -216,14 +224,21 @@ class Chaos:
             await asyncio.gather(*tasks)
             # The writer's failed ingests, sent again: each must now complete.
             for doc_id in sorted(self.unacknowledged - self.acknowledged):
-                n = int(doc_id.removeprefix("doc-"))
-                answer = await http.post(
-                    "/v1/documents", json={"collection": COLLECTION, "documents": [document(n)]}
-                )
-                self.record("ingest-retry", answer)
-                if answer.status_code == 200:
+                if await self.resend(http, int(doc_id.removeprefix("doc-"))):
                     self.acknowledged.add(doc_id)
         return faults
+
+    async def resend(self, http: httpx.AsyncClient, n: int) -> bool:
+        """Ingest document `n` again, honouring `Retry-After` while the service sheds load."""
+        for _ in range(RESEND_ATTEMPTS):
+            answer = await http.post(
+                "/v1/documents", json={"collection": COLLECTION, "documents": [document(n)]}
+            )
+            self.record("ingest-retry", answer)
+            if answer.status_code != 503:
+                return answer.status_code == 200
+            await asyncio.sleep(float(answer.headers.get("retry-after", 1)))
+        return False
 
     def audit(self) -> dict:
         """Documents as the database holds them, against what was acknowledged."""
@@ -245,15 +260,33 @@ class Chaos:
         }
 
 
+def shed(chaos: Chaos) -> dict[str, dict[str, int]]:
+    """503 `overloaded` answers (load shed) by route and reason."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for f in chaos.failures:
+        if f["type"] == "overloaded":
+            counts[f["route"]][f["code"]] += 1
+    return {route: dict(sorted(c.items())) for route, c in sorted(counts.items())}
+
+
 def idempotent_failures(chaos: Chaos) -> dict:
-    visible, outage = [], []
+    visible, outage, overloaded = [], [], []
     for f in chaos.failures:
         if f["route"] not in IDEMPOTENT:
             continue
         down = chaos.db_down
         during = down is not None and down[0] <= f["at"] <= down[1] + 5
-        (outage if f["code"] == "store_unavailable" and during else visible).append(f)
-    return {"visible": visible, "store_unavailable_during_outage": len(outage)}
+        if f["type"] == "overloaded":
+            overloaded.append(f)
+        elif f["code"] == "store_unavailable" and during:
+            outage.append(f)
+        else:
+            visible.append(f)
+    return {
+        "visible": visible,
+        "store_unavailable_during_outage": len(outage),
+        "shed": len(overloaded),
+    }
 
 
 def _seconds(value: float | None) -> str:
@@ -278,7 +311,17 @@ def markdown(report: dict) -> str:
         f"- Requests sent: {report['requests']}.",
         f"- Client-visible failures on idempotent routes: **{len(failures['visible'])}** "
         f"(target 0); searches refused with `store_unavailable` while PostgreSQL was down: "
-        f"{failures['store_unavailable_during_outage']}.",
+        f"{failures['store_unavailable_during_outage']}; requests to them shed (503 "
+        f"`overloaded`): {failures['shed']}.",
+        "- Load shed (503 `overloaded`), by route and reason: "
+        + (
+            "; ".join(
+                f"{route} " + ", ".join(f"`{code}` {n}" for code, n in codes.items())
+                for route, codes in report["shed"].items()
+            )
+            or "none"
+        )
+        + ".",
         f"- Documents acknowledged {docs['acknowledged']}, stored {docs['stored']}: "
         f"lost **{len(docs['lost'])}**, duplicated **{len(docs['duplicated'])}** (target 0); "
         f"{docs['failed_then_completed']} failed during a fault and completed when sent again.",
@@ -301,12 +344,17 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:18000")
+    parser.add_argument("--config", type=Path, default=Path("configs/test.yaml"))
+    parser.add_argument("--url", help="default: the config's http_options")
+    parser.add_argument("--name", default="chaos", help="report name under docs/benchmarks")
     parser.add_argument("--data-dir", type=Path, default=Path("data/pgdata"))
     parser.add_argument("--gap-s", type=float, default=25.0)
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--recovery-timeout-s", type=float, default=180.0)
     args = parser.parse_args()
+    if args.url is None:
+        http = yaml.safe_load(args.config.read_text()).get("http_options", {})
+        args.url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     if urlsplit(args.url).hostname not in LOCAL_HOSTS:
         parser.error("chaos runs against a local server only")
     ray.init(address="auto", log_to_driver=False)
@@ -314,18 +362,20 @@ def main() -> None:
     faults = asyncio.run(chaos.run(args.gap_s, args.outage_s))
     answers = {route: dict(sorted(c.items())) for route, c in sorted(chaos.answers.items())}
     report = {
-        "command": f"serve run configs/test.yaml; python scripts/chaos.py --url {args.url} "
+        "command": f"serve run {args.config}; python scripts/chaos.py --config {args.config} "
         f"--gap-s {args.gap_s:g} --outage-s {args.outage_s:g}",
+        "config": str(args.config),
         "machine": machine(),
         "seconds": chaos.now(),
         "requests": sum(sum(c.values()) for c in chaos.answers.values()),
         "answers": answers,
+        "shed": shed(chaos),
         "idempotent_failures": idempotent_failures(chaos),
         "documents": chaos.audit(),
         "faults": faults,
         "failures": chaos.failures,
     }
-    write_report(report, "chaos", markdown)
+    write_report(report, args.name, markdown)
 
 
 if __name__ == "__main__":

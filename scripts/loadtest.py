@@ -692,6 +692,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
     parser.add_argument("--queries", type=int, default=100, help="distinct queries in the mix")
     parser.add_argument("--seed", type=int, default=0, help="of the query mix")
     parser.add_argument(
+        "--no-seed",
+        dest="seed_corpus",
+        action="store_false",
+        help="search/rag: the --collection already holds the seed corpus",
+    )
+    parser.add_argument(
         "--no-retry-wait",
         dest="wait_retry_after",
         action="store_false",
@@ -723,6 +729,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         poll=args.poll,
         timeout=args.timeout,
         wait_retry_after=args.wait_retry_after,
+        seed_corpus=args.seed_corpus,
         ramp=args.ramp,
         zipf=args.zipf,
         queries=args.queries,

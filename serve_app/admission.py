@@ -2,8 +2,11 @@
 
 A request asks its route's `Gate` for a slot. It runs at once if fewer than `max_running`
 are running, waits in a FIFO queue if fewer than `max_queued` wait, and otherwise is refused
-at once with 503 `overloaded` and `Retry-After`. Heavy routes are also refused while the host
-is under CPU or memory pressure. A request's deadline counts from arrival: one still waiting
+at once with 503 `overloaded` and `Retry-After`. A route whose oldest queued request has
+waited a set share of the deadline refuses newcomers too. Heavy routes are also refused while
+memory runs short, and while CPU stalls those that would have to queue: the signals are
+pressure-stall information and memory headroom, of the container's cgroup where it has one,
+never CPU use itself. A request's deadline counts from arrival: one still waiting
 or running when it passes gets 504, and the model calls it made are cancelled. A call to a
 replica that dies under it is made once more where the route is idempotent; elsewhere the
 request fails with 503 `replica_unavailable`.
@@ -26,14 +29,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
 from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
 from serve_app.config import Admission, RouteLimits, Shedding
 from serve_app.metrics import host_metrics, route_metrics
 from serve_app.protocol.errors import REPLICA_FAILURES, APIError, sse_event
+from serve_app.suspects import Suspects, crashed_replica, digest
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
@@ -46,6 +50,7 @@ def overloaded(route: str, reason: str, retry_after_s: int) -> APIError:
     messages = {
         "queue_full": f"The {route} route is at its limit; retry shortly.",
         "resource_pressure": f"The server is under memory or CPU pressure; {route} is paused.",
+        "queue_wait": f"The {route} route's queue is waiting too long; retry shortly.",
     }
     return APIError(
         503,
@@ -56,54 +61,201 @@ def overloaded(route: str, reason: str, retry_after_s: int) -> APIError:
     )
 
 
+async def all_within(timeout_s: float, calls: list[Response], *others: Awaitable[Any]) -> list[Any]:
+    """The results of the handle `calls`, then of `others`, within `timeout_s`: on a timeout
+    or a failure it raises, and the calls still running are cancelled, so a probe that gives
+    up leaves no work behind on the replicas."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.gather(*calls, *others)
+    except BaseException:
+        for call in calls:
+            call.cancel()
+        raise
+
+
 def deadline_exceeded(route: str, deadline_s: float) -> APIError:
     return APIError(
         504, f"The {route} request passed its {deadline_s:g} s deadline.", "timeout", code="timeout"
     )
 
 
-class HostPressure:
-    """Host CPU (averaged over a window) and memory use, sampled at most once an interval."""
+class StallShare:
+    """The share of wall time (percent) by which a cumulative microsecond counter grew, over a
+    sliding window. After a gap longer than the window it starts again from the next sample,
+    so work done before the window (model loading at start-up) never counts."""
 
-    def __init__(self, shedding: Shedding) -> None:
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, total_us: float | None, window_s: float) -> float | None:
+        if total_us is None:
+            return None
+        self.samples.append((now, total_us))
+        while self.samples[0][0] < now - window_s:
+            self.samples.popleft()
+        start, first = self.samples[0]
+        if now <= start:
+            return 0.0
+        return max(0.0, min(100.0, (total_us - first) / 1e4 / (now - start)))
+
+
+def _read(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def stall_total(path: Path | None) -> float | None:
+    """Microseconds in which some task stalled, from a PSI file's `some` line (None: absent)."""
+    for line in (_read(path) or "").splitlines():
+        kind, *fields = line.split() or [""]
+        if kind == "some":
+            return float(dict(f.split("=", 1) for f in fields)["total"])
+    return None
+
+
+def keyed(path: Path | None) -> dict[str, int]:
+    """`key value` lines (cpu.stat, memory.stat; /proc/meminfo with its `:` and `kB`)."""
+    values = {}
+    for line in (_read(path) or "").splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            values[parts[0]] = int(parts[1]) * (1024 if parts[2:] == ["kB"] else 1)
+    return values
+
+
+@dataclass(frozen=True)
+class PressureSources:
+    """Where the figures are read: this process's own cgroup v2 folder where there is one
+    (a container's limits and stalls, not the host's), else /proc. Injectable for tests."""
+
+    proc: Path = Path("/proc")
+    cgroup: Path | None = None
+
+    @classmethod
+    def detect(
+        cls, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
+    ) -> PressureSources:
+        """The cgroup v2 folder named by the `0::` line of /proc/self/cgroup, on a unified
+        mount or a hybrid one's `unified/`; None where there is no cgroup v2."""
+        for line in (_read(proc / "self" / "cgroup") or "").splitlines():
+            if line.startswith("0::"):
+                own = line[3:].strip().lstrip("/")
+                for root in (cgroup_root, cgroup_root / "unified"):
+                    folder = root / own
+                    if (folder / "cgroup.controllers").exists() or (
+                        folder / "cpu.pressure"
+                    ).exists():
+                        return cls(proc, folder)
+        return cls(proc, None)
+
+    def pressure(self, resource: str) -> Path:
+        """The cgroup's own PSI file where it has one, else the host's."""
+        if self.cgroup is not None and (self.cgroup / f"{resource}.pressure").exists():
+            return self.cgroup / f"{resource}.pressure"
+        return self.proc / "pressure" / resource
+
+    def throttled_us(self) -> float | None:
+        """Microseconds the cgroup's CPU quota (cpu.max) held it back."""
+        if self.cgroup is None:
+            return None
+        value = keyed(self.cgroup / "cpu.stat").get("throttled_usec")
+        return None if value is None else float(value)
+
+    def memory_percent(self) -> float | None:
+        """Memory in use, page cache excluded: of the cgroup's limit where it has one (its
+        inactive file pages are reclaimable, as the kubelet counts them), else of the host."""
+        limit = (_read(self.cgroup / "memory.max") or "max").strip() if self.cgroup else "max"
+        current = _read(self.cgroup / "memory.current") if self.cgroup else None
+        if limit.isdigit() and current is not None and current.strip().isdigit():
+            inactive = keyed(self.cgroup / "memory.stat").get("inactive_file", 0)
+            return 100.0 * max(0, int(current) - inactive) / int(limit)
+        meminfo = keyed(self.proc / "meminfo")
+        total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
+        if not total or available is None:
+            return None
+        return 100.0 * (total - available) / total
+
+
+class HostPressure:
+    """Memory use and stalls, CPU stalls, sampled at most once an interval.
+
+    `sample()` says whether memory is short (every `shed` route refuses: running short of it
+    kills replicas); `cpu_stalled` whether CPU stalls refuse `shed` requests that would queue.
+    """
+
+    def __init__(
+        self,
+        shedding: Shedding,
+        sources: PressureSources | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.shedding = shedding
-        self.cpu_samples: deque[tuple[float, float, float]] = deque()  # (time, percent, span)
-        self.last = time.monotonic()
-        self.cpu_percent = 0.0
-        self.memory_percent = 0.0
+        self.sources = sources or PressureSources.detect()
+        self.clock = clock
+        self.cpu_psi, self.throttling, self.memory_psi = StallShare(), StallShare(), StallShare()
+        self.sampled_at: float | None = None
+        self.memory_percent: float | None = None
+        self.memory_stall_percent: float | None = None
+        self.cpu_stall_percent: float | None = None
         self.active = False
-        psutil.cpu_percent(None)  # starts the first measuring interval
+        self.cpu_stalled = False
 
     def sample(self) -> bool:
-        """Whether heavy routes are refused now."""
-        now = time.monotonic()
-        if now - self.last < self.shedding.interval_s:
+        """Whether memory is short now: `shed` routes refuse every request."""
+        now = self.clock()
+        if self.sampled_at is not None and now - self.sampled_at < self.shedding.interval_s:
             return self.active
-        self.cpu_samples.append((now, psutil.cpu_percent(None), now - self.last))
-        self.last = now
-        while self.cpu_samples and self.cpu_samples[0][0] < now - self.shedding.window_s:
-            self.cpu_samples.popleft()
-        spans = sum(span for _, _, span in self.cpu_samples)
-        self.cpu_percent = sum(p * span for _, p, span in self.cpu_samples) / spans
-        self.memory_percent = psutil.virtual_memory().percent
-        self.active = (
-            self.cpu_percent > self.shedding.cpu_percent
-            or self.memory_percent > self.shedding.memory_percent
-        )
+        self.sampled_at = now
+        window, sources = self.shedding.window_s, self.sources
+        cpu = [
+            self.cpu_psi.add(now, stall_total(sources.pressure("cpu")), window),
+            self.throttling.add(now, sources.throttled_us(), window),
+        ]
+        known = [share for share in cpu if share is not None]
+        self.cpu_stall_percent = max(known) if known else None
+        memory_stall = stall_total(sources.pressure("memory"))
+        self.memory_stall_percent = self.memory_psi.add(now, memory_stall, window)
+        self.memory_percent = sources.memory_percent()
+        shedding = self.shedding
+        self.active = (self.memory_percent or 0.0) > shedding.memory_percent or (
+            self.memory_stall_percent or 0.0
+        ) > shedding.memory_stall_percent
+        self.cpu_stalled = (self.cpu_stall_percent or 0.0) > shedding.cpu_stall_percent
         gauges = host_metrics()
-        gauges.cpu_percent.set(self.cpu_percent)
-        gauges.memory_percent.set(self.memory_percent)
+        gauges.cpu_stall_percent.set(self.cpu_stall_percent or 0.0)
+        gauges.memory_stall_percent.set(self.memory_stall_percent or 0.0)
+        gauges.memory_percent.set(self.memory_percent or 0.0)
         gauges.shedding.set(float(self.active))
         return self.active
 
     def report(self) -> dict[str, Any]:
         self.sample()
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
         return {
-            "cpu_percent": round(self.cpu_percent, 1),
-            "memory_percent": round(self.memory_percent, 1),
+            "memory_percent": rounded(self.memory_percent),
+            "memory_stall_percent": rounded(self.memory_stall_percent),
+            "cpu_stall_percent": rounded(self.cpu_stall_percent),
             "active": self.active,
+            "cpu_stalled": self.cpu_stalled,
+            "cgroup": None if self.sources.cgroup is None else str(self.sources.cgroup),
             "limits": self.shedding.model_dump(),
         }
+
+
+@dataclass
+class Waiter:
+    """A queued request: resolved when a slot is handed to it."""
+
+    future: asyncio.Future
+    since: float  # when it started waiting, by the gate's clock
 
 
 @dataclass
@@ -112,19 +264,29 @@ class Gate:
 
     route: str
     limits: RouteLimits
+    clock: Callable[[], float] = time.monotonic
     running: int = 0
-    waiters: deque[asyncio.Future] = field(default_factory=deque)
+    waiters: deque[Waiter] = field(default_factory=deque)
     admitted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     timed_out: int = 0
     background: set[Ticket] = field(default_factory=set)
     background_ended: float = -float("inf")  # monotonic time the last background ticket ended
     preempted: int = 0
+    suspects: Suspects = field(default_factory=Suspects)  # requests implicated in replica deaths
 
     def full(self) -> bool:
         return self.running >= self.limits.max_running and len(self.waiters) >= (
             self.limits.max_queued
         )
+
+    def busy(self) -> bool:
+        """Whether a request arriving now would have to wait for a slot."""
+        return self.running >= self.limits.max_running or bool(self.waiters)
+
+    def oldest_wait(self) -> float:
+        """Seconds the first request in the queue has waited (0 with none queued)."""
+        return self.clock() - self.waiters[0].since if self.waiters else 0.0
 
     async def acquire(self, deadline: float) -> None:
         """A slot, waiting for one until `deadline` (TimeoutError); call `full()` first."""
@@ -132,14 +294,14 @@ class Gate:
             self.running += 1
             self._publish()
             return
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = Waiter(asyncio.get_running_loop().create_future(), self.clock())
         self.waiters.append(waiter)
         self._publish()
         try:
             async with asyncio.timeout_at(deadline):
-                await waiter
+                await waiter.future
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled():
                 self.release()  # a slot was handed over as the wait ended: pass it on
             elif waiter in self.waiters:
                 self.waiters.remove(waiter)
@@ -149,7 +311,7 @@ class Gate:
 
     def release(self) -> None:
         while self.waiters and self.running <= self.limits.max_running:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft().future
             if not waiter.done():
                 waiter.set_result(None)
                 return
@@ -160,7 +322,7 @@ class Gate:
         """New limits in place; waiters take any slots the change opened."""
         self.limits = limits
         while self.waiters and self.running < limits.max_running:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft().future
             if not waiter.done():
                 self.running += 1
                 waiter.set_result(None)
@@ -190,6 +352,7 @@ class Gate:
             **self.limits.model_dump(),
             "running": self.running,
             "queued": len(self.waiters),
+            "oldest_wait_s": round(self.oldest_wait(), 3),
             "admitted": self.admitted,
             "rejected": dict(self.rejected),
             "timed_out": self.timed_out,
@@ -227,16 +390,36 @@ class Ticket:
         """The result of a handle call, bounded by the deadline."""
         return await self.wait(self.track(response))
 
-    async def call(self, make: Callable[[], DeploymentResponse]) -> Any:
-        """The result of the idempotent handle call `make()`, bounded by the deadline. If the
-        replica serving it dies, the call is made once more; Serve routes it to a live one
-        (or to the replacement it starts), so the client sees no failure."""
+    async def call(self, make: Callable[[], DeploymentResponse], request: Any) -> Any:
+        """The result of the idempotent handle call `make()` for `request`, bounded by the
+        deadline. If the replica serving it dies, the call is made once more; Serve routes it
+        to a live one (or to the replacement it starts), so the client sees no failure.
+
+        Unless the request itself is what kills replicas: a request implicated in two replica
+        deaths is not called again, and is refused with 422 (serve_app/suspects.py)."""
+        suspects, route = self.gate.suspects, self.gate.route
+        key = digest(route, request) if len(suspects) else None  # no cost while none died
+        if key is not None and suspects.condemned(key):
+            raise crashed_replica(route)
+        started = suspects.clock()
         try:
-            return await self.result(make())
+            result = await self.result(make())
         except REPLICA_FAILURES as exc:
-            logger.warning("%s: replica failed (%s); calling again", self.gate.route, type(exc))
-            route_metrics().retried.inc(tags={"route": self.gate.route})
-            return await self.result(make())
+            key = key or digest(route, request)
+            if suspects.died(key, started):
+                raise crashed_replica(route) from exc
+            logger.warning("%s: replica failed (%s); calling again", route, type(exc))
+            route_metrics().retried.inc(tags={"route": route})
+            started = suspects.clock()
+            try:
+                result = await self.result(make())
+            except REPLICA_FAILURES as again:
+                if suspects.died(key, started):
+                    raise crashed_replica(route) from again
+                raise
+        if len(suspects):  # it succeeded: the deaths it was implicated in were not its doing
+            suspects.cleared(key or digest(route, request))
+        return result
 
     def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         """Server-sent `events` until they end, or an error event when the deadline passes.
@@ -292,16 +475,24 @@ class Ticket:
             self.released = True
             if self.background:
                 self.gate.background.discard(self)
-                self.gate.background_ended = time.monotonic()
+                self.gate.background_ended = self.gate.clock()
             self.gate.release()
 
 
 class AdmissionControl:
     """The gates of every route and the host pressure monitor, configured by `Admission`."""
 
-    def __init__(self, admission: Admission) -> None:
-        self.gates = {route: Gate(route, limits) for route, limits in admission.routes.items()}
-        self.pressure = HostPressure(admission.shedding)
+    def __init__(
+        self,
+        admission: Admission,
+        sources: PressureSources | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.gates = {
+            route: Gate(route, limits, clock) for route, limits in admission.routes.items()
+        }
+        self.pressure = HostPressure(admission.shedding, sources, clock)
 
     def configure(self, admission: Admission) -> None:
         self.pressure.shedding = admission.shedding
@@ -327,16 +518,7 @@ class AdmissionControl:
         deadline = asyncio.get_running_loop().time() + gate.limits.deadline_s
         if gate.background and gate.running >= gate.limits.max_running:
             next(iter(gate.background)).preempt()  # the client takes its slot
-        reason = None
-        if gate.limits.shed and self.pressure.sample():
-            if self._background_recent():
-                # The pressure may be background work's own: that work stops, clients run.
-                for ticket in [t for g in self.gates.values() for t in g.background]:
-                    ticket.preempt()
-            else:
-                reason = "resource_pressure"
-        if reason is None and gate.full():
-            reason = "queue_full"
+        reason = self._refusal(gate)
         if reason is not None:
             gate.count("rejected", reason)
             raise overloaded(route, reason, gate.limits.retry_after_s)
@@ -348,11 +530,33 @@ class AdmissionControl:
         gate.count("admitted")
         return Ticket(gate, deadline)
 
+    def _refusal(self, gate: Gate) -> str | None:
+        """Why a request arriving at `gate` now is refused, or None to admit or queue it.
+
+        resource_pressure: a `shed` route while memory is short, or while CPU stalls and the
+        request would have to queue; queue_full: no slot and no room in the queue;
+        queue_wait: the queue's oldest request has used `queue_wait_fraction` of its deadline
+        waiting, so a newcomer would likely spend its whole deadline queued.
+        """
+        pressure = self.pressure
+        if gate.limits.shed and (pressure.sample() or (pressure.cpu_stalled and gate.busy())):
+            if not self._background_recent():
+                return "resource_pressure"
+            # The pressure may be background work's own: that work stops, clients run.
+            for ticket in [t for g in self.gates.values() for t in g.background]:
+                ticket.preempt()
+        if gate.full():
+            return "queue_full"
+        if gate.oldest_wait() > pressure.shedding.queue_wait_fraction * gate.limits.deadline_s:
+            return "queue_wait"
+        return None
+
     def background(self, route: str) -> Ticket | None:
         """A background ticket for `route` if a slot is free, nobody waits and the host is
-        not under pressure; else None. Release it when done; a client may preempt it."""
+        under no pressure (memory or CPU stalls); else None. Release it when done; a client
+        may preempt it."""
         gate = self.gates[route]
-        if gate.waiters or gate.running >= gate.limits.max_running or self.pressure.sample():
+        if gate.busy() or self.pressure.sample() or self.pressure.cpu_stalled:
             return None
         gate.running += 1
         gate._publish()
@@ -362,8 +566,8 @@ class AdmissionControl:
         return ticket
 
     def _background_recent(self) -> bool:
-        """Whether background work ran within the CPU averaging window."""
-        since = time.monotonic() - self.pressure.shedding.window_s
+        """Whether background work ran within the stall measuring window."""
+        since = self.clock() - self.pressure.shedding.window_s
         return any(g.background or g.background_ended > since for g in self.gates.values())
 
     def report(self) -> dict[str, Any]:

@@ -47,8 +47,9 @@ class Cache(ABC):
 
     backend: ClassVar[str]
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_value_bytes: int | None = None) -> None:
         self.name = name
+        self.max_value_bytes = max_value_bytes  # larger values are not stored
         self._counts_lock = threading.Lock()
         self._hits = 0
         self._misses = 0
@@ -64,7 +65,10 @@ class Cache(ABC):
         return values
 
     async def set_many(self, items: dict[str, bytes]) -> None:
-        """Store `items` with the cache's TTL; skipped where the backend is unavailable."""
+        """Store `items` with the cache's TTL; skipped where the backend is unavailable, and
+        for each value over `max_value_bytes`."""
+        if self.max_value_bytes is not None:
+            items = {k: v for k, v in items.items() if len(v) <= self.max_value_bytes}
         if items:
             await self._set_many(items)
 
@@ -108,25 +112,47 @@ class Cache(ABC):
 
 
 class LocalCache(Cache):
-    """A bounded LRU with a TTL in this process: each replica has its own.
+    """A TTL cache in this process, bounded in entries and in bytes: each replica has its own.
 
-    The lock makes it safe where replicas call it from worker threads as well as the event
-    loop; every operation under it is a few dict moves, never I/O.
+    cachetools bounds one sum (`maxsize`, with `getsizeof`): it counts bytes here, and each
+    entry counts at least `max_bytes / max_entries`, so neither bound can be passed. Entries
+    leave in TTL order, then least recently used first. The lock makes it safe where replicas
+    call it from worker threads as well as the event loop; every operation under it is a few
+    dict moves, never I/O.
     """
 
     backend = "local"
+    KEY_BYTES = 128  # a key and its bookkeeping, roughly
 
     def __init__(
         self,
         max_entries: int,
         ttl_s: float,
         *,
+        max_bytes: int = 2**30,
         name: str = "local",
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(name)
-        self._entries: TTLCache[str, bytes] = TTLCache(max_entries, ttl_s, timer=timer)
+        super().__init__(name, max_value_bytes=max_bytes // 16)
+        floor = max(1, max_bytes // max_entries)
+        self._entries: TTLCache[str, bytes] = TTLCache(
+            max_bytes, ttl_s, timer=timer, getsizeof=lambda v: max(floor, len(v) + self.KEY_BYTES)
+        )
         self._lock = threading.Lock()
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes the entries count for (values, keys, and each entry's floor)."""
+        with self._lock:
+            return int(self._entries.currsize)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __bool__(self) -> bool:
+        # An empty cache is still a cache: callers test `if cache` for "turned on".
+        return True
 
     async def _get_many(self, keys: list[str]) -> list[bytes | None]:
         with self._lock:
@@ -159,8 +185,9 @@ class RedisCache(Cache):
         *,
         name: str = "redis",
         backoff_s: float = 1.0,
+        max_value_bytes: int | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, max_value_bytes)
         self._url = url
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._timeout_s = timeout_s
@@ -258,7 +285,8 @@ class RedisCache(Cache):
 def open_cache(config: CacheConfig, kind: str) -> Cache | None:
     """The cache for `kind` ("embedding", "search" or "rerank"); None where it is turned off.
 
-    With `redis_url` the entry count is not enforced here: Redis's `maxmemory` policy bounds it.
+    With `redis_url` the entry count is not enforced here: Redis's `maxmemory` policy bounds it
+    (each value is still bounded here, at 1/16 of the in-process cache's bytes).
     """
     if kind == "embedding":
         entries, ttl_s = config.embedding_entries, config.embedding_ttl_s
@@ -268,9 +296,16 @@ def open_cache(config: CacheConfig, kind: str) -> Cache | None:
         raise ValueError(f"unknown cache kind {kind!r}")
     if entries == 0:
         return None
+    max_bytes = config.embedding_bytes if kind == "embedding" else config.response_bytes
     if config.redis_url:
-        return RedisCache(config.redis_url, ttl_s, config.redis_timeout_s, name=kind)
-    return LocalCache(entries, ttl_s, name=kind)
+        return RedisCache(
+            config.redis_url,
+            ttl_s,
+            config.redis_timeout_s,
+            name=kind,
+            max_value_bytes=max_bytes // 16,
+        )
+    return LocalCache(entries, ttl_s, max_bytes=max_bytes, name=kind)
 
 
 _TOKENS = struct.Struct("<I")

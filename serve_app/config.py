@@ -8,7 +8,7 @@ receives its own section, already resolved for the cluster it runs on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -164,6 +164,15 @@ class CacheConfig(Section):
     embedding_ttl_s: float = Field(default=7 * 24 * 3600, gt=0.0, description="In Redis.")
     response_entries: int = Field(default=10_000, ge=0, le=1_000_000, description="0: off.")
     response_ttl_s: float = Field(default=300.0, gt=0.0)
+    # An in-process cache is bounded in bytes as well as entries: a search answer can carry
+    # top_k copies of 16 KiB metadata. In any backend one entry may take at most 1/16 of its
+    # cache's bytes; a larger value is not cached.
+    embedding_bytes: int = Field(
+        default=64 * 2**20, ge=2**16, le=2**40, description="In-process embedding cache."
+    )
+    response_bytes: int = Field(
+        default=128 * 2**20, ge=2**16, le=2**40, description="In-process response caches."
+    )
     redis_timeout_s: float = Field(
         default=0.05, gt=0.0, le=5.0, description="A slower Redis answer counts as a miss."
     )
@@ -172,22 +181,43 @@ class CacheConfig(Section):
 class ClassifyConfig(Section):
     """The classification cascade: embedding similarity first, the generator when unsure."""
 
-    threshold: float = Field(
-        default=0.8, ge=0.0, le=1.0, description="Escalate when the top probability is below."
+    threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Escalate when the top probability is below. None: the threshold "
+        "calibrated for this model pair (serve_app/classify_calibration.json), or 0 without one.",
     )
     # Softmax temperature over cosine similarities to the label descriptions, fitted by
     # scripts/bench_classify.py (least negative log-likelihood on 180 labelled manual-page
     # descriptions, 6 labels: 0.151). Refit it on your own labels and texts.
     temperature: float = Field(default=0.15, gt=0.0, le=10.0)
-    # Words that turn a sentence ("good, but ..."): their presence escalates under `auto`.
-    # Markers of letters are matched as whole words; others (Korean endings) anywhere.
+    # Words that turn a sentence ("good, but ..."): their presence escalates under `auto` in
+    # the languages of `contrast_languages`. Markers of letters are matched as whole words;
+    # others (Korean endings) anywhere.
     contrast_markers: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "en": ["but", "though", "although", "however", "yet", "except"],
             "ko": ["지만", "는데", "그러나", "하지만"],
         }
     )
+    contrast_languages: list[str] | None = Field(
+        default=None,
+        description="Languages whose contrast markers escalate. None: all of them, but only "
+        "where the calibration found that markers predict fast-path errors.",
+    )
     max_labels: int = Field(default=32, ge=2, le=1000)
+    # Bounds on what one request may ask of the generator; inputs past them keep their
+    # fast-path answer, and the response says so.
+    max_escalated: int = Field(default=16, ge=0, le=1024, description="Inputs per request.")
+    max_prompt_tokens: int = Field(
+        default=1024, ge=64, le=32768, description="Instruction, label descriptions and text."
+    )
+    latency_budget_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Mean ms per input that calibration may spend. None: twice the fast path's.",
+    )
 
 
 class Schedule(Section):
@@ -217,6 +247,13 @@ class PrecomputeConfig(Section):
     flush_interval_s: float = Field(
         default=5.0, gt=0.0, le=3600.0, description="Counts are written in batches this often."
     )
+    versions_check_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Each ingress re-reads collection versions this often, besides the "
+        "notifications: the longest a missed change can serve stale precomputed answers.",
+    )
     # The default user_config of the Precompute deployment; `deployments[].user_config`
     # overrides it live.
     schedule: Schedule = Schedule()
@@ -226,7 +263,7 @@ class IngressConfig(Section):
     ready_timeout_s: float = Field(default=2.0, gt=0.0)
 
 
-Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest", "classify"]
+Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest", "classify", "manage"]
 
 
 class RouteLimits(Section):
@@ -242,11 +279,44 @@ class RouteLimits(Section):
 
 
 class Shedding(Section):
-    """Host use above which the heavy routes (those with `shed`) answer 503; 100 never sheds."""
+    """When requests are refused because they would suffer, not because the host is busy.
 
-    cpu_percent: float = Field(default=90.0, gt=0.0, le=100.0)
-    memory_percent: float = Field(default=90.0, gt=0.0, le=100.0)
-    window_s: float = Field(default=5.0, gt=0.0, le=300.0, description="CPU is averaged over it.")
+    Stall shares are pressure-stall information (PSI `some`: the share of wall time in which
+    at least one task waited for the resource), of this container's cgroup where it has its
+    own, else of the host. CPU use itself is not a signal: a host at 100% that answers within
+    its deadlines is busy, not overloaded. 100 turns a percentage off.
+    """
+
+    memory_percent: float = Field(
+        default=90.0,
+        gt=0.0,
+        le=100.0,
+        description="Memory in use (page cache excluded), of the cgroup's limit where it has "
+        "one, else of the host, above which `shed` routes answer 503.",
+    )
+    memory_stall_percent: float = Field(
+        default=20.0, gt=0.0, le=100.0, description="Memory stalls above which `shed` routes 503."
+    )
+    # Only requests that would wait for a slot are refused for CPU stalls: one that can run
+    # now is admitted, so work that merely keeps the CPU busy (model loading at start-up,
+    # a full decode batch) never refuses a request the server has room for.
+    cpu_stall_percent: float = Field(
+        default=80.0,
+        gt=0.0,
+        le=100.0,
+        description="CPU stalls (or cgroup throttling) above which a `shed` request that "
+        "would queue gets 503.",
+    )
+    queue_wait_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Any route whose oldest queued request has waited this share of its "
+        "deadline answers 503: a newcomer would likely reach its deadline queued.",
+    )
+    window_s: float = Field(
+        default=5.0, gt=0.0, le=300.0, description="Stall shares are measured over it."
+    )
     interval_s: float = Field(default=0.5, gt=0.0, le=60.0, description="Sampling period.")
 
 
@@ -264,6 +334,10 @@ DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
     "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True, retry_after_s=5),
     # Mostly embeddings; an escalated input costs one generator forward pass per label set.
     "classify": RouteLimits(max_running=4, max_queued=16, deadline_s=60, retry_after_s=2),
+    # /v1/status, /v1/collections and the deletes: each holds a store connection of the
+    # Documents replica (4 in its pool), so a flood of them answers 503 rather than taking
+    # the connections ingest needs.
+    "manage": RouteLimits(max_running=2, max_queued=8, deadline_s=30),
 }
 
 
@@ -305,6 +379,18 @@ class InputLimits(Section):
         default=5_000_000, ge=1, le=100_000_000, description="Each ingested document."
     )
     max_messages: int = Field(default=256, ge=1, le=100_000, description="Chat messages.")
+    # 10,000 chunks take about the ingest deadline to embed on the 2-core reference machine.
+    max_chunks: int = Field(
+        default=10_000, ge=1, le=10_000_000, description="Chunks of one ingest request."
+    )
+    # Each search result carries its document's metadata, and answers are cached and held
+    # precomputed in every ingress: bounding it bounds them.
+    max_metadata_bytes: int = Field(
+        default=16 * 1024, ge=2, le=2**24, description="Each document's metadata, as JSON."
+    )
+    max_filter_bytes: int = Field(
+        default=16 * 1024, ge=2, le=2**24, description="A search or RAG filter, as JSON."
+    )
 
 
 class AuthConfig(Section):
@@ -319,22 +405,48 @@ class AuthConfig(Section):
     api_keys_file: Path | None = None
 
 
+class Uploads(Section):
+    """How request bodies may arrive: stalled or slow uploads must not hold the ingress."""
+
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0, description="The whole body arrives within it; else 408."
+    )
+    max_bytes_in_flight: int = Field(
+        default=256 * 2**20,
+        ge=2**20,
+        le=2**36,
+        description="Body bytes one ingress replica holds at once, all requests together; "
+        "past it 503.",
+    )
+
+
+# A Host header: a name, an IPv4 address or a bracketed IPv6 address, and an optional port.
+HOST_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?"
+
+
 class IngressSettings(Section):
     """The Ingress's `user_config`, all applied in place: admission (route limits and
-    shedding), input limits, and API keys."""
+    shedding), input limits, API keys, uploads and the Host names it answers to."""
 
     admission: Admission = Admission()
     inputs: InputLimits = InputLimits()
     auth: AuthConfig = AuthConfig()
+    uploads: Uploads = Uploads()
+    # None: the host Serve binds (http_options.host) and the loopback names, any port; a
+    # wildcard bind answers any Host. `*` answers any Host; `name:port` only that port.
+    allowed_hosts: list[Annotated[str, Field(pattern=rf"^(\*|{HOST_PATTERN})$")]] | None = None
 
     @classmethod
     def from_user_config(cls, user_config: dict | None) -> IngressSettings:
         user_config = dict(user_config or {})
         inputs, auth = user_config.pop("inputs", None), user_config.pop("auth", None)
+        uploads, hosts = user_config.pop("uploads", None), user_config.pop("allowed_hosts", None)
         return cls(
             admission=Admission.from_user_config(user_config),
             inputs=InputLimits.model_validate(inputs or {}),
             auth=AuthConfig.model_validate(auth or {}),
+            uploads=Uploads.model_validate(uploads or {}),
+            allowed_hosts=hosts,
         )
 
 

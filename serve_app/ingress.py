@@ -21,9 +21,10 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.admission import AdmissionControl
+from serve_app.admission import AdmissionControl, Ticket, all_within
+from serve_app.cascade import decision
 from serve_app.config import AppConfig, IngressSettings
-from serve_app.guard import APIKeys, Guard
+from serve_app.guard import Guard, apply_settings, bind_host
 from serve_app.popular import Popular
 from serve_app.protocol import errors, limits
 from serve_app.protocol.classify import ClassifyRequest, ClassifyResponse
@@ -234,17 +235,24 @@ class Ingress:
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
         self.settings = IngressSettings()
         self.admission = AdmissionControl(self.settings.admission)
+        # Serve calls reconfigure only when the deployment has a user_config: apply the
+        # defaults (and the keys in the environment) here, so an ingress started without one
+        # is guarded like one with an empty one.
+        self.bind_host = await asyncio.to_thread(bind_host)
+        self.reconfigure({})
         # Popular queries: counted here, answered from memory when precomputed.
         store = await open_store(config.store.model_copy(update={"pool_size": 2}), "Ingress")
         models = "|".join(m.name for m in config.models().values())
-        self.popular = Popular(PopularStore(store), store.url, config.precompute, models)
+        self.popular = Popular(
+            PopularStore(store), store.url, config.precompute, models, store.timeout_s
+        )
+        self.store = store  # /ready's `SELECT 1`
 
     def reconfigure(self, user_config: dict) -> None:
-        """Route limits, shedding, input limits and API keys from the deployment's
-        user_config, in place (a key file that cannot be read fails the update)."""
+        """Route limits, shedding, input limits, uploads, allowed hosts and API keys from the
+        deployment's user_config, in place (a key file that cannot be read fails the update)."""
         settings = IngressSettings.from_user_config(user_config)
-        app.state.api_keys = APIKeys.load(settings.auth)  # read by the Guard
-        app.state.input_limits = settings.inputs
+        apply_settings(app.state, settings, self.bind_host)  # read by the Guard
         self.admission.configure(settings.admission)
         self.settings = settings
 
@@ -256,12 +264,16 @@ class Ingress:
 
     @app.get("/ready", responses={503: {"model": errors.ErrorResponse}})
     async def ready(self):
-        """200 once every model has loaded and the document store answers, 503 until then."""
+        """200 once every model has loaded and the document store answers `SELECT 1`, 503
+        until then. Cheap, as probes call it often: no query touches the documents, and the
+        calls are cancelled when it gives up."""
+        roles = list(self.handles)
+        calls = [self.handles[role].model_info.remote() for role in roles]
         try:
-            infos, _ = await asyncio.wait_for(
-                asyncio.gather(self._model_infos(), self.documents.collections.remote()),
-                self.config.ingress.ready_timeout_s,
+            *answers, _ = await all_within(
+                self.config.ingress.ready_timeout_s, calls, self._select_one()
             )
+            infos = dict(zip(roles, answers, strict=True))
         except Exception:
             return errors.error_response(
                 errors.APIError(
@@ -273,28 +285,34 @@ class Ingress:
             )
         return {"status": "ready", "models": {role: i["model"] for role, i in infos.items()}}
 
+    async def _select_one(self) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute("SELECT 1")
+
     @app.get("/v1/status")
     async def status(self) -> dict[str, object]:
         """Routes with limits and load, host pressure, replicas per deployment, and models."""
-        deployments, models, schedule = await asyncio.gather(
-            asyncio.to_thread(_deployment_states),
-            self._model_infos(),
-            self.precompute.report.remote(),
-        )
+        async with self.admission.admit("manage") as ticket:
+            schedule = ticket.track(self.precompute.report.remote())
+            deployments, models, schedule = await ticket.wait(
+                asyncio.gather(
+                    asyncio.to_thread(_deployment_states), self._model_infos(ticket), schedule
+                )
+            )
         return {
             **self.admission.report(),
             "inputs": self.settings.inputs.model_dump(),
             "auth": {"keys": len(app.state.api_keys.digests)},  # how many, never which
-            "classify": self.config.classify.model_dump(include={"threshold", "temperature"}),
+            "classify": decision(self.config).status(),  # threshold in effect and its source
             "precompute": {**self.popular.report(), "schedule": schedule},
             "deployments": deployments,
             "models": models,
         }
 
-    async def _model_infos(self) -> dict[str, dict]:
+    async def _model_infos(self, ticket: Ticket) -> dict[str, dict]:
         roles = list(self.handles)
-        infos = await asyncio.gather(*(self.handles[r].model_info.remote() for r in roles))
-        return dict(zip(roles, infos, strict=True))
+        calls = [ticket.track(self.handles[r].model_info.remote()) for r in roles]
+        return dict(zip(roles, await asyncio.gather(*calls), strict=True))
 
     # --- models -----------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -318,7 +336,7 @@ class Ingress:
         model = self._served_name("embedder", request.model)
         limits.check_embeddings(request, self.settings.inputs)
         async with self.admission.admit("embeddings") as ticket:
-            result = await ticket.call(lambda: self.embedder.embed.remote(request.texts))
+            result = await ticket.call(lambda: self.embedder.embed.remote(request.texts), request)
         vectors = result.vectors
         if request.dimensions is not None:
             if request.dimensions > vectors.shape[1]:
@@ -362,7 +380,9 @@ class Ingress:
         limits.check_rerank(request, self.settings.inputs)
         texts = request.texts
         async with self.admission.admit("rerank") as ticket:
-            scored = await ticket.call(lambda: self.reranker.rerank.remote(request.query, texts))
+            scored = await ticket.call(
+                lambda: self.reranker.rerank.remote(request.query, texts), request
+            )
         order = sorted(range(len(texts)), key=lambda i: scored[i][0], reverse=True)
         results = [
             RerankResult(
@@ -428,7 +448,7 @@ class Ingress:
         """A label per input: embedding similarity, and the generator where that is unsure."""
         limits.check_classify(request, self.settings.inputs, self.config.classify.max_labels)
         async with self.admission.admit("classify") as ticket:
-            return await ticket.call(lambda: self.classifier.classify.remote(request))
+            return await ticket.call(lambda: self.classifier.classify.remote(request), request)
 
     # --- documents --------------------------------------------------------------------------
     @app.post("/v1/documents")
@@ -439,7 +459,10 @@ class Ingress:
             # Idempotent: a document's id (or its text's hash) names it, and each request is
             # stored in one transaction, so a second try replaces what the first left, if any.
             try:
-                return await ticket.call(lambda: self.documents.ingest.remote(request))
+                max_chunks = self.settings.inputs.max_chunks
+                return await ticket.call(
+                    lambda: self.documents.ingest.remote(request, max_chunks), request
+                )
             finally:  # even a failed ingest may have committed
                 self.popular.answers.forget(request.collection)
 
@@ -449,9 +472,11 @@ class Ingress:
         collection: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)],
         document_id: Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00]+$")],
     ) -> Deleted:
-        deleted = await self.documents.delete_document.remote(collection, document_id)
-        self.popular.answers.forget(collection)
-        if not deleted:
+        async with self.admission.admit("manage") as ticket:
+            deleted = await ticket.result(
+                self.documents.delete_document.remote(collection, document_id)
+            )
+        if not deleted:  # nothing changed: the collection's answers stay valid
             raise errors.APIError(
                 404,
                 f"No document '{document_id}' in '{collection}'.",
@@ -459,18 +484,21 @@ class Ingress:
                 param="document_id",
                 code="document_not_found",
             )
+        self.popular.answers.forget(collection)
         return Deleted(id=document_id, object="document")
 
     @app.get("/v1/collections")
     async def collections(self) -> CollectionList:
-        rows = await self.documents.collections.remote()
+        async with self.admission.admit("manage") as ticket:
+            rows = await ticket.result(self.documents.collections.remote())
         return CollectionList(data=[CollectionInfo(**row) for row in rows])
 
     @app.delete("/v1/collections/{name}")
     async def delete_collection(
         self, name: Annotated[str, PathParam(pattern=COLLECTION_PATTERN)]
     ) -> Deleted:
-        await self.documents.delete_collection.remote(name)
+        async with self.admission.admit("manage") as ticket:
+            await ticket.result(self.documents.delete_collection.remote(name))
         self.popular.answers.forget(name)
         return Deleted(id=name, object="collection")
 
@@ -479,18 +507,22 @@ class Ingress:
     async def search(self, request: SearchRequest):
         """Nearest chunks by cosine (HNSW), metadata filters, optional rerank."""
         limits.check_retrieval(request, self.settings.inputs)
-        if (answer := self.popular.lookup("search", request)) is not None:
+        asked = self.popular.ask("search", request)
+        if (answer := self.popular.lookup(asked)) is not None:
             return _precomputed(answer)  # no model runs: no slot taken
         async with self.admission.admit("search") as ticket:
-            return await ticket.call(lambda: self.search_route.search.remote(request))
+            self.popular.count(asked)  # only what was answered or admitted: a 503 is not asked
+            return await ticket.call(lambda: self.search_route.search.remote(request), request)
 
     @app.post("/v1/rag/query", response_model=RagResponse)
     async def rag_query(self, request: RagRequest):
         """Retrieve, rerank, and answer citing sources by number; SSE with `stream`."""
         request = self._rag_request(request)
-        if (answer := self.popular.lookup("rag", request)) is not None:
+        asked = self.popular.ask("rag", request)
+        if (answer := self.popular.lookup(asked)) is not None:
             return _precomputed(answer, request.stream)
         async with self.admission.admit("rag") as ticket:
+            self.popular.count(asked)
             events = ticket.track(self.rag.options(stream=True).answer.remote(request))
             sources: Sources = await ticket.wait(anext(events))  # retrieval errors: a status
             if request.stream:

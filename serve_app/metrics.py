@@ -35,7 +35,7 @@ def route_metrics() -> RouteMetrics:
         ),
         rejected=metrics.Counter(
             "rag_route_rejected",
-            "Requests answered 503: queue_full, resource_pressure or backpressure.",
+            "Requests answered 503: queue_full, queue_wait, resource_pressure or backpressure.",
             tag_keys=("route", "reason"),
         ),
         timed_out=metrics.Counter(
@@ -58,7 +58,8 @@ def route_metrics() -> RouteMetrics:
 
 @dataclass(frozen=True)
 class HostMetrics:
-    cpu_percent: metrics.Gauge
+    cpu_stall_percent: metrics.Gauge
+    memory_stall_percent: metrics.Gauge
     memory_percent: metrics.Gauge
     shedding: metrics.Gauge
 
@@ -67,8 +68,15 @@ class HostMetrics:
 def host_metrics() -> HostMetrics:
     """Host pressure as the ingress sees it, and whether it is shedding heavy routes."""
     return HostMetrics(
-        cpu_percent=metrics.Gauge("rag_host_cpu_percent", "Host CPU use, averaged over a window."),
-        memory_percent=metrics.Gauge("rag_host_memory_percent", "Host memory use."),
+        cpu_stall_percent=metrics.Gauge(
+            "rag_host_cpu_stall_percent", "Share of time tasks waited for CPU (PSI), or throttled."
+        ),
+        memory_stall_percent=metrics.Gauge(
+            "rag_host_memory_stall_percent", "Share of time tasks waited for memory (PSI)."
+        ),
+        memory_percent=metrics.Gauge(
+            "rag_host_memory_percent", "Memory in use, of the cgroup's limit or the host's."
+        ),
         shedding=metrics.Gauge("rag_shedding_active", "1 while heavy routes are refused."),
     )
 

@@ -15,6 +15,10 @@ from serve_app.protocol.openai import NonEmptyText, Request, valid_unicode
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
 MAX_JSON_DEPTH = 32
+# PostgreSQL keeps JSONB numbers exactly and writes them back without exponents, so 1e20
+# returns as the integer 100000000000000000000; orjson, which writes every answer, cache entry
+# and precomputed answer, refuses integers beyond 64 bits. Numbers stay within int64.
+JSON_INT_RANGE = (-(2**63), 2**63 - 1)
 
 
 def _storable(text: str) -> str:
@@ -29,11 +33,16 @@ DocumentId = Annotated[StoredText, Field(max_length=256)]
 
 
 def _json_safe(value: Any, depth: int = 0) -> None:
-    """What JSONB stores: finite numbers, strings without NUL, nesting at most MAX_JSON_DEPTH."""
+    """What JSONB stores and gives back unchanged: finite numbers within int64, strings
+    without NUL, nesting at most MAX_JSON_DEPTH."""
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("numbers must be finite (no NaN or Infinity)")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        low, high = JSON_INT_RANGE
+        if not low <= value <= high:
+            raise ValueError("numbers must lie within the 64-bit integer range")
     if isinstance(value, str):
         _storable(valid_unicode(value))
     if isinstance(value, dict):
@@ -116,7 +125,7 @@ class RetrievalRequest(Request):
     """What search and RAG both ask of retrieval."""
 
     collection: CollectionName
-    query: NonEmptyText
+    query: StoredText  # counted in PostgreSQL (popular queries)
     top_k: int = Field(default=10, ge=1, le=200, description="Chunks retrieved.")
     filters: JsonObject | None = Field(default=None, description="JSONB containment.")
     rerank: bool = False

@@ -12,6 +12,8 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, Worker
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.protocol.status import StatusError
+
 RETRY_AFTER_S = 1
 # A replica died (killed, crashed, its node gone) with the request on it, or the result it
 # made was lost with its node.
@@ -52,14 +54,6 @@ class APIError(Exception):
         self.status = status
         self.body = ErrorBody(message=message, type=type, param=param, code=code)
         self.headers = headers
-
-
-class StatusError(Exception):
-    """A domain error that knows its HTTP status (e.g. the store's "collection not found")."""
-
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
 
 
 def error_response(error: APIError) -> JSONResponse:

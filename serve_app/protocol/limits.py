@@ -4,6 +4,9 @@ any model runs. Each breach is a 400 in OpenAI's error shape naming the offendin
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import orjson
 
 from serve_app.config import InputLimits
 from serve_app.protocol.classify import ClassifyRequest
@@ -34,6 +37,18 @@ def _each_at_most(texts: Iterable[str], limit: int, param: str) -> None:
             )
 
 
+def _json_at_most(value: Any, limit: int, param: str) -> None:
+    # Measured as the compact JSON it is stored, cached and answered as.
+    size = len(orjson.dumps(value))
+    if size > limit:
+        raise APIError(
+            400,
+            f"{param}: at most {limit} bytes as JSON, got {size}.",
+            param=param,
+            code="input_too_long",
+        )
+
+
 def check_embeddings(request: EmbeddingRequest, limits: InputLimits) -> None:
     _at_most(len(request.texts), limits.max_inputs, "inputs", "input")
     _each_at_most(request.texts, limits.max_input_chars, "input")
@@ -55,12 +70,21 @@ def check_classify(request: ClassifyRequest, limits: InputLimits, max_labels: in
     _each_at_most(request.inputs, limits.max_input_chars, "inputs")
     _at_most(len(request.labels), max_labels, "labels", "labels")
     _each_at_most(request.names + request.descriptions, limits.max_input_chars, "labels")
+    # Descriptions and examples are embedded with the inputs: they share the inputs' budget.
+    extra = len(request.descriptions) + len(request.example_texts)
+    what = "texts (inputs, label descriptions and examples)"
+    _at_most(len(request.inputs) + extra, limits.max_inputs, what, "inputs")
+    _each_at_most(request.example_texts, limits.max_input_chars, "examples")
 
 
 def check_retrieval(request: RetrievalRequest, limits: InputLimits) -> None:
     _each_at_most([request.query], limits.max_input_chars, "query")
+    if request.filters:
+        _json_at_most(request.filters, limits.max_filter_bytes, "filters")
 
 
 def check_ingest(request: IngestRequest, limits: InputLimits) -> None:
     _at_most(len(request.documents), limits.max_documents, "documents", "documents")
     _each_at_most((d.text for d in request.documents), limits.max_document_chars, "documents")
+    for i, document in enumerate(request.documents):
+        _json_at_most(document.metadata, limits.max_metadata_bytes, f"documents.{i}.metadata")

@@ -5,10 +5,16 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, InputLimits
 from serve_app.protocol.documents import IngestedDocument, IngestRequest, IngestResponse
+from serve_app.protocol.errors import StatusError
 from serve_app.store import open_store
 from serve_app.store.vector_store import DocumentChunks
+
+
+class TooManyChunks(StatusError):
+    status = 400
+    code = "too_many_inputs"
 
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.05})
@@ -18,13 +24,21 @@ class Documents:
         self.store = await open_store(config.store, "Documents")
         self.chunking = config.chunking
 
-    async def ingest(self, request: IngestRequest) -> IngestResponse:
-        """Chunk by the embedder's tokens, embed every chunk (batched), store atomically."""
+    async def ingest(
+        self, request: IngestRequest, max_chunks: int = InputLimits().max_chunks
+    ) -> IngestResponse:
+        """Chunk by the embedder's tokens, embed every chunk (batched), store atomically.
+        More than `max_chunks` chunks in all is a 400, before anything is embedded."""
         chunking = request.chunking or self.chunking
         texts = [d.text for d in request.documents]
         pieces = await self.embedder.chunk.remote(texts, chunking.max_tokens, chunking.overlap)
         flat = [chunk for doc_chunks in pieces for chunk in doc_chunks]
-        embedded = await self.embedder.embed.remote(flat)
+        if len(flat) > max_chunks:
+            raise TooManyChunks(
+                f"documents: at most {max_chunks} chunks per request, got {len(flat)}; "
+                "send fewer documents per request, or larger chunks."
+            )
+        embedded = await self.embedder.embed.remote(flat, bulk=True)  # yields to queries
         collection = await self.store.ensure_collection(
             request.collection, embedded.model, embedded.vectors.shape[1]
         )

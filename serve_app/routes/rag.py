@@ -11,6 +11,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
 from serve_app.protocol.documents import Citation, RagRequest
+from serve_app.protocol.errors import StatusError
 from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
@@ -19,6 +20,34 @@ SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. Cite the sources you use by their "
     "number in square brackets, like [1]. If the sources do not answer the question, say so."
 )
+# Sources the model reads at most, whatever `rerank_top_n` (None included) asks.
+MAX_SOURCES = 20
+# Tokens of the chat template around the messages, and of each source's "[n] " and the blank
+# line after it, plus what joining texts can add at their boundaries: upper bounds.
+TEMPLATE_TOKENS = 32
+SOURCE_TOKENS = 8
+
+
+class QuestionTooLong(StatusError):
+    status = 400
+    code = "input_too_long"
+
+
+def sources_that_fit(base_tokens: int, source_tokens: list[int], budget: int) -> int:
+    """How many sources, best first, fit in `budget` prompt tokens beside the system prompt
+    and the question (`base_tokens`). The generator keeps the end of a prompt that does not
+    fit, which would cut the system prompt; sources are dropped instead, the weakest first."""
+    used = base_tokens + TEMPLATE_TOKENS
+    if used > budget:
+        raise QuestionTooLong(
+            "query: the question leaves no room in the generator's context for max_tokens; "
+            "shorten it or ask for fewer max_tokens."
+        )
+    for kept, tokens in enumerate(source_tokens):
+        used += tokens + SOURCE_TOKENS
+        if used > budget:
+            return kept
+    return len(source_tokens)
 
 
 @dataclass(frozen=True)
@@ -56,14 +85,19 @@ class Rag:
         self.store = await open_store(config.store, "Rag")
         self.retriever = Retriever(embedder, reranker, self.store, config)
         self.generator = generator
+        self.context_tokens: int | None = None  # the generator's, asked once
 
     async def answer(self, request: RagRequest) -> AsyncIterator[Sources | Delta | Generated]:
-        """Sources first, then the answer's deltas as the generator streams them, then timing."""
-        retrieved = await self.retriever.retrieve(request)
-        scores = retrieved.rerank_scores or [h.score for h in retrieved.hits]
+        """Sources first, then the answer's deltas as the generator streams them, then timing.
+        At most MAX_SOURCES sources, and only as many as fit the generator's context."""
+        keep = min(request.rerank_top_n or MAX_SOURCES, MAX_SOURCES)
+        retrieved = await self.retriever.retrieve(request.model_copy(update={"rerank_top_n": keep}))
+        hits = retrieved.hits[:keep]
+        scores = retrieved.rerank_scores or [h.score for h in hits]
+        hits = hits[: await self._fitting(request, [h.text for h in hits])]
         citations = [
             Citation(number=n, document_id=h.document_id, chunk_id=h.chunk_id, score=s, text=h.text)
-            for n, (h, s) in enumerate(zip(retrieved.hits, scores, strict=True), start=1)
+            for n, (h, s) in enumerate(zip(hits, scores, strict=False), start=1)
         ]
         yield Sources(citations, retrieved.timings)
         start = time.perf_counter()
@@ -73,3 +107,13 @@ class Rag:
         async for delta in self.generator.options(stream=True).generate.remote(generation):
             yield delta
         yield Generated((time.perf_counter() - start) * 1000)
+
+    async def _fitting(self, request: RagRequest, texts: list[str]) -> int:
+        """How many of `texts` (best first) fit the generator's context with the question."""
+        if self.context_tokens is None:
+            info = await self.generator.model_info.remote()
+            self.context_tokens = int(info["context_tokens"])
+        base = "\n".join(m["content"] for m in prompt(request.query, []))
+        counts = await self.generator.count_tokens.remote([base, *texts])
+        budget = self.context_tokens - (request.max_tokens or 0)  # the ingress fills it
+        return sources_that_fit(counts[0], counts[1:], budget)

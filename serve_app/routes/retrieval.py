@@ -37,6 +37,13 @@ class Retriever:
         self.reranker = reranker
         self.store = store
         self.ef_search = config.store.ef_search
+        # What else shapes a result, for the cache key: the query's embedding (model and
+        # precision) and the reranker's scores.
+        e, r = config.embedder, config.reranker
+        self.models = {
+            "embedder": [e.model, e.precision],
+            "reranker": [r.backend, r.model, r.precision, r.max_query_tokens, r.max_passage_tokens],
+        }
         store = open_cache(config.cache, "search")
         self.cache = ResponseCache(store, "search") if store else None
 
@@ -45,9 +52,15 @@ class Retriever:
         collection = await self.store.collection(request.collection)
         if not self.cache:
             return await self._retrieve(collection, request)
+        # The collection's uid, not its id: ids repeat across databases (a shared Redis, a
+        # database recreated), uids never do.
         key = self.cache.key(
-            f"{collection.id}:{collection.version}:{collection.embedding_model}",
-            request.model_dump(mode="json", exclude={"collection"}),
+            f"{collection.uid}:{collection.version}",
+            {
+                **request.model_dump(mode="json", exclude={"collection"}),
+                "embedding_model": collection.embedding_model,
+                "models": self.models,
+            },
         )
         if (hit := await self.cache.get(key)) is not None:
             hits = [Hit(**h) for h in hit["hits"]]

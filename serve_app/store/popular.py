@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
-from serve_app.store.vector_store import VectorStore
+from serve_app.store.vector_store import InvalidData, VectorStore
+
+# A row PostgreSQL refuses (a value it cannot hold): that row is skipped, not its batch.
+REFUSED = (InvalidData, psycopg.DataError, psycopg.IntegrityError)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Asked:
     query: str = field(compare=False)  # normalized text
     # As asked (without the collection), to be asked again.
     request: dict[str, Any] = field(compare=False)
+    size: int = field(default=0, compare=False)  # bytes of its canonical form
 
 
 @dataclass(frozen=True)
@@ -72,18 +77,34 @@ class PopularStore:
     def __init__(self, store: VectorStore) -> None:
         self.store = store
 
-    async def record(self, counts: list[tuple[Asked, int]]) -> None:
+    async def record(self, counts: list[tuple[Asked, int]]) -> list[Asked]:
         """Add to each request's count; requests of collections that no longer exist are
-        dropped."""
-        if not counts:
-            return
-        async with self.store.connection() as conn, conn.cursor() as cur:
+        dropped. Returns the requests whose rows PostgreSQL refused: the batch is written in
+        one transaction, and where it is refused, again row by row without them."""
+        rows = [(a.kind, a.key, a.query, Jsonb(a.request), n, a.collection) for a, n in counts]
+        if not rows:
+            return []
+        try:
+            await self._insert(rows)
+            return []
+        except REFUSED:
+            pass
+        refused = []
+        for (asked, _), row in zip(counts, rows, strict=True):
+            try:
+                await self._insert([row])
+            except REFUSED:
+                refused.append(asked)
+        return refused
+
+    async def _insert(self, rows: list[tuple]) -> None:
+        async with self.store.connection(transaction=True) as conn, conn.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO query_counts (collection_id, kind, key, query, request, count)"
                 " SELECT id, %s, %s, %s, %s, %s FROM collections WHERE name = %s"
                 " ON CONFLICT (collection_id, kind, key) DO UPDATE"
                 " SET count = query_counts.count + EXCLUDED.count, last_seen = now()",
-                [(a.kind, a.key, a.query, Jsonb(a.request), n, a.collection) for a, n in counts],
+                rows,
             )
 
     async def ranked(

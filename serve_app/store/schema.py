@@ -6,6 +6,8 @@ migration runs in the same transaction as its record, so a failed one leaves no 
 
 from __future__ import annotations
 
+import math
+
 import psycopg
 
 # Any fixed number: the key of the advisory lock that serializes migrations.
@@ -111,12 +113,28 @@ MIGRATIONS: list[tuple[int, str]] = [
             FOR EACH ROW EXECUTE FUNCTION rag_notify_precomputed();
         """,
     ),
+    (
+        4,
+        """
+        -- Names a collection across databases: cached search results are keyed by it, so two
+        -- databases sharing one Redis (or a database recreated with the same ids and
+        -- versions) never answer from each other's entries. Each existing row gets its own.
+        ALTER TABLE collections ADD COLUMN uid uuid NOT NULL DEFAULT gen_random_uuid();
+        """,
+    ),
 ]
 
 
-def migrate(url: str) -> int:
-    """Apply the migrations this database lacks; return the schema version now in force."""
-    with psycopg.connect(url, autocommit=True) as conn:
+def migrate(url: str, timeout_s: float = 5.0) -> int:
+    """Apply the migrations this database lacks; return the schema version now in force.
+
+    Bounded by `timeout_s`: the connection attempt (libpq counts whole seconds, at least 2)
+    and every lock wait, the other replicas' migration included. A lock held by a long
+    transaction then fails this call (`psycopg.OperationalError`) instead of queueing every
+    query behind a waiting ALTER TABLE; the caller tries again later.
+    """
+    with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout(timeout_s)) as conn:
+        conn.execute(f"SET lock_timeout = {lock_timeout_ms(timeout_s)}")
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute(
@@ -130,3 +148,13 @@ def migrate(url: str) -> int:
                     conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+
+def connect_timeout(timeout_s: float) -> int:
+    """libpq's `connect_timeout` for `timeout_s`: whole seconds, and it counts less than 2 as 2."""
+    return max(2, math.ceil(timeout_s))
+
+
+def lock_timeout_ms(timeout_s: float) -> int:
+    """`lock_timeout` in milliseconds, an integer: safe to write into SQL text."""
+    return max(1, round(timeout_s * 1000))

@@ -10,6 +10,15 @@ from the database (a collection's id and dimensions) and validated integers from
 While the database is unreachable every call fails fast with `StoreUnavailable` (503); each
 connection is checked as it leaves the pool, so the first call after the database is back
 succeeds, and a store opened while the database was down migrates on its first call.
+
+Concurrency: every change to a collection's documents first locks the collection's row (the
+version bump), and deleting a collection deletes that row first, so the two serialize in one
+order and never deadlock; a change whose collection was deleted meanwhile answers 409 (or
+404), never 500. Only a new collection's CREATE INDEX locks `chunks` against writes, under
+`lock_timeout` (then 503 `store_busy`); an existing collection's ingest takes row locks only.
+A deleted collection's index is dropped CONCURRENTLY after the delete has committed, so
+searches and ingests of other collections never wait behind a delete (a new collection's
+CREATE INDEX does wait for that drop, within its `lock_timeout`).
 """
 
 from __future__ import annotations
@@ -27,8 +36,8 @@ from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from serve_app.protocol.errors import StatusError
-from serve_app.store.schema import migrate
+from serve_app.protocol.status import StatusError
+from serve_app.store.schema import connect_timeout, lock_timeout_ms, migrate
 
 
 class StoreError(StatusError):
@@ -46,6 +55,14 @@ class ModelMismatch(StoreError):
     code = "embedding_model_mismatch"
 
 
+class CollectionChanged(StoreError):
+    """The collection was deleted (or recreated) while the request ran: nothing of it was
+    stored. Sending it again is safe."""
+
+    status = 409
+    code = "collection_changed"
+
+
 class InvalidData(StoreError):
     status = 400
     code = "invalid_value"
@@ -59,7 +76,19 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class StoreBusy(StoreUnavailable):
+    """A lock this call needs stayed taken past `lock_timeout` (a new collection's index)."""
+
+    code = "store_busy"
+
+
 logger = logging.getLogger("ray.serve")
+
+_COLLECTION_COLUMNS = (
+    "SELECT id, name, embedding_model, dimensions, version, uid::text FROM collections"
+)
+# Index names are `chunks_hnsw_<collection id>`; ids are never reused.
+_INDEX_PREFIX = "chunks_hnsw_"
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,7 @@ class Collection:
     embedding_model: str
     dimensions: int
     version: int  # changes with every change to its documents
+    uid: str  # unique across databases: cache keys name it
 
 
 @dataclass(frozen=True)
@@ -97,10 +127,13 @@ class HnswParams:
 
 
 class VectorStore:
-    def __init__(self, url: str, pool: AsyncConnectionPool, hnsw: HnswParams) -> None:
+    def __init__(
+        self, url: str, pool: AsyncConnectionPool, hnsw: HnswParams, timeout_s: float = 5.0
+    ) -> None:
         self.url = url
         self.pool = pool
         self.hnsw = hnsw
+        self.timeout_s = timeout_s
         self.migrated = False
         self._migrating = asyncio.Lock()
 
@@ -131,12 +164,12 @@ class VectorStore:
             open=False,
             kwargs={
                 "autocommit": True,
-                "connect_timeout": max(1, round(timeout_s)),
+                "connect_timeout": connect_timeout(timeout_s),
                 "application_name": name,  # who holds the connection, in pg_stat_activity
             },
         )
         await pool.open(wait=False)
-        store = cls(url, pool, hnsw or HnswParams())
+        store = cls(url, pool, hnsw or HnswParams(), timeout_s)
         try:
             await store._migrate()
         except StoreUnavailable:
@@ -151,7 +184,7 @@ class VectorStore:
             if self.migrated:
                 return
             try:
-                await asyncio.to_thread(migrate, self.url)
+                await asyncio.to_thread(migrate, self.url, self.timeout_s)
             except psycopg.OperationalError as exc:
                 raise StoreUnavailable("The document store is unavailable; retry shortly.") from exc
             self.migrated = True
@@ -170,6 +203,15 @@ class VectorStore:
                     yield conn
         except psycopg.DataError as exc:  # a value the database refuses: the caller's input
             raise InvalidData(f"The database refused a value: {exc.sqlstate}.") from exc
+        except (psycopg.errors.ForeignKeyViolation, psycopg.errors.TransactionRollback) as exc:
+            # A row this call refers to went meanwhile, or a deadlock: a conflict with another
+            # request, not an outage. (The locking order above should leave none; this keeps a
+            # missed case a 409 rather than a 500 or a misleading 503.)
+            raise CollectionChanged(
+                "The collection changed while this request ran; send it again."
+            ) from exc
+        except psycopg.errors.LockNotAvailable as exc:
+            raise StoreBusy("The document store is busy; retry shortly.") from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Never the URL or the driver's message: either may hold the password.
             logger.warning("Document store unavailable: %s", type(exc).__name__)
@@ -179,46 +221,59 @@ class VectorStore:
     async def collection(self, name: str) -> Collection:
         async with self.connection() as conn:
             row = await (
-                await conn.execute(
-                    "SELECT id, name, embedding_model, dimensions, version FROM collections"
-                    " WHERE name = %s",
-                    (name,),
-                )
+                await conn.execute(_COLLECTION_COLUMNS + " WHERE name = %s", (name,))
             ).fetchone()
         if row is None:
             raise CollectionNotFound(f"The collection '{name}' does not exist.")
         return Collection(*row)
 
     async def ensure_collection(self, name: str, model: str, dimensions: int) -> Collection:
-        """The collection `name`, created for `model` if new; vectors of models never mix."""
+        """The collection `name`, created for `model` if new; vectors of models never mix.
+
+        Only a new collection creates its index, in the transaction that creates it (so it
+        is never seen without one); an existing one takes no lock on `chunks` here.
+        """
         async with self.connection(transaction=True) as conn:
-            await conn.execute(
-                "INSERT INTO collections (name, embedding_model, dimensions) VALUES (%s, %s, %s)"
-                " ON CONFLICT (name) DO NOTHING",
-                (name, model, dimensions),
-            )
-            row = await (
+            created = await (
                 await conn.execute(
-                    "SELECT id, name, embedding_model, dimensions, version FROM collections"
-                    " WHERE name = %s",
-                    (name,),
+                    "INSERT INTO collections (name, embedding_model, dimensions)"
+                    " VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                    (name, model, dimensions),
                 )
             ).fetchone()
+            row = await (
+                await conn.execute(_COLLECTION_COLUMNS + " WHERE name = %s", (name,))
+            ).fetchone()
+            if row is None:  # deleted between the two statements
+                raise CollectionChanged(
+                    f"The collection '{name}' was deleted while this request ran; send it again."
+                )
             collection = Collection(*row)
             if (collection.embedding_model, collection.dimensions) != (model, dimensions):
                 raise ModelMismatch(
                     f"The collection '{name}' holds {collection.embedding_model} vectors "
                     f"({collection.dimensions}-d), not {model} ({dimensions}-d)."
                 )
-            # The id and dimensions are integers from the database: safe to inline, and the
-            # literal collection id lets the planner match this partial index.
-            await conn.execute(
-                f"CREATE INDEX IF NOT EXISTS chunks_hnsw_{collection.id} ON chunks USING hnsw"
-                f" ((embedding::vector({collection.dimensions})) vector_cosine_ops)"
-                f" WITH (m = {self.hnsw.m}, ef_construction = {self.hnsw.ef_construction})"
-                f" WHERE collection_id = {collection.id}"
-            )
+            if created:
+                # CREATE INDEX locks `chunks` against writes (SHARE): bounded, so a long
+                # ingest elsewhere makes this one fail with 503 instead of queueing every
+                # other ingest behind it. The id and dimensions are integers from the
+                # database: safe to inline, and the literal id lets the planner match this
+                # partial index.
+                await conn.execute(f"SET LOCAL lock_timeout = {lock_timeout_ms(self.timeout_s)}")
+                await conn.execute(
+                    f"CREATE INDEX {_INDEX_PREFIX}{collection.id} ON chunks USING hnsw"
+                    f" ((embedding::vector({collection.dimensions})) vector_cosine_ops)"
+                    f" WITH (m = {self.hnsw.m}, ef_construction = {self.hnsw.ef_construction})"
+                    f" WHERE collection_id = {collection.id}"
+                )
         return collection
+
+    async def versions(self) -> dict[int, int]:
+        """Every collection's current version, by id."""
+        async with self.connection() as conn:
+            rows = await (await conn.execute("SELECT id, version FROM collections")).fetchall()
+        return dict(rows)
 
     async def list_collections(self) -> list[dict[str, Any]]:
         async with self.connection() as conn:
@@ -234,10 +289,56 @@ class VectorStore:
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def delete_collection(self, name: str) -> None:
-        collection = await self.collection(name)
-        async with self.connection(transaction=True) as conn:
-            await conn.execute(f"DROP INDEX IF EXISTS chunks_hnsw_{collection.id}")
-            await conn.execute("DELETE FROM collections WHERE id = %s", (collection.id,))
+        """Delete the collection and everything in it; 404 if there is none.
+
+        The delete itself locks only the collection's rows (it waits for a change to this
+        collection in flight, then commits). Its index goes afterwards, concurrently: a plain
+        DROP INDEX would lock all of `chunks`, stopping every collection's searches.
+        """
+        async with self.connection() as conn:
+            row = await (
+                await conn.execute("DELETE FROM collections WHERE name = %s RETURNING id", (name,))
+            ).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"The collection '{name}' does not exist.")
+        await self.drop_orphan_indexes()
+
+    async def drop_orphan_indexes(self) -> list[str]:
+        """Drop the indexes of collections that no longer exist; return their names.
+
+        Each DROP INDEX CONCURRENTLY waits for the transactions using `chunks` but blocks none
+        of them. One that fails or times out (a long ingest) is left for the next call: until
+        then it is an index no query uses, and no row enters (ids are never reused).
+        """
+        async with self.connection() as conn:
+            names = [
+                row[0]
+                for row in await (
+                    await conn.execute(
+                        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                        " WHERE i.indrelid = 'chunks'::regclass AND c.relname ~ %s"
+                        " AND NOT EXISTS (SELECT 1 FROM collections"
+                        "  WHERE id = substr(c.relname, %s)::bigint)",
+                        (f"^{_INDEX_PREFIX}[0-9]+$", len(_INDEX_PREFIX) + 1),
+                    )
+                ).fetchall()
+            ]
+        dropped = []
+        for index in names:
+            try:
+                async with self.connection() as conn:
+                    limit = lock_timeout_ms(self.timeout_s)
+                    await conn.execute(f"SET lock_timeout = {limit}")
+                    await conn.execute(f"SET statement_timeout = {limit}")
+                    try:
+                        # A name matched by the pattern above: letters, "_" and digits only.
+                        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+                    finally:
+                        await conn.execute("RESET lock_timeout; RESET statement_timeout")
+                dropped.append(index)
+            except (psycopg.Error, StoreError) as exc:
+                logger.warning("Index %s kept for later: %s", index, type(exc).__name__)
+        return dropped
 
     # --- documents ------------------------------------------------------------------------
     async def replace_documents(self, collection: Collection, documents: list[DocumentChunks]):
@@ -245,7 +346,11 @@ class VectorStore:
         a failure leaves every earlier version intact, never a mix."""
         ids = [d.id for d in documents]
         async with self.connection(transaction=True) as conn:
-            await self._bump(conn, collection)
+            if not await self._bump(conn, collection):
+                raise CollectionChanged(
+                    f"The collection '{collection.name}' was deleted while this request ran;"
+                    " nothing was stored. Send it again."
+                )
             await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = ANY(%s)",
                 (collection.id, ids),
@@ -270,19 +375,34 @@ class VectorStore:
                             )
 
     async def delete_document(self, collection: Collection, document_id: str) -> bool:
+        """Delete one document; False (and the collection's version unchanged, so its cached
+        and precomputed answers stay valid) if it was not there."""
         async with self.connection(transaction=True) as conn:
-            await self._bump(conn, collection)
+            # The collection's row first, as every change does: the same lock order as a
+            # concurrent ingest or collection delete, so no deadlock.
+            locked = await (
+                await conn.execute(
+                    "SELECT 1 FROM collections WHERE id = %s FOR NO KEY UPDATE", (collection.id,)
+                )
+            ).fetchone()
+            if locked is None:
+                raise CollectionNotFound(f"The collection '{collection.name}' does not exist.")
             cur = await conn.execute(
                 "DELETE FROM documents WHERE collection_id = %s AND id = %s",
                 (collection.id, document_id),
             )
-            return cur.rowcount > 0
+            if cur.rowcount == 0:
+                return False
+            await self._bump(conn, collection)
+            return True
 
     @staticmethod
-    async def _bump(conn, collection: Collection) -> None:
-        await conn.execute(
+    async def _bump(conn, collection: Collection) -> bool:
+        """A new version for the collection, its row locked until commit; False if it is gone."""
+        cur = await conn.execute(
             "UPDATE collections SET version = version + 1 WHERE id = %s", (collection.id,)
         )
+        return cur.rowcount > 0
 
     # --- search ---------------------------------------------------------------------------
     async def search(

@@ -140,6 +140,79 @@ def test_heavy_routes_shed_under_memory_pressure(server, client, restore_ingress
     assert client.post(CHAT, json=chat_body(4)).status_code == 200
 
 
+def test_cpu_stalls_refuse_only_requests_that_would_queue(server, client, restore_ingress):
+    # Any CPU stall passes a 0.01% threshold: a chat that finds a free slot still runs (the
+    # server has room for it), while those that would queue behind it are refused.
+    configure_ingress(
+        client,
+        {
+            "shedding": {"cpu_stall_percent": 0.01, "interval_s": 0.1},
+            "routes": {"chat": {"max_running": 1, "max_queued": 8}},
+        },
+    )
+    for _ in range(3):  # a few samples, so the stall share is measured
+        client.get("/v1/status")
+        time.sleep(0.2)
+    assert client.get("/v1/status").json()["shedding"]["cpu_stalled"]
+    response, _ = timed_post(server, CHAT, chat_body(2))
+    assert response.status_code == 200  # a free slot: never refused for CPU stalls
+    answers = burst(server, CHAT, [chat_body(32, i) for i in range(6)])
+    statuses = [r.status_code for r, _ in answers]
+    assert set(statuses) == {200, 503}, statuses
+    for response, seconds in answers:
+        if response.status_code == 503:
+            assert_overloaded(response, "resource_pressure")
+            assert seconds < 1.0
+    route = client.get("/v1/status").json()["routes"]["chat"]
+    assert route["queued"] == 0 and route["running"] == 0
+
+
+def test_a_queue_waiting_too_long_refuses_newcomers(server, client, restore_ingress):
+    # The oldest queued chat has waited 5% of a 30 s deadline (1.5 s) while six run one
+    # after the other: a newcomer is refused at once rather than queued.
+    configure_ingress(
+        client,
+        {
+            "shedding": {"queue_wait_fraction": 0.05},
+            "routes": {"chat": {"max_running": 1, "max_queued": 8, "deadline_s": 30}},
+        },
+    )
+    with ThreadPoolExecutor(6) as pool:
+        queued = [pool.submit(timed_post, server, CHAT, chat_body(64, i)) for i in range(6)]
+        time.sleep(2.0)
+        route = client.get("/v1/status").json()["routes"]["chat"]
+        late, seconds = timed_post(server, CHAT, chat_body(4))
+        answers = [f.result()[0] for f in queued]
+    assert route["queued"] >= 1 and route["oldest_wait_s"] > 1.5, route
+    assert_overloaded(late, "queue_wait")
+    assert seconds < 1.0
+    assert [a.status_code for a in answers] == [200] * 6  # those queued were all served
+    assert client.get("/v1/status").json()["routes"]["chat"]["rejected"]["queue_wait"] >= 1
+
+
+def test_a_flood_of_management_calls_gets_503_and_ingest_still_runs(
+    server, client, restore_ingress
+):
+    configure_ingress(client, {"routes": {"manage": {"max_running": 1, "max_queued": 0}}})
+
+    def listing(_: int) -> int:
+        with httpx.Client(base_url=server, timeout=60) as c:
+            return c.get("/v1/collections").status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        flood = pool.map(listing, range(64))
+        ingest = {"collection": "managed", "documents": [{"text": "Ingested during a flood."}]}
+        ingested, _ = timed_post(server, "/v1/documents", ingest)
+        statuses = list(flood)
+    assert ingested.status_code == 200
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+    # /ready has no gate of its own: probes answer while management calls are refused.
+    assert client.get("/ready").status_code == 200
+    route = client.get("/v1/status").json()["routes"]["manage"]
+    assert route["rejected"]["queue_full"] >= statuses.count(503)
+    assert client.delete("/v1/collections/managed").status_code == 200
+
+
 def replicas(client, deployment: str) -> int:
     states = client.get("/v1/status").json()["deployments"][deployment]["replicas"]
     return states.get("RUNNING", 0)
@@ -179,7 +252,7 @@ def test_embedder_scales_up_under_load_and_back_down(server, client):
 
 def test_status_summarizes_routes_deployments_and_models(client):
     status = client.get("/v1/status").json()
-    routes = {"embeddings", "rerank", "chat", "search", "rag", "ingest", "classify"}
+    routes = {"embeddings", "rerank", "chat", "search", "rag", "ingest", "classify", "manage"}
     assert set(status["routes"]) == routes
     chat = status["routes"]["chat"]
     assert chat["max_running"] == 8 and chat["max_queued"] == 32 and chat["shed"]
@@ -188,7 +261,9 @@ def test_status_summarizes_routes_deployments_and_models(client):
     deployments = {"Ingress", "Search", "Rag", "Documents", "Classify", "Generator"}
     assert deployments <= set(status["deployments"])
     assert status["models"]["generator"]["precision"] == "fp32"
-    assert 0 < status["shedding"]["memory_percent"] < 100
+    shedding = status["shedding"]
+    assert 0 < shedding["memory_percent"] < 100
+    assert shedding["cpu_stall_percent"] is None or 0 <= shedding["cpu_stall_percent"] <= 100
 
 
 def test_custom_metrics_reach_prometheus(client):

@@ -129,6 +129,25 @@ def test_reingest_replaces_and_delete_removes(client):
     client.delete("/v1/collections/edits")
 
 
+def test_deleting_a_missing_document_keeps_the_collections_cached_answers(client):
+    """A 404 changes nothing, so the collection's cached results stay valid (they were all
+    dropped before: the delete bumped the version anyway)."""
+    ingest(client, "kept", [{"id": "a", "text": "Otters hold hands while they sleep."}])
+    try:
+        assert not search(client, "kept", "otters")["cached"]
+        assert search(client, "kept", "otters")["cached"]
+        missing = client.delete("/v1/documents/kept/nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "document_not_found"
+        assert search(client, "kept", "otters")["cached"]
+        # A delete that removes something does invalidate them.
+        assert client.delete("/v1/documents/kept/a").status_code == 200
+        after = search(client, "kept", "otters")
+        assert not after["cached"] and after["results"] == []
+    finally:
+        client.delete("/v1/collections/kept")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [

@@ -136,6 +136,34 @@ def test_local_lru_bound_and_ttl() -> None:
     assert snap == {"backend": "local", "hits": 5, "misses": 3, "errors": 0, "hit_rate": 0.625}
 
 
+def test_local_cache_is_bounded_in_bytes_and_entries() -> None:
+    cache = LocalCache(100, ttl_s=60.0, max_bytes=64 * 1024)
+    big = b"x" * 3000  # each counts 3000 bytes + its key: about 20 fit, not 100
+
+    async def run() -> None:
+        await cache.set_many({f"big{i}": big for i in range(50)})
+        assert len(cache) <= 64 * 1024 // 3000 and cache.size_bytes <= 64 * 1024
+        assert await cache.get_many(["big49"]) == [big]  # the newest stay
+        await cache.set_many({f"small{i}": b"s" for i in range(500)})
+        assert len(cache) == 100  # small values: the entry bound
+        await cache.set_many({"huge": b"h" * (64 * 1024 // 16 + 1)})  # over 1/16: not stored
+        assert await cache.get_many(["huge"]) == [None]
+        assert len(cache) == 100
+
+    asyncio.run(run())
+
+
+def test_open_cache_bounds_bytes() -> None:
+    cache = open_cache(CacheConfig(response_bytes=2**16, response_entries=10), "search")
+    assert isinstance(cache, LocalCache) and cache.max_value_bytes == 2**12
+
+    async def run() -> None:
+        await cache.set_many({f"k{i}": b"v" * 2**12 for i in range(40)})
+        assert cache.size_bytes <= 2**16 and len(cache) < 40
+
+    asyncio.run(run())
+
+
 def test_local_cache_threads() -> None:
     cache = LocalCache(1000, ttl_s=60.0)
 

@@ -159,6 +159,7 @@ def test_admission_overrides_merge_over_route_defaults():
         "rag",
         "ingest",
         "classify",
+        "manage",
     }
 
 

@@ -1,17 +1,25 @@
 """Popular queries without a cluster: keys, counting, the in-memory answers and background
 admission (a client always takes the slot of background work)."""
 
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import pytest
 
 from serve_app.admission import AdmissionControl
-from serve_app.config import Admission
-from serve_app.popular import PrecomputedAnswers, QueryCounter, ask, normalize
+from serve_app.config import Admission, PrecomputeConfig
+from serve_app.popular import (
+    MAX_COUNTED_BYTES,
+    Popular,
+    PrecomputedAnswers,
+    QueryCounter,
+    ask,
+    normalize,
+)
 from serve_app.protocol.documents import RagRequest, SearchRequest
 from serve_app.protocol.errors import APIError
-from serve_app.store.popular import Answer
-from serve_app.store.vector_store import StoreUnavailable
+from serve_app.store.popular import Answer, PopularStore
+from serve_app.store.vector_store import InvalidData, StoreUnavailable
 
 pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)
 
@@ -106,6 +114,7 @@ class Store:
         if self.fail:
             raise StoreUnavailable("down")
         self.recorded += counts
+        return []
 
     async def answer(self, collection_id, kind, key):
         return self.rows.get((collection_id, kind, key))
@@ -154,3 +163,81 @@ async def test_answers_follow_notifications():
     await answers._apply("rag_precomputed", f"1:search:{asked.key}")
     answers.subscribed = False
     assert answers.get(asked) is None
+
+
+async def test_oversized_requests_are_not_counted():
+    counter = QueryCounter(Store(), flush_interval_s=1)
+    long_query = "q" * (MAX_COUNTED_BYTES + 1)
+    counter.count(ask("search", SearchRequest(collection="docs", query=long_query), "m"))
+    assert not counter.pending
+    counter.count(ask("search", SearchRequest(collection="docs", query="short"), "m"))
+    assert sum(counter.pending.values()) == 1
+
+
+class RefusingVectorStore:
+    """Refuses, as PostgreSQL would, every batch holding a query marked "refused"."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    @asynccontextmanager
+    async def connection(self, transaction: bool = False):
+        store = self
+
+        class Cursor:
+            async def executemany(self, sql, rows):
+                if any("refused" in row[2] for row in rows):
+                    raise InvalidData("The database refused a value: 22P05.")
+                store.rows += rows
+
+        class Conn:
+            @asynccontextmanager
+            async def cursor(self):
+                yield Cursor()
+
+        yield Conn()
+
+
+async def test_a_refused_row_is_skipped_not_its_batch():
+    vectors = RefusingVectorStore()
+    counter = QueryCounter(PopularStore(vectors), flush_interval_s=1)
+    for query in ("one", "refused", "two"):
+        counter.count(ask("search", SearchRequest(collection="docs", query=query), "m"))
+    await counter.flush()
+    assert sorted(row[2] for row in vectors.rows) == ["one", "two"]
+    assert (counter.written, counter.refused) == (2, 1)
+    assert not counter.pending  # a refused row is not tried again
+
+
+async def test_only_answered_or_admitted_requests_are_counted():
+    config = PrecomputeConfig(count_queries=True, serve_precomputed=False, flush_interval_s=3600)
+    popular = Popular(Store(), "postgresql://unused", config, "m")
+    try:
+        asked = popular.ask("search", SearchRequest(collection="docs", query="q"))
+        assert popular.lookup(asked) is None
+        assert not popular.counter.pending  # a miss is counted once admitted, not before
+        popular.count(asked)
+        assert popular.counter.pending[asked] == 1
+    finally:
+        for task in popular.tasks:
+            task.cancel()
+
+
+def body_answer(key: str, body: dict) -> Answer:
+    return Answer(1, "docs", "search", key, 1, body, datetime.now(UTC))
+
+
+def test_answers_in_memory_are_bounded_in_bytes():
+    answers = PrecomputedAnswers(
+        "postgresql://unused", Store(), answer_bytes=1000, memory_bytes=2500
+    )
+    answers.subscribed = True
+    assert answers.hold(body_answer("a", {"text": "x" * 900}))
+    assert not answers.hold(body_answer("big", {"text": "x" * 1001}))  # over one answer's bound
+    assert answers.hold(body_answer("b", {"text": "x" * 900}))
+    assert not answers.hold(body_answer("c", {"text": "x" * 900}))  # no room left
+    assert not answers.hold(body_answer("d", {"n": 2**70}))  # not writable as JSON
+    assert set(k[2] for k in answers.entries) == {"a", "b"}
+    assert answers.held_bytes <= 2500 and answers.skipped == 3
+    answers.forget("docs")
+    assert answers.held_bytes == 0 and answers.hold(body_answer("c", {"text": "x" * 900}))

@@ -1,0 +1,124 @@
+"""Sampling: every value the API accepts gives a token, and nothing unsafe reaches multinomial."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deployments.generator import GREEDY_BELOW, LOGIT_BOUND, _sample_row, _Sequence
+from serve_app.protocol.generation import GenerationRequest
+from serve_app.protocol.openai import ChatCompletionRequest
+
+VOCAB = 64
+# The bounds ChatCompletionRequest accepts, taken from the model so they cannot drift apart.
+FIELDS = ChatCompletionRequest.model_fields
+
+
+def bound(name: str, kind: str) -> float:
+    return next(getattr(m, kind) for m in FIELDS[name].metadata if hasattr(m, kind))
+
+
+temperatures = st.one_of(
+    st.floats(0.0, bound("temperature", "le")),
+    st.sampled_from([5e-324, 1e-45, 1e-38, GREEDY_BELOW / 2, GREEDY_BELOW]),
+)
+top_ps = st.one_of(
+    st.floats(0.0, bound("top_p", "le"), exclude_min=True),
+    st.sampled_from([5e-324, 1e-300, 1.0]),
+)
+penalties = st.floats(bound("presence_penalty", "ge"), bound("presence_penalty", "le"))
+seeds = st.one_of(st.none(), st.integers(bound("seed", "ge"), bound("seed", "le")))
+# What a model may put out: ordinary logits, and the overflowed values of a low precision.
+logit_values = st.one_of(
+    st.floats(-30, 30),
+    st.sampled_from([math.inf, -math.inf, math.nan, 3.4e38, -3.4e38, 65504.0]),
+)
+
+
+def accepted(**fields) -> ChatCompletionRequest:
+    """The value really passes the API's validation (a test of the strategies themselves)."""
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
+
+
+def sequence(request: GenerationRequest, said: list[int]) -> _Sequence:
+    rng = None
+    if request.seed is not None and request.temperature > 0:
+        rng = torch.Generator("cpu").manual_seed(request.seed)
+    return _Sequence(request=request, prompt=[0], ids=list(said), rng=rng)
+
+
+@pytest.fixture
+def checked_multinomial(monkeypatch):
+    """torch.multinomial, asserting it only ever sees finite, non-negative, non-zero rows."""
+    original = torch.multinomial
+
+    def safe(probs, *args, **kwargs):
+        assert torch.isfinite(probs).all() and (probs >= 0).all() and probs.sum() > 0
+        return original(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", safe)
+
+
+# The fixture only wraps multinomial: nothing in it needs resetting between examples.
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    temperature=temperatures,
+    top_p=top_ps,
+    frequency=penalties,
+    presence=penalties,
+    seed=seeds,
+    logits=st.lists(logit_values, min_size=VOCAB, max_size=VOCAB),
+    said=st.lists(st.integers(0, VOCAB - 1), max_size=40),
+)
+def test_every_accepted_setting_samples_a_token(
+    checked_multinomial, temperature, top_p, frequency, presence, seed, logits, said
+):
+    fields = dict(temperature=temperature, top_p=top_p, seed=seed)
+    accepted(**fields, frequency_penalty=frequency, presence_penalty=presence)
+    request = GenerationRequest(
+        messages=[], max_tokens=8, frequency_penalty=frequency, presence_penalty=presence, **fields
+    )
+    row = torch.tensor(logits, dtype=torch.float32)
+    token = _sample_row(row, sequence(request, said))
+    assert 0 <= token < VOCAB
+    penalized = said and (frequency or presence)
+    if (temperature < GREEDY_BELOW or top_p < 1e-30) and not penalized:
+        # Greedy, or the nucleus is the top token alone: a token of the largest logit, with
+        # overflowed values counted at the clamp (so inf and 3.4e38 tie).
+        bounded = row.nan_to_num(nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+        assert bounded[token] == bounded.max()
+
+
+@settings(max_examples=100, deadline=None)
+@given(temperature=st.sampled_from([5e-324, 1e-45, 1e-10, GREEDY_BELOW / 2]), seed=seeds)
+def test_a_temperature_too_small_to_compute_is_greedy(temperature, seed):
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)) * 10
+    request = GenerationRequest(messages=[], max_tokens=8, temperature=temperature, seed=seed)
+    assert _sample_row(logits, sequence(request, [])) == int(logits.argmax())
+
+
+def test_a_seed_repeats_its_samples_and_different_seeds_differ():
+    logits = torch.zeros(VOCAB)  # uniform: every token equally likely
+    request = GenerationRequest(messages=[], max_tokens=8, temperature=1.0, seed=-(2**63))
+
+    def draws(req: GenerationRequest) -> list[int]:
+        s = sequence(req, [])
+        return [_sample_row(logits, s) for _ in range(20)]
+
+    assert draws(request) == draws(request)
+    other = GenerationRequest(messages=[], max_tokens=8, temperature=1.0, seed=2**64 - 1)
+    assert draws(request) != draws(other)
+
+
+def test_penalties_steer_away_from_what_was_said():
+    logits = torch.zeros(VOCAB)
+    logits[3] = 1.0
+    request = GenerationRequest(messages=[], max_tokens=8, frequency_penalty=2.0)
+    assert _sample_row(logits, sequence(request, [3])) != 3
+    assert _sample_row(logits, sequence(request, [])) == 3
