@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test unit integration lint bench stop-db clean
+.PHONY: setup run monitor stop test unit integration lint bench stop-db clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/serve run serve_config.yaml
+
+# In a second terminal after `make run`: Prometheus on 127.0.0.1:9090 with this app's alerts,
+# and Grafana on 127.0.0.1:3000 where installed (docs/observability.md).
+monitor: setup
+	$(BIN)/python scripts/monitor.py start
+
+# Ends what `make monitor` started, then the Ray cluster.
+stop: setup
+	$(BIN)/python scripts/monitor.py stop
+	$(BIN)/ray stop
 
 # The multi-node test needs a Ray cluster of its own: a second pytest run, after the first's
 # cluster is gone.

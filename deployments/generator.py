@@ -430,6 +430,7 @@ def _sample_row(logits: torch.Tensor, sequence: _Sequence) -> int:
     (NaN to the bottom, +-inf and outliers clamped), probabilities come from a log-softmax,
     and a row whose probabilities are still not usable falls back to its argmax."""
     request = sequence.request
+    logits = logits.clone()  # a row of the batch: changed below, never in place
     if sequence.ids and (request.frequency_penalty or request.presence_penalty):
         said = torch.tensor(sequence.ids, device=logits.device)
         counts = torch.bincount(said, minlength=logits.shape[-1])[: logits.shape[-1]]
@@ -437,6 +438,8 @@ def _sample_row(logits: torch.Tensor, sequence: _Sequence) -> int:
             counts * request.frequency_penalty + (counts > 0) * request.presence_penalty
         )
     logits = logits.nan_to_num(nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    if banned := _repeating(sequence.ids, request.no_repeat_ngram):
+        logits[list(banned)] = -LOGIT_BOUND
     if request.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.log_softmax(logits / request.temperature, dim=-1).exp()
@@ -447,6 +450,16 @@ def _sample_row(logits: torch.Tensor, sequence: _Sequence) -> int:
     if not (torch.isfinite(probs).all() and probs.sum() > 0):
         return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=sequence.rng))
+
+
+def _repeating(ids: list[int], n: int) -> set[int]:
+    """Tokens that would make the last n-1 tokens of `ids` into an n-gram `ids` already holds."""
+    if n < 1 or len(ids) < n - 1:
+        return set()
+    if n == 1:
+        return set(ids)
+    tail = ids[len(ids) - n + 1 :]
+    return {ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == tail}
 
 
 def _merge(old: _DecodeState, new: _DecodeState) -> _DecodeState:

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve_app.config import AppConfig, StoreConfig  # noqa: E402
+from serve_app.config import AppConfig, CacheConfig, StoreConfig  # noqa: E402
 from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
 from serve_app.store import open_store  # noqa: E402
 from serve_app.store.embedded import stop_embedded  # noqa: E402
@@ -138,12 +138,16 @@ def ingest_http(base_url: str, collection: str, docs: list[dict], in_flight: int
     }
 
 
+# The raw limit is the model's own: no cache may answer.
+NO_CACHE = CacheConfig(embedding_entries=0, response_entries=0)
+
+
 def raw_embedding(args: dict, texts: list[str]) -> float:
     """Chunks/s of the Embedder's own code in this process (replica precision and threads)."""
     from deployments.embedder import Embedder
 
     config = AppConfig(**args)
-    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir)
+    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
     size = config.embedder.batching.max_batch_size
     start = time.perf_counter()
     for i in range(0, len(texts), size):
@@ -243,8 +247,8 @@ def scale_vectors(args: dict, sentences: list[str]) -> np.ndarray:
     from deployments.embedder import Embedder
 
     config = AppConfig(**{**args, "embedder": {**args.get("embedder", {}), "threads": 2}})
-    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir)
-    parts = [embedder._encode(sentences[i : i + 256])[0] for i in range(0, len(sentences), 256)]
+    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
+    parts = [embedder._encode(sentences[i : i + 256]) for i in range(0, len(sentences), 256)]
     return np.concatenate(parts)
 
 

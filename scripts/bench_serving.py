@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve_app.config import AppConfig  # noqa: E402
+from serve_app.config import AppConfig, CacheConfig  # noqa: E402
 from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
 
 OUT = ROOT / "docs" / "benchmarks"
@@ -56,6 +56,10 @@ def corpus_sentences(limit: int = 4096) -> list[str]:
 
 
 # --- phase 1: raw, in process ---------------------------------------------------------------
+# The raw limit is the model's own: no cache may answer.
+NO_CACHE = CacheConfig(embedding_entries=0, response_entries=0)
+
+
 def raw_result(unit: str, model, by_batch: dict[int, float]) -> dict:
     return {
         "unit": unit,
@@ -69,7 +73,7 @@ def raw_embedder(args: dict, sentences: list[str]) -> dict:
     from deployments.embedder import Embedder
 
     config = AppConfig(**args)
-    model = Embedder.func_or_class(config.embedder, config.model_cache_dir)
+    model = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
     texts = sentences[:1024]
     by_batch = {}
     for size in (1, 8, 16, 32, 64, 128):
@@ -85,7 +89,7 @@ def raw_reranker(args: dict, sentences: list[str]) -> dict:
     from deployments.reranker import Reranker
 
     config = AppConfig(**args)
-    model = Reranker.func_or_class(config.reranker, config.model_cache_dir)
+    model = Reranker.func_or_class(config.reranker, config.model_cache_dir, NO_CACHE)
     passages = sentences[:200]
     query = "What are the conditions for distributing modified copies?"
     by_batch = {}

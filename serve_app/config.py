@@ -149,6 +149,28 @@ class Chunking(Section):
         return self
 
 
+class RagConfig(Section):
+    """How RAG answers are asked for. Small models loop under greedy decoding (the same line
+    again and again, or a run of citation markers); forbidding the answer to repeat its own
+    n-grams stops that while it may still copy the sources' words."""
+
+    system_prompt: str = Field(
+        default=(
+            "You answer questions from the sources the user gives. Use only facts stated in "
+            "the sources, in a few sentences, and cite each one by its number in square "
+            "brackets, like [1]. If the sources do not answer the question, say that they do not."
+        ),
+        min_length=1,
+        max_length=4000,
+    )
+    no_repeat_ngram: int = Field(
+        default=3,
+        ge=0,
+        le=16,
+        description="The answer never repeats an n-gram of its own tokens (0: off).",
+    )
+
+
 class CacheConfig(Section):
     """Embedding and response caches: in-process LRU per replica, or Redis when `redis_url` is set.
 
@@ -469,6 +491,7 @@ class AppConfig(BaseSettings):
     chunking: Chunking = Chunking()
     cache: CacheConfig = CacheConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    rag: RagConfig = RagConfig()
     precompute: PrecomputeConfig = PrecomputeConfig()
     # DATABASE_URL is the conventional name; it wins over store.database_url from args.
     database_url: str | None = Field(

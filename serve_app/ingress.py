@@ -25,6 +25,7 @@ from serve_app.admission import AdmissionControl, Ticket, all_within
 from serve_app.cascade import decision
 from serve_app.config import AppConfig, IngressSettings
 from serve_app.guard import Guard, apply_settings, bind_host
+from serve_app.metrics import chat_ttft_ms
 from serve_app.popular import Popular
 from serve_app.protocol import errors, limits
 from serve_app.protocol.classify import ClassifyRequest, ClassifyResponse
@@ -401,6 +402,7 @@ class Ingress:
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(self, request: ChatCompletionRequest):
+        arrived = time.perf_counter()
         model = self._served_name("generator", request.model)
         limits.check_chat(request, self.settings.inputs)
         cap = self.config.generator.max_new_tokens
@@ -426,6 +428,7 @@ class Ingress:
             deltas = ticket.track(self.generator.options(stream=True).generate.remote(generation))
             # Wait for the first token before answering: overload or failure still gets a status.
             first = await ticket.wait(anext(deltas))
+            chat_ttft_ms().observe((time.perf_counter() - arrived) * 1000)
             completion_id, created = new_id("chatcmpl"), int(time.time())
             if request.stream:
                 usage = bool(request.stream_options and request.stream_options.include_usage)

@@ -141,3 +141,22 @@ def classify_metrics() -> ClassifyMetrics:
             tag_keys=("path",),
         ),
     )
+
+
+@cache
+def chat_ttft_ms() -> metrics.Histogram:
+    """Time to first token of chat completions, as the ingress sees it: from the request's
+    arrival (its queueing for a slot included) to the first generated text."""
+    return metrics.Histogram(
+        "rag_chat_ttft_ms",
+        "Chat completion time to first token, queueing included.",
+        boundaries=[25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+    )
+
+
+@cache
+def store_unavailable() -> metrics.Counter:
+    """Calls refused because the document store could not be reached: the alert's signal."""
+    return metrics.Counter(
+        "rag_store_unavailable", "Store calls answered 503 because the database was unreachable."
+    )

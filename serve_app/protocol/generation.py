@@ -19,6 +19,8 @@ class GenerationRequest:
     seed: int | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # The answer never repeats an n-gram of its own tokens (0: off); the prompt may be copied.
+    no_repeat_ngram: int = 0
 
 
 @dataclass(frozen=True)

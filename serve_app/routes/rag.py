@@ -16,10 +16,6 @@ from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
-SYSTEM_PROMPT = (
-    "Answer the question using only the numbered sources. Cite the sources you use by their "
-    "number in square brackets, like [1]. If the sources do not answer the question, say so."
-)
 # Sources the model reads at most, whatever `rerank_top_n` (None included) asks.
 MAX_SOURCES = 20
 # Tokens of the chat template around the messages, and of each source's "[n] " and the blank
@@ -65,11 +61,14 @@ class Generated:
     generate_ms: float
 
 
-def prompt(query: str, citations: list[Citation]) -> list[dict[str, str]]:
+def prompt(system: str, query: str, citations: list[Citation]) -> list[dict[str, str]]:
+    """The question first, then the numbered sources, then the question again: a small model
+    answers what it read last, and it then stays on the question rather than the sources."""
     sources = "\n\n".join(f"[{c.number}] {c.text}" for c in citations)
+    ask = f'Answer the question "{query}" from the sources, citing them like [1].'
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {query}"},
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Question: {query}\n\nSources:\n{sources}\n\n{ask}"},
     ]
 
 
@@ -85,6 +84,7 @@ class Rag:
         self.store = await open_store(config.store, "Rag")
         self.retriever = Retriever(embedder, reranker, self.store, config)
         self.generator = generator
+        self.settings = config.rag
         self.context_tokens: int | None = None  # the generator's, asked once
 
     async def answer(self, request: RagRequest) -> AsyncIterator[Sources | Delta | Generated]:
@@ -102,7 +102,9 @@ class Rag:
         yield Sources(citations, retrieved.timings)
         start = time.perf_counter()
         generation = GenerationRequest(
-            messages=prompt(request.query, citations), max_tokens=request.max_tokens
+            messages=prompt(self.settings.system_prompt, request.query, citations),
+            max_tokens=request.max_tokens,
+            no_repeat_ngram=self.settings.no_repeat_ngram,
         )
         async for delta in self.generator.options(stream=True).generate.remote(generation):
             yield delta
@@ -113,7 +115,8 @@ class Rag:
         if self.context_tokens is None:
             info = await self.generator.model_info.remote()
             self.context_tokens = int(info["context_tokens"])
-        base = "\n".join(m["content"] for m in prompt(request.query, []))
+        system = self.settings.system_prompt
+        base = "\n".join(m["content"] for m in prompt(system, request.query, []))
         counts = await self.generator.count_tokens.remote([base, *texts])
         budget = self.context_tokens - (request.max_tokens or 0)  # the ingress fills it
         return sources_that_fit(counts[0], counts[1:], budget)

@@ -36,6 +36,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from serve_app.metrics import store_unavailable
 from serve_app.protocol.status import StatusError
 from serve_app.store.schema import connect_timeout, lock_timeout_ms, migrate
 
@@ -215,6 +216,7 @@ class VectorStore:
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Never the URL or the driver's message: either may hold the password.
             logger.warning("Document store unavailable: %s", type(exc).__name__)
+            store_unavailable().inc()
             raise StoreUnavailable("The document store is unavailable; retry shortly.") from exc
 
     # --- collections ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from serve_app.config import RagConfig
 from serve_app.protocol.documents import RagRequest
 from serve_app.routes.rag import (
     MAX_SOURCES,
@@ -69,6 +70,7 @@ def sources(rag: Rag, request: RagRequest) -> Sources:
 def make_rag(hits: int, context: int) -> Rag:
     rag = object.__new__(Rag.func_or_class)
     rag.retriever, rag.generator, rag.context_tokens = Retriever(hits), Generator(context), None
+    rag.settings = RagConfig()
     return rag
 
 
@@ -84,8 +86,43 @@ def test_sources_are_trimmed_to_the_context():
     request = RagRequest(collection="c", query="q", top_k=20, rerank_top_n=20, max_tokens=200)
     cited = sources(rag, request).citations
     # 1000 - 200 for the answer, less the system prompt, question and template; 108 a source.
-    base = len("\n".join(m["content"] for m in prompt("q", [])))
+    base = len("\n".join(m["content"] for m in prompt(RagConfig().system_prompt, "q", [])))
     fit = (1000 - 200 - base - TEMPLATE_TOKENS) // (100 + SOURCE_TOKENS)
     assert 0 < fit < 20
     assert [c.number for c in cited] == list(range(1, fit + 1))
     assert [c.document_id for c in cited] == [f"d{i}" for i in range(fit)]  # the best kept
+
+
+def test_the_answer_is_asked_for_without_repeating_itself():
+    """The generation request carries the configured prompt and the no-repeat n-gram size."""
+    rag = make_rag(hits=3, context=100_000)
+    asked = []
+
+    async def generate(generation):
+        asked.append(generation)
+        return
+        yield
+
+    class Stream:
+        def options(self, **_):
+            return self
+
+        class generate:  # mirrors a handle's method
+            @staticmethod
+            def remote(generation):
+                return generate(generation)
+
+    stream = Stream()
+    stream.model_info, stream.count_tokens = rag.generator.model_info, rag.generator.count_tokens
+    rag.generator = stream
+    rag.settings = RagConfig(system_prompt="Be brief.", no_repeat_ngram=4)
+    request = RagRequest(collection="c", query="why?", top_k=3, rerank_top_n=3, max_tokens=8)
+
+    async def drain():
+        return [event async for event in rag.answer(request)]
+
+    asyncio.run(drain())
+    (generation,) = asked
+    assert generation.no_repeat_ngram == 4
+    assert generation.messages[0] == {"role": "system", "content": "Be brief."}
+    assert "[3] " in generation.messages[1]["content"]

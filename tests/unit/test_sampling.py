@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.generator import GREEDY_BELOW, LOGIT_BOUND, _sample_row, _Sequence
+from deployments.generator import GREEDY_BELOW, LOGIT_BOUND, _repeating, _sample_row, _Sequence
 from serve_app.protocol.generation import GenerationRequest
 from serve_app.protocol.openai import ChatCompletionRequest
 
@@ -122,3 +122,34 @@ def test_penalties_steer_away_from_what_was_said():
     request = GenerationRequest(messages=[], max_tokens=8, frequency_penalty=2.0)
     assert _sample_row(logits, sequence(request, [3])) != 3
     assert _sample_row(logits, sequence(request, [])) == 3
+
+
+@given(
+    said=st.lists(st.integers(0, 5), max_size=60),
+    n=st.integers(1, 5),
+    logits=st.lists(st.floats(-30, 30), min_size=VOCAB, max_size=VOCAB),
+    temperature=st.sampled_from([0.0, 0.7]),
+)
+def test_an_answer_never_repeats_its_own_ngrams(said, n, logits, temperature):
+    """Whatever the logits say, the next token never closes an n-gram the answer already
+    holds (a token outside the answer's six ids is always there to take)."""
+    request = GenerationRequest(
+        messages=[], max_tokens=8, temperature=temperature, seed=1, no_repeat_ngram=n
+    )
+    token = _sample_row(torch.tensor(logits), sequence(request, said))
+    grams = {tuple(said[i : i + n]) for i in range(len(said) - n + 1)}
+    if len(said) >= n - 1:
+        assert (*said[len(said) - n + 1 :], token) not in grams
+
+
+def test_a_greedy_loop_is_broken_and_the_prompt_may_be_copied():
+    logits = torch.zeros(VOCAB)
+    logits[7] = 5.0  # greedy would say 7 again
+    looping = GenerationRequest(messages=[], max_tokens=8, no_repeat_ngram=3)
+    assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 2])) != 7
+    assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 3])) == 7  # no repeat: allowed
+    off = GenerationRequest(messages=[], max_tokens=8)
+    assert _sample_row(logits, sequence(off, [1, 2, 7, 1, 2])) == 7
+    assert _repeating([1, 2, 7, 1, 2], 3) == {7}
+    assert _repeating([4, 4], 1) == {4}
+    assert _repeating([1, 2], 0) == set()

@@ -1,0 +1,222 @@
+"""RAG answers on a labelled set: do they cite the right source, stay on their sources, and
+never loop? In process, without Ray: the Embedder's model retrieves, the Generator's own decode
+loop answers, once with each prompt setting.
+
+Each manual page's opening is a source; its one-line description, asked as a question, is the
+query whose right source is that page. For every setting the report gives:
+- `cites_right`: among answers whose sources hold the right page, the share citing its number;
+- `degenerate`: the share that repeat a sentence or a 6-word run, or emit a bare run of
+  citation markers;
+- `grounded`: the share whose words (4+ letters) come mostly (over half) from their sources.
+
+    .venv/bin/python scripts/bench_rag_answers.py            # 48 questions, writes the report
+    .venv/bin/python scripts/bench_rag_answers.py --smoke    # 4 questions, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from bench_retrieval import man_corpus
+from benchlib import machine, write_report
+
+from serve_app.config import AppConfig, RagConfig
+from serve_app.protocol.documents import Citation
+from serve_app.protocol.generation import GenerationRequest
+from serve_app.routes.rag import prompt
+
+# The prompt and decoding RAG used before answers were kept from repeating themselves.
+BEFORE = RagConfig(
+    system_prompt=(
+        "Answer the question using only the numbered sources. Cite the sources you use by "
+        "their number in square brackets, like [1]. If the sources do not answer the "
+        "question, say so."
+    ),
+    no_repeat_ngram=0,
+)
+
+
+def before_prompt(system: str, query: str, citations: list[Citation]) -> list[dict[str, str]]:
+    sources = "\n\n".join(f"[{c.number}] {c.text}" for c in citations)
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {query}"},
+    ]
+
+
+@dataclass
+class Case:
+    question: str
+    right: str  # the page that answers it
+    citations: list[Citation]
+
+
+def degenerate(text: str) -> bool:
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n", text) if len(s.strip()) > 10]
+    words = text.split()
+    runs = [tuple(words[i : i + 6]) for i in range(len(words) - 5)]
+    markers = re.search(r"(\[\d+\][\s,;.\-]*){4,}", text) is not None
+    return len(sentences) != len(set(sentences)) or len(runs) != len(set(runs)) or markers
+
+
+def grounded(text: str, sources: str) -> bool:
+    words = re.findall(r"[a-z][a-z0-9_]{3,}", text.lower())
+    known = set(re.findall(r"[a-z][a-z0-9_]{3,}", sources.lower()))
+    return bool(words) and sum(w in known for w in words) / len(words) > 0.5
+
+
+def cases(n: int, passages: int, top: int, embedder) -> list[Case]:
+    docs = man_corpus(max(passages, n), 600)
+    labelled = [d for d in docs if d["labelled"]]
+    rng = np.random.default_rng(0)
+    asked = [labelled[i] for i in rng.choice(len(labelled), n, replace=False)]
+    texts = [d["text"] for d in docs]
+    vectors = embedder.encode(texts, normalize_embeddings=True, batch_size=32)
+    out = []
+    for doc in asked:
+        question = f"Which command would I use to {doc['query'].rstrip('.')}?"
+        q = embedder.encode([question], normalize_embeddings=True)[0]
+        best = np.argsort(vectors @ q)[::-1][:top]
+        citations = [
+            Citation(number=k + 1, document_id=docs[i]["id"], chunk_id=0, score=0.0, text=texts[i])
+            for k, i in enumerate(best)
+        ]
+        out.append(Case(question, doc["id"], citations))
+    return out
+
+
+def answer_all(generator, requests: list[GenerationRequest], batch: int) -> list[str]:
+    """The Generator replica's own prefill and decoding steps, minus Serve, `batch` at a time."""
+    answers = []
+    for start in range(0, len(requests), batch):
+        sequences = [generator._sequence(r) for r in requests[start : start + batch]]
+        texts, seen = [""] * len(sequences), [None] * len(sequences)
+        generator._admit(sequences)
+        while generator.state is not None:
+            generator._step()
+            for k, s in enumerate(sequences):
+                if s.delta is not None and s.delta is not seen[k]:
+                    texts[k], seen[k] = texts[k] + s.delta.text, s.delta
+        answers += texts
+    return answers
+
+
+def measure(generator, setting: RagConfig, build, all_cases: list[Case], options) -> dict:
+    requests = [
+        GenerationRequest(
+            messages=build(setting.system_prompt, c.question, c.citations),
+            max_tokens=options.max_tokens,
+            no_repeat_ngram=setting.no_repeat_ngram,
+        )
+        for c in all_cases
+    ]
+    start = time.perf_counter()
+    answers = answer_all(generator, requests, options.batch)
+    elapsed = time.perf_counter() - start
+    found = [
+        (c, a)
+        for c, a in zip(all_cases, answers, strict=True)
+        if any(x.document_id == c.right for x in c.citations)
+    ]
+    right = sum(
+        f"[{next(x.number for x in c.citations if x.document_id == c.right)}]" in a
+        for c, a in found
+    )
+    return {
+        "no_repeat_ngram": setting.no_repeat_ngram,
+        "questions": len(all_cases),
+        "right_source_retrieved": len(found),
+        "cites_right": right / len(found) if found else None,
+        "degenerate": statistics.mean(degenerate(a) for a in answers),
+        "grounded": statistics.mean(
+            grounded(a, " ".join(x.text for x in c.citations))
+            for c, a in zip(all_cases, answers, strict=True)
+        ),
+        "seconds": elapsed,
+        "examples": [
+            {"question": c.question, "answer": a}
+            for c, a in zip(all_cases[:3], answers[:3], strict=True)
+        ],
+    }
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        "| setting | cites the right source (when retrieved) | degenerate | grounded | s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["settings"].items():
+        cites = "-" if r["cites_right"] is None else f"{r['cites_right']:.2f}"
+        rows.append(
+            f"| {name} (no_repeat_ngram {r['no_repeat_ngram']}) | {cites} "
+            f"({r['right_source_retrieved']} of {r['questions']}) | {r['degenerate']:.2f} | "
+            f"{r['grounded']:.2f} | {r['seconds']:.0f} |"
+        )
+    m = report["machine"]
+    return "\n".join(
+        [
+            "# RAG answers on a labelled set",
+            "",
+            f"{report['model']}, greedy, {report['max_tokens']} new tokens at most, "
+            f"{report['top']} sources a question; {m['cpu']}, {m['threads']} threads, "
+            f"{m['date']}.",
+            "",
+            *rows,
+            "",
+            "`before`: the earlier prompt (sources, then the question) and plain greedy "
+            "decoding. `now`: the configured `rag` settings (question, sources, the question "
+            "again; the answer never repeats its own n-grams).",
+            "",
+            "Made by `.venv/bin/python scripts/bench_rag_answers.py`.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=48)
+    parser.add_argument("--passages", type=int, default=400, help="manual pages searched")
+    parser.add_argument("--top", type=int, default=3, help="sources per question")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="4 questions; writes nothing")
+    options = parser.parse_args()
+    if options.smoke:
+        options.questions, options.passages, options.max_tokens = 4, 40, 16
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from deployments.generator import Generator
+    from deployments.loading import local_path
+
+    config = AppConfig()
+    embedder = SentenceTransformer(local_path(config.embedder.model), device="cpu")
+    all_cases = cases(options.questions, options.passages, options.top, embedder)
+    del embedder
+    generator = Generator.func_or_class(config.generator, config.model_cache_dir)
+    settings = {"before": (BEFORE, before_prompt), "now": (config.rag, prompt)}
+    report = {
+        "model": config.generator.name,
+        "max_tokens": options.max_tokens,
+        "top": options.top,
+        "machine": machine("cpu", torch.get_num_threads()),
+        "settings": {
+            name: measure(generator, setting, build, all_cases, options)
+            for name, (setting, build) in settings.items()
+        },
+    }
+    if options.smoke:
+        print(markdown(report))
+        return
+    write_report(report, "rag_answers", markdown)
+
+
+if __name__ == "__main__":
+    main()

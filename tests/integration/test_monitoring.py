@@ -1,0 +1,149 @@
+"""A real Prometheus scrapes the test cluster; every query of the Grafana dashboard returns data.
+
+A renamed or missing metric fails here instead of leaving a dashboard panel empty.
+"""
+
+import importlib.util
+import json
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import configure_ingress, ingress_config
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "configs" / "monitoring" / "grafana" / "dashboards" / "rag-serve.json"
+spec = importlib.util.spec_from_file_location("monitor", ROOT / "scripts" / "monitor.py")
+monitor = importlib.util.module_from_spec(spec)
+sys.modules["monitor"] = monitor
+spec.loader.exec_module(monitor)
+
+CHAT = "/v1/chat/completions"
+# What Grafana puts in for $__rate_interval: wide enough to hold several of Ray's reports.
+RATE_INTERVAL = "1m"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target of every panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])]]
+    return [
+        (p["title"], t["expr"].replace("$__rate_interval", RATE_INTERVAL))
+        for p in panels
+        for t in p.get("targets", [])
+    ]
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    """Prometheus on 127.0.0.1, scraping every alive node of the test cluster every 2 s.
+
+    The test cluster runs without Ray's dashboard, which is what writes the service-discovery
+    file `make monitor` reads, so the file is written here from the same source, `ray.nodes()`.
+    """
+    if shutil.which("prometheus") is None:
+        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
+    import ray
+
+    state = tmp_path_factory.mktemp("prometheus")
+    targets = [
+        f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"]
+    ]
+    discovery = state / monitor.DISCOVERY_FILE
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
+    port = free_port()
+    process = monitor.start_prometheus(discovery, state, port, scrape_interval_s=2)
+    yield f"http://127.0.0.1:{port}", ray.nodes()[0]["NodeManagerAddress"]
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def query(prometheus_url: str, promql: str) -> list[dict]:
+    answer = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": promql}, timeout=10)
+    assert answer.status_code == 200, (promql, answer.text)
+    return answer.json()["data"]["result"]
+
+
+def post(server: str, path: str, body: dict) -> int:
+    with httpx.Client(base_url=server, timeout=120) as c:
+        return c.post(path, json=body).status_code
+
+
+def chat(tokens: int, i: int) -> dict:
+    content = f"Tell a long story about a lighthouse keeper. ({i})"
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": tokens}
+
+
+def send_load(server: str, client: httpx.Client) -> None:
+    """Every kind of event a panel charts: admitted, rejected and timed-out requests, model
+    batches, cache hits and misses, and first tokens."""
+    for i in range(6):  # the same text twice: a miss, then a hit
+        for text in (f"monitored {i}", f"monitored {i}"):
+            assert client.post("/v1/embeddings", json={"input": text}).status_code == 200
+    rerank = {"query": "lighthouse", "documents": ["a lighthouse keeper", "a baker", "the sea"]}
+    assert client.post("/v1/rerank", json=rerank).status_code == 200
+    # One slot, no queue, a one-second deadline: a burst gets 503s (queue_full), long
+    # generations get 504s, short ones answer 200 and record their time to first token.
+    configure_ingress(
+        client, {"routes": {"chat": {"max_running": 1, "max_queued": 0, "deadline_s": 1.0}}}
+    )
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda i: post(server, CHAT, chat(64, i)), range(6)))
+    assert 503 in statuses and 504 in statuses, statuses
+    for i in range(3):
+        assert post(server, CHAT, chat(2, i)) == 200
+
+
+@pytest.fixture(scope="module")
+def loaded(server, prometheus):
+    with httpx.Client(base_url=server, timeout=120) as client:
+        send_load(server, client)
+        yield prometheus
+        configure_ingress(client, ingress_config())
+
+
+def test_prometheus_listens_on_loopback_only(prometheus):
+    url, node_address = prometheus
+    assert httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+    if node_address.startswith("127."):
+        pytest.skip("the node has no address beyond loopback to try")
+    port = url.rsplit(":", 1)[1]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{node_address}:{port}/-/ready", timeout=5)
+
+
+def test_every_node_is_scraped(prometheus):
+    url, _ = prometheus
+    deadline = time.monotonic() + 30
+    while not (up := query(url, 'up{job="ray"}')) or any(r["value"][1] != "1" for r in up):
+        assert time.monotonic() < deadline, up
+        time.sleep(1)
+
+
+def test_every_dashboard_query_returns_data(loaded):
+    url, _ = loaded
+    pending = dict.fromkeys(dashboard_queries())
+    # Ray reports a worker's metrics every few seconds and a rate needs two scrapes of them.
+    deadline = time.monotonic() + 90
+    while pending:
+        pending = {q: None for q in pending if not query(url, q[1])}
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    names = query(url, 'count by (__name__) ({__name__=~"ray_(rag|serve)_.*"})')
+    exported = sorted(r["metric"]["__name__"] for r in names)
+    assert not pending, {"empty panels": list(pending), "exported": exported}

@@ -1,0 +1,159 @@
+"""configs/monitoring: the Grafana dashboard's structure, the alert rules, the Prometheus config."""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "configs" / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "rag-serve.json"
+spec = importlib.util.spec_from_file_location("monitor", ROOT / "scripts" / "monitor.py")
+monitor = importlib.util.module_from_spec(spec)
+sys.modules["monitor"] = monitor
+spec.loader.exec_module(monitor)
+
+# Grafana's own variables, which need no definition in the dashboard.
+BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range", "__range_s", "__interval_ms"}
+
+
+def load_dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(dashboard: dict) -> list[dict]:
+    """Top-level panels and those nested in collapsed rows."""
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
+def queries(dashboard: dict) -> list[str]:
+    return [t["expr"] for p in all_panels(dashboard) for t in p.get("targets", [])]
+
+
+def variables_used(value: object) -> set[str]:
+    text = json.dumps(value)
+    return set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"\$(\w+)", text))
+
+
+def test_panel_ids_are_unique_and_grid_positions_do_not_overlap():
+    panels = all_panels(load_dashboard())
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    cells = set()
+    for p in panels:
+        g = p["gridPos"]
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not cells & mine, f"panel {p['id']} overlaps another"
+        cells |= mine
+
+
+def test_every_variable_used_is_defined():
+    dashboard = load_dashboard()
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+    assert "datasource" in defined
+    used = variables_used(dashboard["panels"]) - BUILTIN_VARIABLES
+    assert used <= defined, used - defined
+
+
+def test_every_panel_queries_prometheus_through_the_datasource_variable():
+    dashboard = load_dashboard()
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "datasource"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    graphs = [p for p in all_panels(dashboard) if p["type"] != "row"]
+    assert len(graphs) >= 15
+    for panel in graphs:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["id"]
+        assert panel["targets"], f"panel {panel['id']} has no query"
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["id"]
+        for target in panel["targets"]:
+            assert target["expr"].strip(), panel["id"]
+            assert target["datasource"] == panel["datasource"]
+
+
+def test_one_row_per_concern():
+    rows = [p["title"] for p in load_dashboard()["panels"] if p["type"] == "row"]
+    assert rows == ["Routes", "Models", "Caches", "Host", "Replicas"]
+
+
+def test_queries_name_only_exported_metric_names():
+    """Ray exports app metrics with a `ray_` prefix and counters with `_total`: a query naming
+    `rag_route_admitted` without either would chart nothing."""
+    names = {n for q in queries(load_dashboard()) for n in re.findall(r"\b(\w*rag_\w+)", q)}
+    assert names
+    for name in names:
+        assert name.startswith("ray_rag_"), name
+    counters = {"admitted", "rejected", "timed_out", "hits", "misses"}
+    for name in names:
+        if any(name.endswith(f"_{c}") for c in counters):
+            raise AssertionError(f"{name}: counters are exported with _total")
+
+
+def test_prometheus_config_points_at_the_discovery_file_and_the_rules(tmp_path):
+    discovery = tmp_path / monitor.DISCOVERY_FILE
+    config = monitor.prometheus_config(discovery, scrape_interval_s=2)
+    assert config["rule_files"] == [str(MONITORING / "alerts.yml")]
+    assert config["scrape_configs"][0]["file_sd_configs"] == [{"files": [str(discovery)]}]
+    assert config["global"]["scrape_interval"] == "2s"
+    # The template itself is left as it was (the defaults stay for `make monitor`).
+    assert monitor.prometheus_config(discovery)["global"]["scrape_interval"] == "10s"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_alert_rules_pass_promtool():
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(MONITORING / "alerts.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+    }
+    assert {
+        "RouteRefusing",
+        "ChatTTFTOverSLO",
+        "DeploymentWithoutHealthyReplicas",
+        "StoreUnreachable",
+    } <= alerts
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_rendered_prometheus_config_passes_promtool(tmp_path):
+    discovery = tmp_path / monitor.DISCOVERY_FILE
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": ["127.0.0.1:1"]}]))
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(monitor.prometheus_config(discovery)))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stop_ends_only_the_recorded_processes(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "prometheus.pid").write_text(str(sleeper.pid))
+        (tmp_path / "grafana.pid").write_text("999999999")  # already gone: no error
+        assert monitor.stop(tmp_path) == [sleeper.pid]
+        assert sleeper.wait(timeout=5) == -15
+        assert bystander.poll() is None
+        assert not list(tmp_path.glob("*.pid"))
+    finally:
+        bystander.kill()
+        sleeper.kill()
