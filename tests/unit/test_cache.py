@@ -6,14 +6,12 @@ Redis tests use TEST_REDIS_URL when set (CI starts one), else a private redis-se
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -83,21 +81,6 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
             self.process = None
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    if url := os.environ.get("TEST_REDIS_URL"):
-        wait_for(url)
-        yield url
-        return
-    if not REDIS_SERVER:
-        pytest.skip("no redis-server and no TEST_REDIS_URL")
-    server = RedisServer().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def unit_vectors(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:

@@ -2,12 +2,15 @@
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -157,3 +160,49 @@ def test_stop_ends_only_the_recorded_processes(tmp_path):
     finally:
         bystander.kill()
         sleeper.kill()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_start_serves_the_rules_on_loopback_and_stop_ends_it(tmp_path):
+    """`make monitor` and `make stop` end to end, against a session folder without a cluster."""
+    session, state = tmp_path / "session", tmp_path / "state"
+    session.mkdir()
+    (session / monitor.DISCOVERY_FILE).write_text(
+        json.dumps([{"labels": {"job": "ray"}, "targets": ["127.0.0.1:1"]}])
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = [sys.executable, str(ROOT / "scripts" / "monitor.py")]
+    args = ["--session", str(session), "--state-dir", str(state), "--prometheus-port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "GRAFANA_HOME"}
+    env["PATH"] = str(Path(shutil.which("prometheus")).parent)  # no grafana-server on it
+    subprocess.run([*script, "start", *args], check=True, env=env, timeout=90)
+    pid = int((state / "prometheus.pid").read_text())
+    try:
+        rules = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).json()
+        names = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
+        assert "RouteRefusing" in names and "StoreUnreachable" in names
+        listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        local = {line.split()[1] for line in listening if line.split()[3] == "0A"}
+        assert f"0100007F:{port:04X}" in local  # 127.0.0.1, and on no other address
+        assert not {a for a in local if a.endswith(f":{port:04X}")} - {f"0100007F:{port:04X}"}
+    finally:
+        subprocess.run([*script, "stop", "--state-dir", str(state)], check=True, timeout=60)
+    assert not monitor._alive(pid)
+    assert not (state / "prometheus.pid").exists()
+
+
+def test_kuberay_pod_monitors_scrape_every_ray_pod_and_the_alerts_follow_their_jobs():
+    monitors = list(yaml.safe_load_all((MONITORING / "kuberay.yaml").read_text()))
+    assert {m["kind"] for m in monitors} == {"PodMonitor"}
+    by_type = {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"]: m for m in monitors}
+    assert set(by_type) == {"head", "worker"}
+    for monitor_ in monitors:
+        ports = [e["port"] for e in monitor_["spec"]["podMetricsEndpoints"]]
+        assert "metrics" in ports
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]
+    (down,) = [r for r in rules if r["alert"] == "MetricsTargetDown"]
+    pattern = re.search(r'job=~"([^"]+)"', down["expr"]).group(1)
+    for job in ["ray", *(m["spec"]["jobLabel"] for m in monitors)]:
+        assert re.fullmatch(pattern, job), job
