@@ -1,6 +1,7 @@
 """Retrieval benchmark: ingestion, search latency and recall, and answer-source quality.
 
     .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 100] [--scale 100000]
+        [--modes dense,keyword,hybrid] [--no-rerank]
 
 Corpus: the manual pages under /usr/share/man (real technical English) of this machine.
 A page's NAME line ("ls - list directory contents") becomes a labelled query and the rest
@@ -11,8 +12,11 @@ In one run it measures:
    of the same chunks with the replica's own code, precision and threads;
 2. search latency p50/p99 at top_k=10, exact vs HNSW over several ef_search, and HNSW recall@10
    against exact search, on the corpus and on `--scale` sentence chunks;
-3. retrieval quality on the labelled queries: recall@1, recall@10 and MRR@10, with and
-   without the reranker.
+3. retrieval quality on the labelled queries per search mode (dense, keyword, hybrid) and
+   text-search configuration (`simple`, the default, and `english`): recall@1, recall@10 and
+   MRR@10, with and without the reranker;
+4. per mode, search latency p50/p99 in process (the query's vector given), on the corpus and on
+   the `--scale` chunks (`--scale 0` skips them).
 Writes docs/benchmarks/retrieval.json and retrieval.md.
 """
 
@@ -168,22 +172,95 @@ def rank_metrics(ranked: list[list[str]], relevant: list[str]) -> dict:
     return {"recall@1": r1 / n, "recall@10": r10 / n, "mrr@10": mrr / n}
 
 
-def quality(base_url: str, collection: str, queries: list[dict]) -> dict:
-    """Document-level recall@1/@10 and MRR@10 of /v1/search, without and with rerank."""
+def quality(
+    base_url: str,
+    collections: dict[str, str],
+    queries: list[dict],
+    modes: list[str],
+    rerank: bool,
+) -> dict:
+    """Document-level recall@1/@10 and MRR@10 of /v1/search per mode and text-search
+    configuration (`collections`: configuration -> collection), without and with rerank.
+    Dense results do not depend on the configuration: measured once."""
     results = {}
-    for rerank in (False, True):
-        ranked, latencies = [], []
-        for q in queries:
-            body = {"collection": collection, "query": q["query"], "top_k": 10, "rerank": rerank}
-            start = time.perf_counter()
-            response = httpx.post(f"{base_url}/v1/search", json=body, timeout=600)
-            latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
-            ranked.append([r["document_id"] for r in response.json()["results"]])
-        metrics = rank_metrics(ranked, [q["id"] for q in queries])
-        metrics["p50_ms"] = statistics.median(latencies) * 1000
-        results["rerank" if rerank else "dense"] = metrics
+    for config, collection in collections.items():
+        for mode in modes:
+            if mode == "dense" and config != "simple":
+                continue
+            for reranked in (False, True) if rerank else (False,):
+                ranked, latencies = [], []
+                for q in queries:
+                    body = {
+                        "collection": collection,
+                        "query": q["query"],
+                        "top_k": 10,
+                        "rerank": reranked,
+                        "mode": mode,
+                    }
+                    start = time.perf_counter()
+                    response = httpx.post(f"{base_url}/v1/search", json=body, timeout=600)
+                    latencies.append(time.perf_counter() - start)
+                    response.raise_for_status()
+                    ranked.append([r["document_id"] for r in response.json()["results"]])
+                metrics = rank_metrics(ranked, [q["id"] for q in queries])
+                metrics["p50_ms"] = statistics.median(latencies) * 1000
+                name = mode if mode == "dense" else f"{mode} ({config})"
+                results[name + (" + rerank" if reranked else "")] = metrics
     return results
+
+
+async def copy_collection(
+    store_config: StoreConfig, source: str, target: str, text_search_config: str
+) -> None:
+    """`source`'s documents and vectors again as `target`, keyword-indexed with
+    `text_search_config`: another configuration without embedding everything again."""
+    store = await open_store(store_config)
+    try:
+        old = await store.collection(source)
+        new = await store.ensure_collection(
+            target, old.embedding_model, old.dimensions, text_search_config
+        )
+        async with store.connection(transaction=True) as conn:
+            await conn.execute(
+                "INSERT INTO documents (collection_id, id, metadata)"
+                " SELECT %s, id, metadata FROM documents WHERE collection_id = %s",
+                (new.id, old.id),
+            )
+            await conn.execute(
+                "INSERT INTO chunks (collection_id, document_id, ordinal, text, metadata,"
+                " embedding, text_search_config) SELECT %s, document_id, ordinal, text,"
+                " metadata, embedding, %s::regconfig FROM chunks WHERE collection_id = %s",
+                (new.id, text_search_config, old.id),
+            )
+    finally:
+        await store.close()
+
+
+async def mode_latency(
+    store_config: StoreConfig, collection_name: str, queries: list[str], vectors: np.ndarray
+) -> list[dict]:
+    """p50/p99 of top-10 search per mode, in process, the query's vector given."""
+    store = await open_store(store_config)
+    rows = []
+    try:
+        collection = await store.collection(collection_name)
+        searches = {
+            "dense (hnsw ef_search=80)": lambda q, v: store.search(collection, v, 10),
+            "keyword": lambda q, v: store.keyword_search(collection, q, 10),
+            "hybrid": lambda q, v: store.hybrid_search(collection, v, q, 10),
+        }
+        for name, search in searches.items():
+            times = []
+            for q, v in zip(queries, vectors, strict=True):
+                start = time.perf_counter()
+                await search(q, v)
+                times.append(time.perf_counter() - start)
+            row = summary(name, times, float("nan"))
+            del row["recall@10"]
+            rows.append(row)
+    finally:
+        await store.close()
+    return rows
 
 
 async def latency_and_recall(
@@ -289,9 +366,14 @@ def markdown(report: dict) -> str:
         "",
     ]
     for name, rows in report["latency"].items():
+        lines += [f"**{name}**", ""]
+        if "random vectors" in name:  # --random-vectors
+            lines += [
+                "Random unit vectors: no neighbourhoods for HNSW to follow, so its recall here",
+                "says nothing of real text; the latencies stand.",
+                "",
+            ]
         lines += [
-            f"**{name}**",
-            "",
             "| search | p50 ms | p99 ms | recall@10 vs exact |",
             "|---|---|---|---|",
         ]
@@ -301,7 +383,20 @@ def markdown(report: dict) -> str:
         ]
         lines.append("")
     lines += [
+        "## Search latency per mode (top_k=10, in process, the query's vector given)",
+        "",
+        f"Hybrid: {report.get('fusion', '')}.",
+        "",
+    ]
+    for name, rows in report.get("mode_latency", {}).items():
+        lines += [f"**{name}**", "", "| mode | p50 ms | p99 ms |", "|---|---|---|"]
+        lines += [f"| {r['search']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |" for r in rows]
+        lines.append("")
+    lines += [
         f"## Retrieval quality ({report['queries']} labelled queries, document level)",
+        "",
+        "Over HTTP (`POST /v1/search`, top_k=10); `(simple)` and `(english)` name the",
+        "collection's text-search configuration. p50 includes embedding the query.",
         "",
         "| pipeline | recall@1 | recall@10 | MRR@10 | p50 ms |",
         "|---|---|---|---|---|",
@@ -320,7 +415,19 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=5000)
     parser.add_argument("--max-chars", type=int, default=2000, help="characters kept per page")
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--scale", type=int, default=100_000, help="chunks in the scale test")
+    parser.add_argument(
+        "--scale", type=int, default=100_000, help="chunks in the scale test (0: none)"
+    )
+    parser.add_argument(
+        "--random-vectors",
+        action="store_true",
+        help="scale chunks get random unit vectors, not embeddings (minutes, not an hour): "
+        "their latencies stand, their HNSW recall says nothing of real text",
+    )
+    parser.add_argument("--modes", default="dense,keyword,hybrid", help="search modes to measure")
+    parser.add_argument(
+        "--no-rerank", action="store_true", help="skip the reranked runs (~3 s a query)"
+    )
     parser.add_argument("--out", default=str(OUT))
     options = parser.parse_args()
 
@@ -339,6 +446,7 @@ def main() -> None:
     config = {**config, "applications": [{**app, "args": args}]}
     store_config = AppConfig(**args).store
     model = AppConfig(**args).embedder.model
+    retrieval = AppConfig(**args).retrieval
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -349,7 +457,14 @@ def main() -> None:
         chunk_texts = asyncio.run(sample_chunks(store_config, 2000))
         raw = raw_embedding(args, chunk_texts)
         print(f"raw embedding: {raw:.1f} chunks/s", flush=True)
-        result_quality = quality(base_url, "man", queries)
+        asyncio.run(copy_collection(store_config, "man", "man-english", "english"))
+        result_quality = quality(
+            base_url,
+            {"simple": "man", "english": "man-english"},
+            queries,
+            options.modes.split(","),
+            rerank=not options.no_rerank,
+        )
         print(f"quality: {result_quality}", flush=True)
         query_vectors = np.array(
             httpx.post(
@@ -368,12 +483,26 @@ def main() -> None:
             latency_and_recall(store_config, "man", query_vectors)
         )
     }
-    sentences = sentences_of(docs, options.scale)
-    vectors = scale_vectors(args, sentences)
-    asyncio.run(load_scale(store_config, model, sentences, vectors))
-    latency[f"sentences ({len(sentences)} chunks)"] = asyncio.run(
-        latency_and_recall(store_config, "scale", query_vectors)
-    )
+    query_texts = [q["query"] for q in queries]
+    modes = {
+        f"man pages ({ingest['chunks']} chunks)": asyncio.run(
+            mode_latency(store_config, "man", query_texts, query_vectors)
+        )
+    }
+    if options.scale:
+        sentences = sentences_of(docs, options.scale)
+        if options.random_vectors:
+            rng = np.random.default_rng(0)
+            vectors = rng.standard_normal((len(sentences), query_vectors.shape[1]))
+            vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+        else:
+            vectors = scale_vectors(args, sentences)
+        asyncio.run(load_scale(store_config, model, sentences, vectors))
+        name = f"sentences ({len(sentences)} chunks)"
+        if options.random_vectors:
+            name += ", random vectors"
+        latency[name] = asyncio.run(latency_and_recall(store_config, "scale", query_vectors))
+        modes[name] = asyncio.run(mode_latency(store_config, "scale", query_texts, query_vectors))
     stop_embedded(data_dir)
     for name, rows in latency.items():
         print(name, rows, flush=True)
@@ -391,6 +520,9 @@ def main() -> None:
         "raw_chunks_per_s": raw,
         "ingest_ratio": ingest["chunks_per_s"] / raw,
         "latency": latency,
+        "fusion": f"reciprocal rank fusion, k={retrieval.rrf_k}, {retrieval.candidates} "
+        "candidates from each side",
+        "mode_latency": modes,
         "quality": result_quality,
     }
     out = Path(options.out)

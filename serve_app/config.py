@@ -138,6 +138,24 @@ class StoreConfig(Section):
     )
 
 
+SearchMode = Literal["dense", "keyword", "hybrid"]
+# PostgreSQL's text-search configurations are lowercase identifiers (simple, english, ...).
+TEXT_SEARCH_CONFIG_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+
+
+class RetrievalConfig(Section):
+    """How search and RAG find chunks when a request does not say (docs/benchmarks/retrieval.md)."""
+
+    mode: SearchMode = Field(
+        default="hybrid",
+        description="dense: vectors; keyword: PostgreSQL full-text; hybrid: both, fused by rank.",
+    )
+    rrf_k: int = Field(default=60, ge=1, le=10_000, description="Reciprocal rank fusion's k.")
+    candidates: int = Field(
+        default=40, ge=1, le=1000, description="Hybrid: chunks taken from each side to fuse."
+    )
+
+
 class Chunking(Section):
     max_tokens: int = Field(default=200, ge=16, le=8192, description="Embedder tokens a chunk.")
     overlap: int = Field(default=32, ge=0, le=4096)
@@ -489,6 +507,7 @@ class AppConfig(BaseSettings):
     ingress: IngressConfig = IngressConfig()
     store: StoreConfig = StoreConfig()
     chunking: Chunking = Chunking()
+    retrieval: RetrievalConfig = RetrievalConfig()
     cache: CacheConfig = CacheConfig()
     classify: ClassifyConfig = ClassifyConfig()
     rag: RagConfig = RagConfig()

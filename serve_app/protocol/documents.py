@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from serve_app.config import Chunking
+from serve_app.config import TEXT_SEARCH_CONFIG_PATTERN, Chunking, SearchMode
 from serve_app.protocol.openai import NonEmptyText, Request, valid_unicode
 
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -79,6 +79,13 @@ class IngestRequest(Request):
     collection: CollectionName
     documents: list[DocumentIn] = Field(min_length=1)
     chunking: Chunking | None = None
+    text_search_config: str | None = Field(
+        default=None,
+        pattern=TEXT_SEARCH_CONFIG_PATTERN,
+        description="PostgreSQL's text-search configuration for keyword search (`simple`, "
+        "`english`, ...), fixed when the collection is created. Default: the collection's; "
+        "`simple` for a new one.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> IngestRequest:
@@ -133,6 +140,11 @@ class RetrievalRequest(Request):
         default=None, ge=1, le=200, description="Chunks kept after reranking."
     )
     ef_search: int | None = Field(default=None, ge=1, le=1000, description="HNSW candidates.")
+    mode: SearchMode | None = Field(
+        default=None,
+        description='dense (vectors), keyword (full text: "phrases", -excluded words, or) or '
+        "hybrid (both, fused by reciprocal rank). Default: the service's (hybrid).",
+    )
 
 
 class SearchRequest(RetrievalRequest):
@@ -144,8 +156,19 @@ class SearchResult(BaseModel):
     document_id: str
     text: str
     metadata: dict[str, Any]
-    score: float
+    score: float = Field(
+        description="The mode's own: cosine (dense), ts_rank_cd (keyword), fused (hybrid)."
+    )
     rerank_score: float | None = None
+    dense_score: float | None = Field(
+        default=None, description="Cosine similarity, where the dense search found the chunk."
+    )
+    keyword_score: float | None = Field(
+        default=None, description="ts_rank_cd, where the keyword search found the chunk."
+    )
+    fused_rank: int | None = Field(
+        default=None, description="Hybrid: the chunk's place (from 1) before any rerank."
+    )
 
 
 class Timings(BaseModel):
@@ -167,6 +190,7 @@ class CacheInfo(BaseModel):
 
 class SearchResponse(BaseModel):
     collection: str
+    mode: SearchMode | None = Field(default=None, description="The mode that answered.")
     results: list[SearchResult]
     timings: Timings
     cached: bool = Field(default=False, description="Answered from a cache.")

@@ -40,7 +40,10 @@ class Documents:
             )
         embedded = await self.embedder.embed.remote(flat, bulk=True)  # yields to queries
         collection = await self.store.ensure_collection(
-            request.collection, embedded.model, embedded.vectors.shape[1]
+            request.collection,
+            embedded.model,
+            embedded.vectors.shape[1],
+            request.text_search_config,
         )
         documents, start = [], 0
         for doc, doc_chunks in zip(request.documents, pieces, strict=True):

@@ -1,5 +1,7 @@
 """Retrieval shared by the search and RAG routes: embed the query, search, optionally rerank.
 
+A request's `mode` (default `retrieval.mode`) picks the search: dense (vectors), keyword
+(PostgreSQL full text; nothing is embedded) or hybrid (both, fused by reciprocal rank).
 Results are kept in the response cache under the collection's id and version; every change to
 a collection's documents bumps its version, so a cached result never outlives the data.
 """
@@ -23,6 +25,7 @@ class Retrieved:
     rerank_scores: list[float] | None
     timings: dict[str, float]
     cached_age_s: float | None = None  # answered from the response cache, computed this long ago
+    mode: str = "dense"  # the search that found the hits
 
 
 class Retriever:
@@ -37,19 +40,25 @@ class Retriever:
         self.reranker = reranker
         self.store = store
         self.ef_search = config.store.ef_search
+        self.retrieval = config.retrieval
         # What else shapes a result, for the cache key: the query's embedding (model and
         # precision) and the reranker's scores.
         e, r = config.embedder, config.reranker
         self.models = {
             "embedder": [e.model, e.precision],
             "reranker": [r.backend, r.model, r.precision, r.max_query_tokens, r.max_passage_tokens],
+            "fusion": [config.retrieval.rrf_k, config.retrieval.candidates],
         }
         store = open_cache(config.cache, "search")
         self.cache = ResponseCache(store, "search") if store else None
 
     async def retrieve(self, request: RetrievalRequest) -> Retrieved:
-        """The `top_k` nearest chunks; reranked and cut to `rerank_top_n` when asked."""
+        """The `top_k` best chunks by the request's mode; reranked and cut to `rerank_top_n` when
+        asked."""
         collection = await self.store.collection(request.collection)
+        # The mode in effect, not the one asked: a request without one and one naming the
+        # default share a cache entry, and a changed default never serves the old one's.
+        request = request.model_copy(update={"mode": request.mode or self.retrieval.mode})
         if not self.cache:
             return await self._retrieve(collection, request)
         # The collection's uid, not its id: ids repeat across databases (a shared Redis, a
@@ -65,7 +74,7 @@ class Retriever:
         if (hit := await self.cache.get(key)) is not None:
             hits = [Hit(**h) for h in hit["hits"]]
             age_s = max(0.0, time.time() - hit.get("stored_at", time.time()))
-            return Retrieved(hits, hit["rerank_scores"], {}, cached_age_s=age_s)
+            return Retrieved(hits, hit["rerank_scores"], {}, cached_age_s=age_s, mode=request.mode)
         retrieved = await self._retrieve(collection, request)
         value = {
             "hits": [asdict(h) for h in retrieved.hits],
@@ -77,30 +86,48 @@ class Retriever:
 
     async def _retrieve(self, collection: Collection, request: RetrievalRequest) -> Retrieved:
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        embedded = await self.embedder.embed.remote([request.query])
-        timings["embed_ms"] = (time.perf_counter() - start) * 1000
-        # The model that embedded the query, which a live switch may have changed.
-        if embedded.model != collection.embedding_model:
-            raise ModelMismatch(
-                f"The collection '{collection.name}' was embedded with "
-                f"{collection.embedding_model}; this service embeds with {embedded.model}."
+        mode = request.mode or self.retrieval.mode
+        if mode == "keyword":
+            start = time.perf_counter()
+            hits = await self.store.keyword_search(
+                collection, request.query, request.top_k, request.filters
             )
-        start = time.perf_counter()
-        hits = await self.store.search(
-            collection,
-            embedded.vectors[0],
-            request.top_k,
-            request.filters,
-            request.ef_search or self.ef_search,
-        )
+        else:
+            start = time.perf_counter()
+            embedded = await self.embedder.embed.remote([request.query])
+            timings["embed_ms"] = (time.perf_counter() - start) * 1000
+            # The model that embedded the query, which a live switch may have changed.
+            if embedded.model != collection.embedding_model:
+                raise ModelMismatch(
+                    f"The collection '{collection.name}' was embedded with "
+                    f"{collection.embedding_model}; this service embeds with {embedded.model}."
+                )
+            start = time.perf_counter()
+            ef_search = request.ef_search or self.ef_search
+            if mode == "dense":
+                hits = await self.store.search(
+                    collection, embedded.vectors[0], request.top_k, request.filters, ef_search
+                )
+            else:
+                hits = await self.store.hybrid_search(
+                    collection,
+                    embedded.vectors[0],
+                    request.query,
+                    request.top_k,
+                    request.filters,
+                    ef_search,
+                    self.retrieval.rrf_k,
+                    self.retrieval.candidates,
+                )
         timings["search_ms"] = (time.perf_counter() - start) * 1000
         keep = request.rerank_top_n
         if not request.rerank or not hits:
-            return Retrieved(hits[:keep], None, timings)
+            return Retrieved(hits[:keep], None, timings, mode=mode)
         start = time.perf_counter()
         scored = await self.reranker.rerank.remote(request.query, [h.text for h in hits])
         timings["rerank_ms"] = (time.perf_counter() - start) * 1000
         order = sorted(range(len(hits)), key=lambda i: scored[i][0], reverse=True)
         order = order[:keep]  # None keeps all
-        return Retrieved([hits[i] for i in order], [scored[i][0] for i in order], timings)
+        return Retrieved(
+            [hits[i] for i in order], [scored[i][0] for i in order], timings, mode=mode
+        )

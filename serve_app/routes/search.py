@@ -1,4 +1,5 @@
-"""The search route's deployment: nearest chunks for a query, optionally reranked."""
+"""The search route's deployment: the best chunks for a query (dense, keyword or hybrid),
+optionally reranked."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ class Search:
                 metadata=h.metadata,
                 score=h.score,
                 rerank_score=r,
+                dense_score=h.dense_score,
+                keyword_score=h.keyword_score,
+                fused_rank=h.fused_rank,
             )
             for h, r in zip(retrieved.hits, rerank_scores, strict=True)
         ]
         age_s = retrieved.cached_age_s
         return SearchResponse(
             collection=request.collection,
+            mode=retrieved.mode,
             results=results,
             timings=Timings(**retrieved.timings),
             cached=age_s is not None,

@@ -122,6 +122,33 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE collections ADD COLUMN uid uuid NOT NULL DEFAULT gen_random_uuid();
         """,
     ),
+    (
+        5,
+        """
+        -- Keyword search. Each collection records its text-search configuration as it records
+        -- its embedding model; every chunk carries its collection's, because a generated
+        -- column may only read its own row. The tsvector is generated (STORED: PostgreSQL
+        -- indexes no virtual column), so adding it fills every existing row.
+        ALTER TABLE collections ADD COLUMN text_search_config regconfig NOT NULL DEFAULT 'simple';
+        ALTER TABLE chunks ADD COLUMN text_search_config regconfig NOT NULL DEFAULT 'simple';
+        -- Korean, Chinese and Japanese write no space between the parts a reader searches
+        -- for (손해배상을 holds 손해배상 and a particle), and PostgreSQL has no parser for
+        -- them: their runs of characters are also indexed as overlapping character bigrams,
+        -- which a query's own bigrams match (text_search.cjk_bigrams is the same on that side).
+        CREATE FUNCTION rag_cjk_bigrams(input text) RETURNS text
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+            SELECT coalesce(string_agg(substr(m.run[1], i, 2), ' ' ORDER BY m.n, i), '')
+            FROM regexp_matches(input, '[\\uAC00-\\uD7A3\\u3040-\\u30FF\\u4E00-\\u9FFF]+', 'g')
+                WITH ORDINALITY AS m (run, n),
+                generate_series(1, greatest(length(m.run[1]) - 1, 1)) AS i
+        $$;
+        ALTER TABLE chunks ADD COLUMN tsv tsvector GENERATED ALWAYS AS (
+            to_tsvector(text_search_config, text)
+            || to_tsvector('simple'::regconfig, rag_cjk_bigrams(text))
+        ) STORED;
+        CREATE INDEX chunks_tsv ON chunks USING gin (tsv);
+        """,
+    ),
 ]
 
 

@@ -2,7 +2,9 @@
 
 Async, on a `psycopg_pool` pool whose connections have pgvector's types registered. Chunks go
 in with binary COPY; a document's chunks are replaced in one transaction; each collection has
-its own HNSW index (cosine) over its own embedding dimension.
+its own HNSW index (cosine) over its own embedding dimension. Chunks are also searched by
+keyword (a generated tsvector in the collection's text-search configuration, GIN-indexed),
+and by both at once, fused by reciprocal rank (serve_app/store/text_search.py).
 
 Every query is parameterized. The only values written into SQL text are integers read back
 from the database (a collection's id and dimensions) and validated integers from the config.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from cachetools import LRUCache
 from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -39,6 +43,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from serve_app.metrics import store_unavailable
 from serve_app.protocol.status import StatusError
 from serve_app.store.schema import connect_timeout, lock_timeout_ms, migrate
+from serve_app.store.text_search import cjk_bigrams, idf, reciprocal_rank_fusion, terms
 
 
 class StoreError(StatusError):
@@ -54,6 +59,11 @@ class CollectionNotFound(StoreError):
 class ModelMismatch(StoreError):
     status = 409
     code = "embedding_model_mismatch"
+
+
+class TextSearchMismatch(StoreError):
+    status = 409
+    code = "text_search_config_mismatch"
 
 
 class CollectionChanged(StoreError):
@@ -86,10 +96,19 @@ class StoreBusy(StoreUnavailable):
 logger = logging.getLogger("ray.serve")
 
 _COLLECTION_COLUMNS = (
-    "SELECT id, name, embedding_model, dimensions, version, uid::text FROM collections"
+    "SELECT id, name, embedding_model, dimensions, version, uid::text, text_search_config::text"
+    " FROM collections"
 )
 # Index names are `chunks_hnsw_<collection id>`; ids are never reused.
 _INDEX_PREFIX = "chunks_hnsw_"
+
+
+def _common_cap(chunks: int) -> int:
+    """Where counting a term's chunks stops, and the term counts as common: in 30% of the
+    collection's chunks (where dropping such terms from the candidates cost nothing on the
+    manual-page set), at least 100 (small collections drop none), at most 2000 (a count
+    reads that many rows)."""
+    return min(max(math.ceil(0.3 * chunks), 100), 2000)
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,7 @@ class Collection:
     dimensions: int
     version: int  # changes with every change to its documents
     uid: str  # unique across databases: cache keys name it
+    text_search_config: str = "simple"  # PostgreSQL's: how its texts become keywords
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,10 @@ class Hit:
     document_id: str
     text: str
     metadata: dict[str, Any]
-    score: float  # cosine similarity
+    score: float  # the search's own: cosine (dense), ts_rank_cd (keyword), fused (hybrid)
+    dense_score: float | None = None  # cosine similarity, where the dense search found it
+    keyword_score: float | None = None  # ts_rank_cd, where the keyword search found it
+    fused_rank: int | None = None  # 1-based place in the fused list (hybrid only)
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,7 @@ class VectorStore:
         self.timeout_s = timeout_s
         self.migrated = False
         self._migrating = asyncio.Lock()
+        self._chunk_counts: LRUCache[tuple[int, int], int] = LRUCache(maxsize=1024)
 
     @classmethod
     async def open(
@@ -229,20 +253,32 @@ class VectorStore:
             raise CollectionNotFound(f"The collection '{name}' does not exist.")
         return Collection(*row)
 
-    async def ensure_collection(self, name: str, model: str, dimensions: int) -> Collection:
+    async def ensure_collection(
+        self, name: str, model: str, dimensions: int, text_search_config: str | None = None
+    ) -> Collection:
         """The collection `name`, created for `model` if new; vectors of models never mix.
+
+        `text_search_config` (PostgreSQL's, e.g. `english`; `simple` when None) is fixed when
+        the collection is created: asking an existing one for another is a 409.
 
         Only a new collection creates its index, in the transaction that creates it (so it
         is never seen without one); an existing one takes no lock on `chunks` here.
         """
         async with self.connection(transaction=True) as conn:
-            created = await (
-                await conn.execute(
-                    "INSERT INTO collections (name, embedding_model, dimensions)"
-                    " VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-                    (name, model, dimensions),
-                )
-            ).fetchone()
+            try:
+                created = await (
+                    await conn.execute(
+                        "INSERT INTO collections"
+                        " (name, embedding_model, dimensions, text_search_config)"
+                        " VALUES (%s, %s, %s, COALESCE(%s, 'simple')::regconfig)"
+                        " ON CONFLICT (name) DO NOTHING RETURNING id",
+                        (name, model, dimensions, text_search_config),
+                    )
+                ).fetchone()
+            except psycopg.errors.UndefinedObject as exc:
+                raise InvalidData(
+                    f"There is no text-search configuration '{text_search_config}'."
+                ) from exc
             row = await (
                 await conn.execute(_COLLECTION_COLUMNS + " WHERE name = %s", (name,))
             ).fetchone()
@@ -255,6 +291,11 @@ class VectorStore:
                 raise ModelMismatch(
                     f"The collection '{name}' holds {collection.embedding_model} vectors "
                     f"({collection.dimensions}-d), not {model} ({dimensions}-d)."
+                )
+            if text_search_config not in (None, collection.text_search_config):
+                raise TextSearchMismatch(
+                    f"The collection '{name}' indexes keywords with the "
+                    f"'{collection.text_search_config}' configuration, not '{text_search_config}'."
                 )
             if created:
                 # CREATE INDEX locks `chunks` against writes (SHARE): bounded, so a long
@@ -348,7 +389,8 @@ class VectorStore:
         a failure leaves every earlier version intact, never a mix."""
         ids = [d.id for d in documents]
         async with self.connection(transaction=True) as conn:
-            if not await self._bump(conn, collection):
+            text_search_config = await self._bump(conn, collection)
+            if text_search_config is None:
                 raise CollectionChanged(
                     f"The collection '{collection.name}' was deleted while this request ran;"
                     " nothing was stored. Send it again."
@@ -363,17 +405,26 @@ class VectorStore:
                     [(collection.id, d.id, Jsonb(d.metadata)) for d in documents],
                 )
                 async with cur.copy(
-                    "COPY chunks (collection_id, document_id, ordinal, text, metadata, embedding)"
-                    " FROM STDIN WITH (FORMAT BINARY)"
+                    "COPY chunks (collection_id, document_id, ordinal, text, metadata, embedding,"
+                    " text_search_config) FROM STDIN WITH (FORMAT BINARY)"
                 ) as copy:
-                    copy.set_types(["int8", "text", "int4", "text", "jsonb", "vector"])
+                    # A regconfig travels as its oid (the same binary form).
+                    copy.set_types(["int8", "text", "int4", "text", "jsonb", "vector", "oid"])
                     for d in documents:
                         metadata = Jsonb(d.metadata)
                         for ordinal, (text, vector) in enumerate(
                             zip(d.texts, d.embeddings, strict=True)
                         ):
                             await copy.write_row(
-                                (collection.id, d.id, ordinal, text, metadata, vector)
+                                (
+                                    collection.id,
+                                    d.id,
+                                    ordinal,
+                                    text,
+                                    metadata,
+                                    vector,
+                                    text_search_config,
+                                )
                             )
 
     async def delete_document(self, collection: Collection, document_id: str) -> bool:
@@ -399,12 +450,17 @@ class VectorStore:
             return True
 
     @staticmethod
-    async def _bump(conn, collection: Collection) -> bool:
-        """A new version for the collection, its row locked until commit; False if it is gone."""
-        cur = await conn.execute(
-            "UPDATE collections SET version = version + 1 WHERE id = %s", (collection.id,)
-        )
-        return cur.rowcount > 0
+    async def _bump(conn, collection: Collection) -> int | None:
+        """A new version for the collection, its row locked until commit; the oid of its
+        text-search configuration (what its chunks are indexed with), None if it is gone."""
+        row = await (
+            await conn.execute(
+                "UPDATE collections SET version = version + 1 WHERE id = %s"
+                " RETURNING text_search_config::oid",
+                (collection.id,),
+            )
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     # --- search ---------------------------------------------------------------------------
     async def search(
@@ -438,6 +494,110 @@ class VectorStore:
                 if filters:
                     await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             rows = await (await conn.execute(sql, params)).fetchall()
-        hits = [Hit(*row) for row in rows]
+        hits = [Hit(*row, dense_score=row[4]) for row in rows]
         # relaxed_order may return near-ties slightly out of order.
         return sorted(hits, key=lambda h: h.score, reverse=True)
+
+    async def keyword_search(
+        self,
+        collection: Collection,
+        query: str,
+        top_k: int,
+        filters: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        """The `top_k` chunks that best match `query`'s words.
+
+        The query is parsed by `websearch_to_tsquery` in the collection's configuration
+        ("quoted phrases", -excluded words, `or`); a chunk may then match any of its terms
+        (Korean, Chinese and Japanese words also by their character bigrams). Its score is
+        the sum of the BM25 idf of the terms it holds, plus a tenth of `ts_rank_cd` (how often
+        and how close together) to order chunks holding the same terms.
+
+        Document frequencies are counted per query, each up to `_common_cap`: a term at the
+        cap is common, scored with the cap's idf, and does not make chunks candidates while
+        a rarer term does, so "the" neither floods the candidates nor costs a count of every
+        chunk.
+        """
+        async with self.connection() as conn:
+            parsed = await (
+                await conn.execute(
+                    "SELECT websearch_to_tsquery(%s::regconfig, %s)::text",
+                    (collection.text_search_config, query),
+                )
+            ).fetchone()
+            wanted = terms(parsed[0] if parsed else "", cjk_bigrams(query))
+            if not wanted.wanted:  # only stop words or punctuation: nothing to match
+                return []
+            total = await self._chunk_count(conn, collection)
+            cap = _common_cap(total)
+            # A term's chunks, counted up to the cap (a subquery with LIMIT stops there).
+            counts = await (
+                await conn.execute(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM chunks"
+                    f" WHERE collection_id = {collection.id} AND tsv @@ term::tsquery"
+                    " LIMIT %s) hits) FROM unnest(%s::text[]) WITH ORDINALITY AS t (term, n)"
+                    " ORDER BY n",
+                    (cap, wanted.wanted),
+                )
+            ).fetchall()
+            df = dict(zip(wanted.wanted, (int(row[0]) for row in counts), strict=True))
+            present = [term for term in wanted.wanted if df[term] > 0]
+            if not present:
+                return []
+            rare = [term for term in present if df[term] < cap] or present
+            candidates, everything = wanted.any_of(rare), wanted.any_of(present)
+            weights = " + ".join(["%s * (tsv @@ %s::tsquery)::int"] * len(present))
+            where = f"collection_id = {collection.id} AND tsv @@ %s::tsquery"
+            params: list[Any] = []
+            for term in present:
+                params += [idf(df[term], max(total, df[term])), term]
+            params += [everything, candidates]
+            if filters:
+                where += " AND metadata @> %s"
+                params.append(Jsonb(filters))
+            params.append(top_k)
+            rows = await (
+                await conn.execute(
+                    "SELECT id, document_id, text, metadata,"
+                    f" {weights} + 0.1 * ts_rank_cd(tsv, %s::tsquery) AS score"
+                    f" FROM chunks WHERE {where} ORDER BY score DESC, id LIMIT %s",
+                    params,
+                )
+            ).fetchall()
+        return [Hit(*row, keyword_score=row[4]) for row in rows]
+
+    async def _chunk_count(self, conn, collection: Collection) -> int:
+        """The collection's chunks, counted once per version (every change bumps it)."""
+        key = (collection.id, collection.version)
+        if (count := self._chunk_counts.get(key)) is None:
+            row = await (
+                await conn.execute(
+                    "SELECT count(*) FROM chunks WHERE collection_id = %s", (collection.id,)
+                )
+            ).fetchone()
+            count = self._chunk_counts[key] = int(row[0]) if row else 0
+        return count
+
+    async def hybrid_search(
+        self,
+        collection: Collection,
+        vector: np.ndarray,
+        query: str,
+        top_k: int,
+        filters: dict[str, Any] | None = None,
+        ef_search: int = 80,
+        rrf_k: int = 60,
+        candidates: int = 40,
+    ) -> list[Hit]:
+        """Dense and keyword candidates (`candidates` of each, the same `filters`), fused by
+        reciprocal rank with constant `rrf_k`; the `top_k` first.
+
+        The two searches run at once on two connections. HNSW returns at most `ef_search`
+        rows, so the dense side searches at least `candidates` wide.
+        """
+        depth = max(top_k, candidates)
+        dense, keyword = await asyncio.gather(
+            self.search(collection, vector, depth, filters, max(ef_search, depth)),
+            self.keyword_search(collection, query, depth, filters),
+        )
+        return reciprocal_rank_fusion(dense, keyword, rrf_k)[:top_k]

@@ -421,23 +421,6 @@ def test_migrate_waits_for_locks_no_longer_than_the_timeout(external):
     assert migrate(external.database_url, 1.0) == MIGRATIONS[-1][0]
 
 
-@pytest.fixture
-def redis_url():
-    from tests.unit.test_cache import REDIS_SERVER, RedisServer, wait_for
-
-    if url := os.environ.get("TEST_REDIS_URL"):
-        wait_for(url)
-        yield url
-        return
-    if not REDIS_SERVER:
-        pytest.skip("no redis-server and no TEST_REDIS_URL")
-    server = RedisServer().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 class FakeEmbedder:
     """The Embedder's `embed.remote`, without Ray: every text embeds to the same vector."""
 
