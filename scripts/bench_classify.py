@@ -458,7 +458,16 @@ def main() -> None:
     config = AppConfig()
     stages = Stages(config)
     sets = [("man pages", man_pages, MAN_LABELS), ("packages", packages, PACKAGE_LABELS)]
-    results = [run_set(stages, name, texts, labels, args) for name, texts, labels in sets]
+    results = []
+    for name, texts, labels in sets:
+        found = texts()
+        # Examples, calibration and evaluation each need items of every label.
+        if min(len(found.get(label, [])) for label in labels) < args.examples + 2:
+            print(f"skipped the {name} set: too few labelled items on this machine")
+            continue
+        results.append(run_set(stages, name, lambda found=found: found, labels, args))
+    if not results:
+        raise SystemExit("no labelled set has enough items on this machine")
     fast_ms = float(np.mean([r["fast_ms"] for r in results]))
     slow_ms = float(np.mean([r["halves"]["calibration"]["slow_ms"] for r in results]))
     budget = config.classify.latency_budget_ms or 2 * fast_ms
