@@ -196,6 +196,10 @@ class Chaos:
     async def run(self, gap_s: float, outage_s: float) -> list[dict]:
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=self.url, timeout=180, limits=limits) as http:
+            # A fresh collection: the audit then counts this run's documents only.
+            gone = await http.delete(f"/v1/collections/{COLLECTION}")
+            if gone.status_code not in (200, 404):
+                gone.raise_for_status()
             seed = {"collection": COLLECTION, "documents": [document(-1)]}
             (await http.post("/v1/documents", json=seed)).raise_for_status()
             self.acknowledged.add("doc--1")
