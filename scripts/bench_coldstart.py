@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import yaml
-from benchlib import cpu_model, write_report
+from benchlib import BIN, cpu_model, serving, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TARGET_S = 30.0
 
 
@@ -39,50 +36,19 @@ def ray_running() -> bool:
 
 def start_once(config: Path, url: str, env: dict[str, str], log: Path, timeout_s: float) -> dict:
     """One `serve run`: time to /ready, then the models' own load times from /v1/status."""
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [BIN / "serve", "run", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        ready_s = None
-        with httpx.Client(base_url=url, timeout=5) as client:
-            while time.perf_counter() - start < timeout_s:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve run exited with {proc.returncode}; see {log}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        ready_s = time.perf_counter() - start
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-            if ready_s is None:
-                raise TimeoutError(f"not ready within {timeout_s:.0f} s; see {log}")
-            models = client.get("/v1/status").json()["models"]
-        return {
-            "ready_s": round(ready_s, 2),
-            "models": {
-                role: {
-                    "load_s": info.get("load_s"),
-                    "precision": info.get("precision"),
-                    "precision_measured": info.get("precision_measured"),
-                }
-                for role, info in models.items()
-            },
-        }
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
+    with serving(config, url, log, env, timeout_s) as ready_s:
+        models = httpx.get(f"{url}/v1/status", timeout=30).json()["models"]
+    return {
+        "ready_s": round(ready_s, 2),
+        "models": {
+            role: {
+                "load_s": info.get("load_s"),
+                "precision": info.get("precision"),
+                "precision_measured": info.get("precision_measured"),
+            }
+            for role, info in models.items()
+        },
+    }
 
 
 def markdown(report: dict) -> str:

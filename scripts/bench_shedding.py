@@ -22,24 +22,21 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psutil
 import yaml
-from benchlib import machine, write_report
+from benchlib import BIN, machine, serving, write_report
 from loadtest import corpus_sentences, seed, seed_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ROUTES = ("chat", "rag", "ingest")
 COLLECTION = "shedding"
 FIRST = {
@@ -47,43 +44,6 @@ FIRST = {
     "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
     "rag": ("/v1/rag/query", {"collection": "fresh", "query": "Which one?", "max_tokens": 16}),
 }
-
-
-@contextmanager
-def serving(config: Path, url: str, log: Path, timeout_s: float = 600.0):
-    """`serve run config` until the block ends; yields the seconds until /ready was 200."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [BIN / "serve", "run", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        with httpx.Client(base_url=url, timeout=5) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve run exited with {proc.returncode}; see {log}")
-                if time.perf_counter() - start > timeout_s:
-                    raise TimeoutError(f"not ready within {timeout_s:.0f} s; see {log}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-        yield round(time.perf_counter() - start, 1)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
 
 
 def answer_code(response: httpx.Response) -> str:
@@ -270,7 +230,9 @@ def main() -> None:
     ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
     limits = {r: ingress["user_config"]["routes"][r]["max_running"] for r in ROUTES}
     out = Path(tempfile.mkdtemp(prefix="rag-shedding-"))
-    with serving(options.config, url, out / "serve.log") as ready_s:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    with serving(options.config, url, out / "serve.log", env) as ready:
+        ready_s = round(ready, 1)
         fresh = first_requests(url)
         print(json.dumps(fresh), flush=True)
         # RAG's corpus, stored before the load: seeding during it would be a third ingest.

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a description of the machine, and writing a report.
+"""What the benchmark scripts share: a description of the machine, writing a report, and
+`serve run` of a config for the length of a block.
 
 Each script writes `docs/benchmarks/<name>.json`, `.md` and `.png` from one report dict.
 """
@@ -10,12 +11,17 @@ import json
 import os
 import platform
 import re
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 OUT = ROOT / "docs" / "benchmarks"
 CPU_FLAGS = (
     "avx2",
@@ -81,3 +87,42 @@ def write_report(
         written += " and .png"
     print(text)
     print(f"wrote {OUT.relative_to(ROOT)}/{name}{written}")
+
+
+@contextlib.contextmanager
+def serving(
+    config: Path, url: str, log: Path, env: dict[str, str], timeout_s: float = 600.0
+) -> Iterator[float]:
+    """`serve run config` (its output in `log`) until the block ends; yields the seconds until
+    /ready answered 200. The cluster it started is stopped afterwards."""
+    import httpx
+
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [BIN / "serve", "run", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve run exited with {proc.returncode}; see {log}")
+                if time.perf_counter() - start > timeout_s:
+                    raise TimeoutError(f"not ready within {timeout_s:.0f} s; see {log}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/ready").status_code == 200:
+                        break
+                time.sleep(0.25)
+        yield time.perf_counter() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
