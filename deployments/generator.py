@@ -430,13 +430,13 @@ def _sample_row(logits: torch.Tensor, sequence: _Sequence) -> int:
     (NaN to the bottom, +-inf and outliers clamped), probabilities come from a log-softmax,
     and a row whose probabilities are still not usable falls back to its argmax."""
     request = sequence.request
-    logits = logits.clone()  # a row of the batch: changed below, never in place
     if sequence.ids and (request.frequency_penalty or request.presence_penalty):
         said = torch.tensor(sequence.ids, device=logits.device)
         counts = torch.bincount(said, minlength=logits.shape[-1])[: logits.shape[-1]]
         logits = logits - (
             counts * request.frequency_penalty + (counts > 0) * request.presence_penalty
         )
+    # A new tensor: the bans below never touch the batch's logits.
     logits = logits.nan_to_num(nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
     if banned := _repeating(sequence.ids, request.no_repeat_ngram):
         logits[list(banned)] = -LOGIT_BOUND

@@ -148,6 +148,7 @@ def test_a_greedy_loop_is_broken_and_the_prompt_may_be_copied():
     looping = GenerationRequest(messages=[], max_tokens=8, no_repeat_ngram=3)
     assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 2])) != 7
     assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 3])) == 7  # no repeat: allowed
+    assert logits[7] == 5.0  # the bans work on a copy, never on the batch's logits
     off = GenerationRequest(messages=[], max_tokens=8)
     assert _sample_row(logits, sequence(off, [1, 2, 7, 1, 2])) == 7
     assert _repeating([1, 2, 7, 1, 2], 3) == {7}
