@@ -21,6 +21,7 @@ from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost,
 from serve_app.cache import EmbeddingCache, open_cache
 from serve_app.chunking import Windows
 from serve_app.config import CacheConfig, EmbedderConfig
+from serve_app.contracts import Embeddings
 
 # Sentences per forward pass on CPU. sentence-transformers sorts a batch by length before
 # cutting it into passes, so passes of similar-length inputs pad little. scripts/bench_batch.py
@@ -32,15 +33,6 @@ SENTENCES_PER_FORWARD = {"cpu": 8, "cuda": 1024}
 # steady stream of queries slows an ingest down but cannot stall it past its deadline.
 BULK_YIELD_S = 0.5
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    vectors: np.ndarray  # (n, dim) float32, unit length
-    tokens: list[int]  # tokens per input, after truncation
-    truncated: int  # inputs cut at the model's max_seq_length
-    model: str  # the model that made them (a collection's vectors must all share one)
-    precision: str
 
 
 @dataclass(frozen=True)

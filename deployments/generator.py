@@ -33,8 +33,7 @@ from deployments import loading
 from deployments.batching import BatchedModel
 from deployments.lane import Lane
 from serve_app.config import GeneratorConfig
-from serve_app.protocol.classify import Choice
-from serve_app.protocol.generation import Delta, GenerationRequest
+from serve_app.contracts import Choice, Delta, GenerationRequest
 
 # Admission batches that may be in flight at once; they share the one decode loop.
 CONCURRENT_BATCHES = 4

@@ -21,6 +21,7 @@ from deployments import precision as precision_
 from deployments.batching import BatchedModel, Piece, batch_cost, isolate, unflatten, unwrap
 from serve_app.cache import ResponseCache, open_cache
 from serve_app.config import CacheConfig, RerankerConfig
+from serve_app.contracts import RerankScore
 
 Pair = tuple[str, str]
 # Pairs per forward pass. On CPU, larger passes buy no speed and cost memory: 8.7 pairs/s at 2
@@ -192,12 +193,12 @@ class Reranker(BatchedModel):
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.scorer.module, self.device)
 
-    async def rerank(self, query: str, passages: list[str]) -> list[tuple[float, int, int]]:
-        """(score, tokens read, 1 if the pair was cut to fit the model else 0) per passage, in
-        the passages' order; a query and passages scored before come from the response cache."""
+    async def rerank(self, query: str, passages: list[str]) -> list[RerankScore]:
+        """A score per passage, in the passages' order; a query and passages scored before
+        come from the response cache."""
         key = self.cache.key(self.namespace, {"q": query, "p": passages}) if self.cache else ""
         if self.cache and (hit := await self.cache.get(key)) is not None:
-            return [tuple(s) for s in hit["scores"]]
+            return [RerankScore(*s) for s in hit["scores"]]
         # Cut to what the model reads, then counted off the event loop: tokenizing up to
         # max_documents long passages takes a while.
         query = query[: self.scorer.max_query_chars]
@@ -206,7 +207,7 @@ class Reranker(BatchedModel):
         pieces = self.pieces(pairs, [tokens for tokens, _ in counted])
         scored = unwrap(await asyncio.gather(*(self._score_batch(p) for p in pieces)))
         flat = [s for piece in scored for s in piece]
-        scores = [(s, t, int(cut)) for (s, t), (_, cut) in zip(flat, counted, strict=True)]
+        scores = [RerankScore(s, t, cut) for (s, t), (_, cut) in zip(flat, counted, strict=True)]
         if self.cache:
             await self.cache.put(key, {"scores": scores})
         return scores

@@ -26,8 +26,8 @@ from bench_retrieval import man_corpus
 from benchlib import machine, write_report
 
 from serve_app.config import AppConfig, RagConfig
+from serve_app.contracts import GenerationRequest
 from serve_app.protocol.documents import Citation
-from serve_app.protocol.generation import GenerationRequest
 from serve_app.routes.rag import prompt
 
 # The prompt and decoding RAG used before answers were kept from repeating themselves.

@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serve_app.config import AppConfig, CacheConfig, StoreConfig  # noqa: E402
+from serve_app.contracts import DocumentChunks  # noqa: E402
 from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
 from serve_app.store import open_store  # noqa: E402
 from serve_app.store.embedded import stop_embedded  # noqa: E402
-from serve_app.store.vector_store import DocumentChunks  # noqa: E402
 
 OUT = ROOT / "docs" / "benchmarks"
 MAN = Path("/usr/share/man")

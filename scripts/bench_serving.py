@@ -106,7 +106,7 @@ def raw_reranker(args: dict, sentences: list[str]) -> dict:
 
 def raw_generator(args: dict) -> dict:
     from deployments.generator import Generator
-    from serve_app.protocol.generation import GenerationRequest
+    from serve_app.contracts import GenerationRequest
 
     config = AppConfig(**args)
     model = Generator.func_or_class(config.generator, config.model_cache_dir)

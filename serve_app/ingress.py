@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.admission import AdmissionControl, Ticket, all_within
 from serve_app.cascade import decision
 from serve_app.config import AppConfig, IngressSettings
+from serve_app.contracts import Delta, Generated, GenerationRequest, Sources, ranked
 from serve_app.guard import Guard, apply_settings, bind_host
 from serve_app.metrics import chat_ttft_ms
 from serve_app.popular import Popular
@@ -43,7 +44,6 @@ from serve_app.protocol.documents import (
     SearchResponse,
     Timings,
 )
-from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.protocol.openai import (
     AssistantMessage,
     ChatCompletion,
@@ -66,7 +66,6 @@ from serve_app.protocol.rerank import (
     RerankResult,
     RerankUsage,
 )
-from serve_app.routes.rag import Generated, Sources
 from serve_app.store import open_store
 from serve_app.store.popular import Answer, PopularStore
 
@@ -384,18 +383,17 @@ class Ingress:
             scored = await ticket.call(
                 lambda: self.reranker.rerank.remote(request.query, texts), request
             )
-        order = sorted(range(len(texts)), key=lambda i: scored[i][0], reverse=True)
         results = [
             RerankResult(
                 index=i,
-                relevance_score=scored[i][0],
+                relevance_score=scored[i].score,
                 document=Document(text=texts[i]) if request.return_documents else None,
             )
-            for i in order[: request.top_n]
+            for i in ranked(scored, request.top_n)
         ]
         usage = RerankUsage(
-            total_tokens=sum(tokens for _, tokens, _ in scored),
-            truncated_documents=sum(cut for _, _, cut in scored),
+            total_tokens=sum(s.tokens for s in scored),
+            truncated_documents=sum(s.cut for s in scored),
         )
         return RerankResponse(id=new_id("rerank"), model=model, results=results, usage=usage)
 

@@ -27,10 +27,10 @@ import psycopg
 from serve_app import metrics
 from serve_app.cluster import client_name
 from serve_app.config import PrecomputeConfig
+from serve_app.errors import StoreUnavailable
 from serve_app.protocol.documents import RetrievalRequest
 from serve_app.store.popular import Answer, Asked, PopularStore
 from serve_app.store.schema import connect_timeout
-from serve_app.store.vector_store import StoreUnavailable
 
 logger = logging.getLogger("ray.serve")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -10,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 from serve_app.protocol.openai import NonEmptyText, Request
 
 Descriptions = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
-Skipped = Literal["max_escalated", "prompt_too_long", "busy"]
+from serve_app.contracts import Skipped  # noqa: E402
 
 
 class ClassifyRequest(Request):
@@ -87,11 +86,3 @@ class ClassifyResponse(BaseModel):
         description="Inputs meant for the generator that kept "
         "their fast-path answer (see each result's `skipped`).",
     )
-
-
-@dataclass
-class Choice:
-    """The generator's constrained answer: a probability per option, or why there is none."""
-
-    probabilities: list[float] | None
-    skipped: Skipped | None = None

@@ -12,7 +12,7 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, Worker
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.protocol.status import StatusError
+from serve_app.errors import StatusError
 
 RETRY_AFTER_S = 1
 # A replica died (killed, crashed, its node gone) with the request on it, or the result it

@@ -26,9 +26,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.cascade import decision
 from serve_app.config import AppConfig, ClassifyConfig
+from serve_app.contracts import Choice
 from serve_app.metrics import classify_metrics
 from serve_app.protocol.classify import (
-    Choice,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,

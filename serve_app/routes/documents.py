@@ -6,15 +6,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig, InputLimits
+from serve_app.contracts import DocumentChunks
+from serve_app.errors import TooManyChunks
 from serve_app.protocol.documents import IngestedDocument, IngestRequest, IngestResponse
-from serve_app.protocol.errors import StatusError
 from serve_app.store import open_store
-from serve_app.store.vector_store import DocumentChunks
-
-
-class TooManyChunks(StatusError):
-    status = 400
-    code = "too_many_inputs"
 
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.05})

@@ -23,9 +23,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig, Schedule
+from serve_app.errors import StoreUnavailable
 from serve_app.store import open_store
 from serve_app.store.popular import PopularStore, Ranked
-from serve_app.store.vector_store import StoreUnavailable
 
 logger = logging.getLogger("ray.serve")
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
+from serve_app.contracts import Delta, Generated, GenerationRequest, Sources
+from serve_app.errors import QuestionTooLong
 from serve_app.protocol.documents import Citation, RagRequest
-from serve_app.protocol.errors import StatusError
-from serve_app.protocol.generation import Delta, GenerationRequest
 from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
@@ -22,11 +21,6 @@ MAX_SOURCES = 20
 # line after it, plus what joining texts can add at their boundaries: upper bounds.
 TEMPLATE_TOKENS = 32
 SOURCE_TOKENS = 8
-
-
-class QuestionTooLong(StatusError):
-    status = 400
-    code = "input_too_long"
 
 
 def sources_that_fit(base_tokens: int, source_tokens: list[int], budget: int) -> int:
@@ -44,21 +38,6 @@ def sources_that_fit(base_tokens: int, source_tokens: list[int], budget: int) ->
         if used > budget:
             return kept
     return len(source_tokens)
-
-
-@dataclass(frozen=True)
-class Sources:
-    """The first event of an answer: what it may cite, and how long retrieval took."""
-
-    citations: list[Citation]
-    timings: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Generated:
-    """The last event of an answer."""
-
-    generate_ms: float
 
 
 def prompt(system: str, query: str, citations: list[Citation]) -> list[dict[str, str]]:

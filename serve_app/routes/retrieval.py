@@ -9,23 +9,16 @@ a collection's documents bumps its version, so a cached result never outlives th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.cache import ResponseCache, open_cache
 from serve_app.config import AppConfig
+from serve_app.contracts import Collection, Hit, Retrieved, ranked
+from serve_app.errors import ModelMismatch
 from serve_app.protocol.documents import RetrievalRequest
-from serve_app.store.vector_store import Collection, Hit, ModelMismatch, VectorStore
-
-
-@dataclass(frozen=True)
-class Retrieved:
-    hits: list[Hit]
-    rerank_scores: list[float] | None
-    timings: dict[str, float]
-    cached_age_s: float | None = None  # answered from the response cache, computed this long ago
-    mode: str = "dense"  # the search that found the hits
+from serve_app.store.vector_store import VectorStore
 
 
 class Retriever:
@@ -126,8 +119,7 @@ class Retriever:
         start = time.perf_counter()
         scored = await self.reranker.rerank.remote(request.query, [h.text for h in hits])
         timings["rerank_ms"] = (time.perf_counter() - start) * 1000
-        order = sorted(range(len(hits)), key=lambda i: scored[i][0], reverse=True)
-        order = order[:keep]  # None keeps all
+        order = ranked(scored, keep)
         return Retrieved(
-            [hits[i] for i in order], [scored[i][0] for i in order], timings, mode=mode
+            [hits[i] for i in order], [scored[i].score for i in order], timings, mode=mode
         )

@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from serve_app.store.vector_store import InvalidData, VectorStore
+from serve_app.errors import InvalidData
+from serve_app.store.vector_store import VectorStore
 
 # A row PostgreSQL refuses (a value it cannot hold): that row is skipped, not its batch.
 REFUSED = (InvalidData, psycopg.DataError, psycopg.IntegrityError)

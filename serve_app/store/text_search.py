@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serve_app.store.vector_store import Hit
+    from serve_app.contracts import Hit
 
 
 def _top_level(query: str, operator: str) -> list[str]:

@@ -40,58 +40,20 @@ from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from serve_app.contracts import Collection, DocumentChunks, Hit
+from serve_app.errors import (
+    CollectionChanged,
+    CollectionNotFound,
+    InvalidData,
+    ModelMismatch,
+    StoreBusy,
+    StoreError,
+    StoreUnavailable,
+    TextSearchMismatch,
+)
 from serve_app.metrics import store_unavailable
-from serve_app.protocol.status import StatusError
 from serve_app.store.schema import connect_timeout, lock_timeout_ms, migrate
 from serve_app.store.text_search import cjk_bigrams, idf, reciprocal_rank_fusion, terms
-
-
-class StoreError(StatusError):
-    """A request the store cannot honour; `status` is the HTTP status it maps to."""
-
-
-class CollectionNotFound(StoreError):
-    status = 404
-    type = "not_found_error"
-    code = "collection_not_found"
-
-
-class ModelMismatch(StoreError):
-    status = 409
-    code = "embedding_model_mismatch"
-
-
-class TextSearchMismatch(StoreError):
-    status = 409
-    code = "text_search_config_mismatch"
-
-
-class CollectionChanged(StoreError):
-    """The collection was deleted (or recreated) while the request ran: nothing of it was
-    stored. Sending it again is safe."""
-
-    status = 409
-    code = "collection_changed"
-
-
-class InvalidData(StoreError):
-    status = 400
-    code = "invalid_value"
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached now; nothing of the call was committed."""
-
-    status = 503
-    type = "unavailable"
-    code = "store_unavailable"
-
-
-class StoreBusy(StoreUnavailable):
-    """A lock this call needs stayed taken past `lock_timeout` (a new collection's index)."""
-
-    code = "store_busy"
-
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,39 +71,6 @@ def _common_cap(chunks: int) -> int:
     manual-page set), at least 100 (small collections drop none), at most 2000 (a count
     reads that many rows)."""
     return min(max(math.ceil(0.3 * chunks), 100), 2000)
-
-
-@dataclass(frozen=True)
-class Collection:
-    id: int
-    name: str
-    embedding_model: str
-    dimensions: int
-    version: int  # changes with every change to its documents
-    uid: str  # unique across databases: cache keys name it
-    text_search_config: str = "simple"  # PostgreSQL's: how its texts become keywords
-
-
-@dataclass(frozen=True)
-class DocumentChunks:
-    """One document as it is stored: its id, metadata, and chunk texts with their vectors."""
-
-    id: str
-    metadata: dict[str, Any]
-    texts: list[str]
-    embeddings: np.ndarray  # (len(texts), dimensions), unit length
-
-
-@dataclass(frozen=True)
-class Hit:
-    chunk_id: int
-    document_id: str
-    text: str
-    metadata: dict[str, Any]
-    score: float  # the search's own: cosine (dense), ts_rank_cd (keyword), fused (hybrid)
-    dense_score: float | None = None  # cosine similarity, where the dense search found it
-    keyword_score: float | None = None  # ts_rank_cd, where the keyword search found it
-    fused_rank: int | None = None  # 1-based place in the fused list (hybrid only)
 
 
 @dataclass(frozen=True)

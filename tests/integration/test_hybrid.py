@@ -9,10 +9,11 @@ import psycopg
 import pytest
 
 from serve_app.config import StoreConfig
+from serve_app.contracts import DocumentChunks
+from serve_app.errors import InvalidData, TextSearchMismatch
 from serve_app.store import open_store
 from serve_app.store.schema import MIGRATIONS, migrate
 from serve_app.store.text_search import any_term
-from serve_app.store.vector_store import DocumentChunks, InvalidData, TextSearchMismatch
 from tests.postgres import external_postgres
 
 pytestmark = pytest.mark.integration

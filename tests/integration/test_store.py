@@ -14,18 +14,18 @@ import psycopg
 import pytest
 
 from serve_app.config import StoreConfig
-from serve_app.store import open_store
-from serve_app.store.embedded import embedded_url, stop_embedded
-from serve_app.store.schema import MIGRATION_LOCK, MIGRATIONS, migrate
-from serve_app.store.vector_store import (
+from serve_app.contracts import DocumentChunks
+from serve_app.errors import (
     CollectionChanged,
     CollectionNotFound,
-    DocumentChunks,
     InvalidData,
     ModelMismatch,
     StoreBusy,
     StoreUnavailable,
 )
+from serve_app.store import open_store
+from serve_app.store.embedded import embedded_url, stop_embedded
+from serve_app.store.schema import MIGRATION_LOCK, MIGRATIONS, migrate
 from tests.postgres import external_postgres
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,9 @@ from deployments import loading
 from deployments.generator import Generator
 from serve_app import cascade
 from serve_app.config import AppConfig, InputLimits
+from serve_app.contracts import Choice
 from serve_app.protocol import limits
-from serve_app.protocol.classify import Choice, ClassifyRequest
+from serve_app.protocol.classify import ClassifyRequest
 from serve_app.protocol.errors import APIError
 from serve_app.routes.classify import Classify, label_vectors, split_vectors
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from deployments.batching import BatchedModel
 from deployments.generator import Generator, _Admission
-from serve_app.protocol.generation import Delta, GenerationRequest
+from serve_app.contracts import Delta, GenerationRequest
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"

@@ -5,8 +5,9 @@ import asyncio
 import pytest
 
 from serve_app.config import Chunking
+from serve_app.errors import TooManyChunks
 from serve_app.protocol.documents import IngestRequest
-from serve_app.routes.documents import Documents, TooManyChunks
+from serve_app.routes.documents import Documents
 
 
 class Method:

@@ -8,6 +8,7 @@ import pytest
 
 from serve_app.admission import AdmissionControl
 from serve_app.config import Admission, PrecomputeConfig
+from serve_app.errors import InvalidData, StoreUnavailable
 from serve_app.popular import (
     MAX_COUNTED_BYTES,
     Popular,
@@ -19,7 +20,6 @@ from serve_app.popular import (
 from serve_app.protocol.documents import RagRequest, SearchRequest
 from serve_app.protocol.errors import APIError
 from serve_app.store.popular import Answer, PopularStore
-from serve_app.store.vector_store import InvalidData, StoreUnavailable
 
 pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from serve_app.config import RagConfig
+from serve_app.contracts import Hit, Retrieved
 from serve_app.protocol.documents import RagRequest
 from serve_app.routes.rag import (
     MAX_SOURCES,
@@ -17,8 +18,6 @@ from serve_app.routes.rag import (
     prompt,
     sources_that_fit,
 )
-from serve_app.routes.retrieval import Retrieved
-from serve_app.store.vector_store import Hit
 
 
 def test_sources_are_dropped_from_the_weakest_never_the_system_prompt():

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve_app.config import AppConfig
+from serve_app.contracts import Collection, Hit
 from serve_app.protocol.documents import SearchRequest
 from serve_app.routes.retrieval import Retriever
-from serve_app.store.vector_store import Collection, Hit
 
 MODEL = AppConfig().embedder.model
 

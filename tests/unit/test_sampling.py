@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deployments.generator import GREEDY_BELOW, LOGIT_BOUND, _repeating, _sample_row, _Sequence
-from serve_app.protocol.generation import GenerationRequest
+from serve_app.contracts import GenerationRequest
 from serve_app.protocol.openai import ChatCompletionRequest
 
 VOCAB = 64

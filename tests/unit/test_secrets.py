@@ -6,8 +6,8 @@ import logging
 import pytest
 
 from serve_app.config import AppConfig, StoreConfig
+from serve_app.errors import StoreUnavailable
 from serve_app.store import open_store
-from serve_app.store.vector_store import StoreUnavailable
 
 PASSWORD = "hunter2-not-logged"
 URL = f"postgresql://app:{PASSWORD}@127.0.0.1:1/rag"  # nothing listens on port 1

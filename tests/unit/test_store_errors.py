@@ -11,14 +11,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
-from serve_app.protocol import errors
-from serve_app.store.vector_store import (
+from serve_app.errors import (
     CollectionChanged,
     CollectionNotFound,
     StoreBusy,
     StoreError,
     StoreUnavailable,
 )
+from serve_app.protocol import errors
 
 
 def test_store_errors_import_without_fastapi():

@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from serve_app.contracts import Hit
 from serve_app.store.text_search import any_term, cjk_bigrams, reciprocal_rank_fusion
-from serve_app.store.vector_store import Hit
 
 
 def hit(chunk_id: int, dense: float | None = None, keyword: float | None = None) -> Hit:
