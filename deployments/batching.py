@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from serve_app.cache import EmbeddingCache, ResponseCache
-from serve_app.config import ModelSettings
+from serve_app.config import ModelLive
 from serve_app.metrics import batch_sizes
 
 T = TypeVar("T")
@@ -216,11 +216,11 @@ class BatchedModel:
                 "the application's args (which restarts its replicas)"
             )
 
-    def apply_batching(self, user_config: dict) -> ModelSettings:
-        """The batch settings of `user_config` (a `ModelSettings`), in effect from now on."""
+    def apply_batching(self, user_config: dict) -> ModelLive:
+        """The batch settings of `user_config` (a `ModelLive`), in effect from now on."""
         from serve_app.config import Batching
 
-        settings = ModelSettings.model_validate(user_config)
+        settings = ModelLive.model_validate(user_config)
         for name in self.batched:
             method = getattr(self, name)
             method.set_max_batch_size(settings.max_batch_size)

@@ -7,8 +7,9 @@ receives its own section, already resolved for the cluster it runs on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
+S = TypeVar("S", bound=BaseModel)
+
+
+def overlay(defaults: S, user_config: Mapping[str, Any] | None) -> S:
+    """The one live-config rule: `user_config` laid over `defaults` field by field, nested
+    sections and dicts (route limits) included, then validated as the defaults' type.
+
+    Every deployment applies its `user_config` this way, in `__init__` (with `{}` when Serve
+    gives it none) and in `reconfigure`, over the defaults its `args` carry; so an omitted
+    field keeps the value `args` set, never a code constant."""
+
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, Mapping):
+            return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return over
+
+    return type(defaults).model_validate(merge(defaults.model_dump(), dict(user_config or {})))
+
+
 class Batching(Section):
     """Dynamic batching of one deployment; sent as `user_config`, so it changes live."""
 
@@ -39,7 +59,7 @@ class Batching(Section):
         return self.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
 
 
-class ModelSettings(Batching):
+class ModelLive(Batching):
     """A model deployment's `user_config`: its batching and, for the Embedder, a `model` or
     `precision` to switch to live (None: the one in `args`)."""
 
@@ -260,7 +280,7 @@ class ClassifyConfig(Section):
     )
 
 
-class Schedule(Section):
+class PrecomputeLive(Section):
     """The Precompute deployment's `user_config`, changed in place: which answers it keeps
     computed ahead of time, and how often it looks."""
 
@@ -296,11 +316,7 @@ class PrecomputeConfig(Section):
     )
     # The default user_config of the Precompute deployment; `deployments[].user_config`
     # overrides it live.
-    schedule: Schedule = Schedule()
-
-
-class IngressConfig(Section):
-    ready_timeout_s: float = Field(default=2.0, gt=0.0)
+    schedule: PrecomputeLive = PrecomputeLive()
 
 
 Route = Literal["embeddings", "rerank", "chat", "search", "rag", "ingest", "classify", "manage"]
@@ -382,7 +398,7 @@ DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
 
 
 class Admission(Section):
-    """The ingress's `user_config`: per-route limits and load shedding, changed in place.
+    """Per-route limits and load shedding, the part of `IngressLive` admission reads.
 
     Each ingress replica enforces these limits on its own: with N ingress replicas a route
     admits up to N times `max_running`, as Serve's own queues count per caller.
@@ -390,15 +406,6 @@ class Admission(Section):
 
     routes: dict[Route, RouteLimits] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_LIMITS))
     shedding: Shedding = Shedding()
-
-    @classmethod
-    def from_user_config(cls, user_config: dict | None) -> Admission:
-        """Defaults with `user_config` laid over them, field by field."""
-        user_config = dict(user_config or {})
-        routes = {name: limits.model_dump() for name, limits in DEFAULT_ROUTE_LIMITS.items()}
-        for name, limits in (user_config.pop("routes", None) or {}).items():
-            routes[name] = {**routes.get(name, {}), **limits}
-        return cls.model_validate({**user_config, "routes": routes})
 
 
 class InputLimits(Section):
@@ -464,11 +471,12 @@ class Uploads(Section):
 HOST_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?"
 
 
-class IngressSettings(Section):
-    """The Ingress's `user_config`, all applied in place: admission (route limits and
-    shedding), input limits, API keys, uploads and the Host names it answers to."""
+class IngressLive(Section):
+    """The Ingress's `user_config`, all applied in place: route limits and shedding, input
+    limits, API keys, uploads and the Host names it answers to."""
 
-    admission: Admission = Admission()
+    routes: dict[Route, RouteLimits] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_LIMITS))
+    shedding: Shedding = Shedding()
     inputs: InputLimits = InputLimits()
     auth: AuthConfig = AuthConfig()
     uploads: Uploads = Uploads()
@@ -476,18 +484,16 @@ class IngressSettings(Section):
     # wildcard bind answers any Host. `*` answers any Host; `name:port` only that port.
     allowed_hosts: list[Annotated[str, Field(pattern=rf"^(\*|{HOST_PATTERN})$")]] | None = None
 
-    @classmethod
-    def from_user_config(cls, user_config: dict | None) -> IngressSettings:
-        user_config = dict(user_config or {})
-        inputs, auth = user_config.pop("inputs", None), user_config.pop("auth", None)
-        uploads, hosts = user_config.pop("uploads", None), user_config.pop("allowed_hosts", None)
-        return cls(
-            admission=Admission.from_user_config(user_config),
-            inputs=InputLimits.model_validate(inputs or {}),
-            auth=AuthConfig.model_validate(auth or {}),
-            uploads=Uploads.model_validate(uploads or {}),
-            allowed_hosts=hosts,
-        )
+    @property
+    def admission(self) -> Admission:
+        return Admission(routes=self.routes, shedding=self.shedding)
+
+
+class IngressConfig(Section):
+    ready_timeout_s: float = Field(default=2.0, gt=0.0)
+    # The defaults of the Ingress's user_config: `deployments[].user_config` is laid over
+    # them, field by field, and changes running replicas in place.
+    live: IngressLive = IngressLive()
 
 
 class AppConfig(BaseSettings):

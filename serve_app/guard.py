@@ -30,7 +30,7 @@ from ray.serve.context import _get_global_client
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from serve_app.config import HOST_PATTERN, AuthConfig, IngressSettings, InputLimits, Uploads
+from serve_app.config import HOST_PATTERN, AuthConfig, IngressLive, InputLimits, Uploads
 from serve_app.metrics import route_metrics
 from serve_app.protocol.errors import RETRY_AFTER_S, APIError, error_response
 
@@ -174,7 +174,7 @@ def bind_host() -> str:
         return DEFAULT_BIND_HOST
 
 
-def apply_settings(state: Any, settings: IngressSettings, bind: str) -> None:
+def apply_settings(state: Any, settings: IngressLive, bind: str) -> None:
     """Put what the Guard enforces in `state` (the app's): loaded API keys (a key file that
     cannot be read raises, failing the update), input limits, uploads and allowed hosts."""
     state.api_keys = APIKeys.load(settings.auth)

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.admission import AdmissionControl, Ticket, all_within
 from serve_app.cascade import decision
-from serve_app.config import AppConfig, IngressSettings
+from serve_app.config import AppConfig, overlay
 from serve_app.contracts import Delta, Generated, GenerationRequest, Sources, ranked
 from serve_app.guard import Guard, apply_settings, bind_host
 from serve_app.metrics import chat_ttft_ms
@@ -233,7 +233,7 @@ class Ingress:
         self.precompute = precompute
         self.config = config
         self.handles = {"embedder": embedder, "reranker": reranker, "generator": generator}
-        self.settings = IngressSettings()
+        self.settings = config.ingress.live
         self.admission = AdmissionControl(self.settings.admission)
         # Serve calls reconfigure only when the deployment has a user_config: apply the
         # defaults (and the keys in the environment) here, so an ingress started without one
@@ -251,7 +251,7 @@ class Ingress:
     def reconfigure(self, user_config: dict) -> None:
         """Route limits, shedding, input limits, uploads, allowed hosts and API keys from the
         deployment's user_config, in place (a key file that cannot be read fails the update)."""
-        settings = IngressSettings.from_user_config(user_config)
+        settings = overlay(self.config.ingress.live, user_config)
         apply_settings(app.state, settings, self.bind_host)  # read by the Guard
         self.admission.configure(settings.admission)
         self.settings = settings

@@ -1,6 +1,6 @@
 """The Precompute deployment: a scheduled job keeping the most asked answers computed.
 
-Every `interval_s` (its `user_config`, a `Schedule`, changed in place) it ranks the counted
+Every `interval_s` (its `user_config`, a `PrecomputeLive`, changed in place) it ranks the counted
 search and RAG requests, drops the answers of requests no longer in the top `top_n`, and
 computes again each ranked answer that is missing, stale (its collection changed) or older than
 `max_age_s`. It asks the ingress to run each request at background priority
@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import AppConfig, Schedule
+from serve_app.config import AppConfig, PrecomputeLive, overlay
 from serve_app.errors import StoreUnavailable
 from serve_app.store import open_store
 from serve_app.store.popular import PopularStore, Ranked
@@ -50,7 +50,7 @@ class Precompute:
 
     def reconfigure(self, user_config: dict) -> None:
         """The schedule: `user_config` laid over `args.precompute.schedule`, field by field."""
-        self.schedule = Schedule.model_validate({**self.defaults.model_dump(), **user_config})
+        self.schedule = overlay(self.defaults, user_config)
         self.wake.set()  # a new interval takes effect now, not after the old one
 
     async def run(self) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class Precompute:
             return self.last
 
     @staticmethod
-    def _stale(entry: Ranked, schedule: Schedule) -> bool:
+    def _stale(entry: Ranked, schedule: PrecomputeLive) -> bool:
         return (
             entry.answer_version != entry.version
             or entry.answer_age_s is None

@@ -64,10 +64,10 @@ def configure_ingress(client: httpx.Client, user_config: dict, key: str | None =
         },
     }
     redeploy([{"name": "Ingress", "user_config": user_config}])
-    from serve_app.config import IngressSettings, RouteLimits
+    from serve_app.config import IngressLive, RouteLimits, overlay
     from serve_app.guard import APIKeys
 
-    expected = IngressSettings.from_user_config(user_config)
+    expected = overlay(IngressLive(), user_config)
     admission = expected.admission
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + 60

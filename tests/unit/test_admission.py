@@ -15,7 +15,7 @@ from serve_app.admission import (
     keyed,
     stall_total,
 )
-from serve_app.config import DEFAULT_ROUTE_LIMITS, Admission, Shedding
+from serve_app.config import DEFAULT_ROUTE_LIMITS, Admission, Shedding, overlay
 from serve_app.protocol.errors import APIError
 
 pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)
@@ -186,7 +186,7 @@ def control(sources: PressureSources, clock: Clock, **shedding) -> AdmissionCont
         "chat": {"max_running": 1, "max_queued": 4, "deadline_s": 10, "shed": True},
         "embeddings": {"max_running": 1, "max_queued": 4, "deadline_s": 10},
     }
-    admission = Admission.from_user_config({"routes": routes, "shedding": shedding})
+    admission = overlay(Admission(), {"routes": routes, "shedding": shedding})
     return AdmissionControl(admission, sources, clock)
 
 

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import deployment_options, plan
-from serve_app.config import Admission, AppConfig, Batching, IngressSettings, Schedule
+from serve_app.config import Admission, AppConfig, Batching, IngressLive, PrecomputeLive, overlay
 from serve_app.ingress import Ingress
 from serve_app.routes.classify import Classify
 from serve_app.routes.documents import Documents
@@ -77,9 +77,9 @@ def test_config_files_name_real_deployments(path):
         if name in models and "user_config" in override:
             Batching(**override["user_config"])
         if name == "Ingress" and "user_config" in override:
-            IngressSettings.from_user_config(override["user_config"])
+            overlay(IngressLive(), override["user_config"])
         if name == "Precompute" and "user_config" in override:
-            Schedule(**override["user_config"])
+            PrecomputeLive(**override["user_config"])
 
 
 def test_default_graph_fits_two_cores_at_max_replicas():
@@ -147,7 +147,7 @@ def test_chunking_overlap_must_be_smaller():
 
 
 def test_admission_overrides_merge_over_route_defaults():
-    admission = Admission.from_user_config({"routes": {"chat": {"max_queued": 1}}})
+    admission = overlay(Admission(), {"routes": {"chat": {"max_queued": 1}}})
     assert admission.routes["chat"].max_running == 5  # the default, kept
     assert admission.routes["chat"].max_queued == 1
     assert admission.routes["chat"].shed and not admission.routes["embeddings"].shed
@@ -174,7 +174,7 @@ def test_admission_overrides_merge_over_route_defaults():
 )
 def test_bad_admission_is_rejected(user_config):
     with pytest.raises(ValidationError):
-        Admission.from_user_config(user_config)
+        overlay(Admission(), user_config)
 
 
 def test_custom_resources_pin_a_model_to_the_nodes_that_have_them():
@@ -182,3 +182,20 @@ def test_custom_resources_pin_a_model_to_the_nodes_that_have_them():
     options = deployment_options(config.embedder)["ray_actor_options"]
     assert options["resources"] == {"models": 0.01}
     assert "resources" not in deployment_options(config.reranker)["ray_actor_options"]
+
+
+def test_overlay_keeps_what_args_set_and_merges_field_by_field():
+    defaults = AppConfig(
+        generator={
+            "batching": {"max_batch_size": 4, "max_batch_tokens": 999, "batch_wait_timeout_s": 0.01}
+        }
+    ).generator.batching
+    live = overlay(defaults, {"max_batch_size": 2})
+    assert (live.max_batch_size, live.max_batch_tokens) == (2, 999)  # not the code default
+    ingress = overlay(IngressLive(), {"routes": {"chat": {"max_queued": 1}}})
+    assert ingress.routes["chat"].max_queued == 1
+    assert ingress.routes["chat"].max_running == IngressLive().routes["chat"].max_running
+    assert ingress.routes["rag"] == IngressLive().routes["rag"]
+    assert overlay(defaults, None) == defaults
+    with pytest.raises(ValidationError):
+        overlay(defaults, {"max_batch_size": 0})

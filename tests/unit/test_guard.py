@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from starlette.datastructures import State
 from starlette.websockets import WebSocketDisconnect
 
-from serve_app.config import AppConfig, AuthConfig, IngressSettings
+from serve_app.config import AppConfig, AuthConfig, IngressLive, overlay
 from serve_app.guard import (
     CONTROL_HEADERS,
     AllowedHosts,
@@ -33,7 +33,7 @@ def make_app(user_config: dict | None = None, bind: str = "127.0.0.1", apply: bo
     errors.install(app)
     app.add_middleware(Guard)
     if apply:
-        apply_settings(app.state, IngressSettings.from_user_config(user_config), bind)
+        apply_settings(app.state, overlay(IngressLive(), user_config), bind)
 
     @app.post("/v1/echo")
     async def echo(body: dict) -> dict:
@@ -211,7 +211,7 @@ def test_configured_hosts_replace_the_defaults():
     assert not hosts.allows("localhost")
     assert AllowedHosts.build(["*"], "127.0.0.1").allows("anything.example")
     with pytest.raises(ValueError):
-        IngressSettings.from_user_config({"allowed_hosts": ["bad host"]})
+        overlay(IngressLive(), {"allowed_hosts": ["bad host"]})
 
 
 LISTED = re.compile(r"rag\.example\.com\.*(?::([0-9]{1,5}))?", re.IGNORECASE)
@@ -377,7 +377,7 @@ def scope(state: State) -> dict:
 def test_stalled_bodies_get_408_and_hold_no_budget(no_env_keys):
     state = State()
     uploads = {"body_timeout_s": 0.2, "max_bytes_in_flight": 2**20}
-    apply_settings(state, IngressSettings.from_user_config({"uploads": uploads}), "127.0.0.1")
+    apply_settings(state, overlay(IngressLive(), {"uploads": uploads}), "127.0.0.1")
     bodies: list[bytes] = []
 
     async def inner(scope, receive, send) -> None:

@@ -9,7 +9,7 @@ import ray
 import yaml
 
 from serve_app.app import deployment_options
-from serve_app.config import AppConfig, Batching, IngressSettings
+from serve_app.config import AppConfig, Batching, IngressLive, overlay
 from tests.unit.test_config_and_plan import ROUTE_DEPLOYMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ def test_it_embeds_a_serve_config_of_the_same_graph():
         if deployment.name in models:
             Batching.model_validate(user_config)
         elif deployment.name == "Ingress":
-            settings = IngressSettings.from_user_config(user_config)
+            settings = overlay(IngressLive(), user_config)
             assert settings.auth.api_keys_file is not None  # keys from the mounted Secret
 
 

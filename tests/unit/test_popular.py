@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from serve_app.admission import AdmissionControl
-from serve_app.config import Admission, PrecomputeConfig
+from serve_app.config import Admission, PrecomputeConfig, overlay
 from serve_app.errors import InvalidData, StoreUnavailable
 from serve_app.popular import (
     MAX_COUNTED_BYTES,
@@ -50,7 +50,7 @@ def test_ask_matches_normalized_requests_only():
 
 def control(**route) -> AdmissionControl:
     limits = {"max_running": 1, "max_queued": 0, "shed": True, **route}
-    return AdmissionControl(Admission.from_user_config({"routes": {"rag": limits}}))
+    return AdmissionControl(overlay(Admission(), {"routes": {"rag": limits}}))
 
 
 class Call:
