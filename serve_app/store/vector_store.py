@@ -65,6 +65,10 @@ _COLLECTION_COLUMNS = (
 _INDEX_PREFIX = "chunks_hnsw_"
 
 
+# Terms whose document frequency is kept in memory (about 100 bytes each).
+DF_CACHE_TERMS = 100_000
+
+
 def _common_cap(chunks: int) -> int:
     """Where counting a term's chunks stops, and the term counts as common: in 30% of the
     collection's chunks (where dropping such terms from the candidates cost nothing on the
@@ -90,6 +94,12 @@ class VectorStore:
         self.migrated = False
         self._migrating = asyncio.Lock()
         self._chunk_counts: LRUCache[tuple[int, int], int] = LRUCache(maxsize=1024)
+        # Document frequencies by (collection, version, term): queries share most of their
+        # words, and a count reads up to `_common_cap` index entries. Every change to a
+        # collection bumps its version, so an entry never outlives the data it counted.
+        self._document_frequencies: LRUCache[tuple[int, int, str], int] = LRUCache(
+            maxsize=DF_CACHE_TERMS
+        )
 
     @classmethod
     async def open(
@@ -459,17 +469,7 @@ class VectorStore:
                 return []
             total = await self._chunk_count(conn, collection)
             cap = _common_cap(total)
-            # A term's chunks, counted up to the cap (a subquery with LIMIT stops there).
-            counts = await (
-                await conn.execute(
-                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM chunks"
-                    f" WHERE collection_id = {collection.id} AND tsv @@ term::tsquery"
-                    " LIMIT %s) hits) FROM unnest(%s::text[]) WITH ORDINALITY AS t (term, n)"
-                    " ORDER BY n",
-                    (cap, wanted.wanted),
-                )
-            ).fetchall()
-            df = dict(zip(wanted.wanted, (int(row[0]) for row in counts), strict=True))
+            df = await self._frequencies(conn, collection, wanted.wanted, cap)
             present = [term for term in wanted.wanted if df[term] > 0]
             if not present:
                 return []
@@ -494,6 +494,28 @@ class VectorStore:
                 )
             ).fetchall()
         return [Hit(*row, keyword_score=row[4]) for row in rows]
+
+    async def _frequencies(
+        self, conn, collection: Collection, wanted: list[str], cap: int
+    ) -> dict[str, int]:
+        """Each term's chunks, counted up to `cap` (a subquery with LIMIT stops there); terms
+        counted before at this version of the collection come from memory."""
+        known, version = self._document_frequencies, (collection.id, collection.version)
+        df = {t: known[(*version, t)] for t in wanted if (*version, t) in known}
+        missing = [t for t in wanted if t not in df]
+        if missing:
+            counts = await (
+                await conn.execute(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM chunks"
+                    f" WHERE collection_id = {collection.id} AND tsv @@ term::tsquery"
+                    " LIMIT %s) hits) FROM unnest(%s::text[]) WITH ORDINALITY AS t (term, n)"
+                    " ORDER BY n",
+                    (cap, missing),
+                )
+            ).fetchall()
+            for term, row in zip(missing, counts, strict=True):
+                df[term] = known[(*version, term)] = int(row[0])
+        return df
 
     async def _chunk_count(self, conn, collection: Collection) -> int:
         """The collection's chunks, counted once per version (every change bumps it)."""

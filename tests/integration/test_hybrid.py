@@ -360,3 +360,32 @@ def test_rag_takes_a_mode_and_unknown_modes_are_refused(codes):
         json={"collection": "codes2", "documents": CODES, "text_search_config": "Robert'); --"},
     )
     assert response.status_code == 400
+
+
+def test_counted_word_frequencies_follow_the_collection_version(external):
+    """Frequencies are kept per collection version: a term's new chunks count at once."""
+
+    async def check() -> None:
+        store, legal = await legal_store(external, "frequencies")
+        try:
+            first = await store.keyword_search(legal, "unlawful wages", 10)
+            known = dict(store._document_frequencies)
+            assert {key[2] for key in known} >= {"'unlawful'", "'wages'"}
+            again = await store.keyword_search(legal, "unlawful wages", 10)
+            assert again == first and dict(store._document_frequencies) == known
+            await store.replace_documents(
+                legal,
+                [
+                    DocumentChunks(f"w{i}", {}, [f"wages note {i}"], unit(np.ones((1, 3))))
+                    for i in range(3)
+                ],
+            )
+            changed = await store.collection("frequencies")
+            assert changed.version != legal.version
+            hits = await store.keyword_search(changed, "unlawful wages", 10)
+            assert {h.document_id for h in hits} >= {"w0", "w1", "w2", "labor"}
+            assert store._document_frequencies[(changed.id, changed.version, "'wages'")] == 4
+        finally:
+            await store.close()
+
+    run(check())
