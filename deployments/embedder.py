@@ -1,4 +1,5 @@
-"""The embedding model: a sentence-transformers model returning normalized vectors."""
+"""The Embedder deployment: a sentence-transformers model (deployments/engines/embedding.py)
+behind `@serve.batch`, the embedding cache and a live model or precision switch."""
 
 from __future__ import annotations
 
@@ -7,55 +8,27 @@ import contextlib
 import gc
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 
-from deployments import loading, precision
-from deployments.batching import BatchedModel, ForwardBudget, Piece, batch_cost, isolate, unwrap
+from deployments.batching import BatchedModel, isolate
+from deployments.engines import embedding, loading
+from deployments.engines.batching import Piece, batch_cost, unwrap
+from deployments.engines.embedding import EmbeddingModel
 from serve_app.cache import EmbeddingCache, open_cache
 from serve_app.chunking import Windows
 from serve_app.config import CacheConfig, EmbedderConfig
 from serve_app.contracts import Embeddings
 
-# Sentences per forward pass on CPU. sentence-transformers sorts a batch by length before
-# cutting it into passes, so passes of similar-length inputs pad little. scripts/bench_batch.py
-# on the 2-core reference machine (bf16, 128-sentence batches): 217 sentences/s in passes of 8,
-# 196 in passes of 16, 146 in passes of 64 (docs/benchmarks/batch.md). On a GPU a batch is one
-# pass, as far as free memory allows.
-SENTENCES_PER_FORWARD = {"cpu": 8, "cuda": 1024}
 # The longest a bulk forward pass waits for queries to finish before it starts anyway, so a
 # steady stream of queries slows an ingest down but cannot stall it past its deadline.
 BULK_YIELD_S = 0.5
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """One model at one precision, loaded and warm: everything a request is served by. A live
-    switch builds a new one beside it and swaps the reference; requests under way keep theirs."""
-
-    source: str
-    precision: str
-    model: Any  # SentenceTransformer
-    counter: loading.TokenCounter
-    cache: EmbeddingCache | None
-    budget: ForwardBudget
-    trials: list[dict]
-    measured: bool
-
-    @property
-    def dimensions(self) -> int:
-        return self.model.get_embedding_dimension()
-
-    @property
-    def max_tokens(self) -> int:
-        return self.model.max_seq_length
 
 
 @serve.deployment(max_ongoing_requests=128)
@@ -71,19 +44,16 @@ class Embedder(BatchedModel):
     batched = ("_embed_batch", "_bulk_batch")
 
     def __init__(self, config: EmbedderConfig, cache_dir: Path, caches: CacheConfig) -> None:
-        super().__init__()
+        super().__init__(config.batching)
         self.config, self.cache_dir = config, cache_dir
         # One cache (and Redis connection) for the replica; each loaded model has its own
         # namespace in it, so a switch neither reconnects nor serves the old model's vectors.
         self.cache_store = open_cache(caches, "embedding")
         self.device = loading.pick_device(config)
         loading.set_threads(config.torch_threads)
-        self.info = {
-            "role": "embedding",
-            "model": config.name,
-            "device": self.device,
-            "threads": torch.get_num_threads(),
-        }
+        self.info.update(
+            role="embedding", model=config.name, device=self.device, threads=torch.get_num_threads()
+        )
         self.target = (config.model, config.precision)
         self.switching: asyncio.Task | None = None
         self.queries = 0  # query requests being embedded now
@@ -98,43 +68,22 @@ class Embedder(BatchedModel):
 
     @property
     def cache(self) -> EmbeddingCache | None:
-        return self.current.cache
+        return self.current_cache
 
-    def _bring_up(self, source: str, requested: str) -> LoadedModel:
+    def _bring_up(self, source: str, requested: str) -> EmbeddingModel:
         """Load `source` at `requested` precision (`auto`: measured, or the stored choice),
         warm its kernels and size its forward passes."""
-        path = loading.local_path(source)
-        choice = precision.resolve(
-            requested,
-            self.device,
-            f"sentence-transformer|{source}|{precision.device_signature(self.device)}",
-            lambda p: self._load(path, p),
-            self._probe,
-            precision.mean_cosine,
-            precision.MIN_MEAN_COSINE,
-            self.cache_dir,
-        )
-        model = self._load(path, choice.precision)
-        bundle = LoadedModel(
-            source=source,
-            precision=choice.precision,
-            model=model,
-            counter=loading.TokenCounter(model.tokenizer),
-            cache=EmbeddingCache(self.cache_store, f"{source}:{choice.precision}")
-            if self.cache_store
-            else None,
-            budget=ForwardBudget(SENTENCES_PER_FORWARD[self.device], self.device),
-            trials=[asdict(t) for t in choice.trials],
-            measured=choice.measured,
-        )
-        self._encode(["warm up the kernels"] * 8, loaded=bundle)
-        bundle.budget.measure(lambda: self._longest_forward(bundle))
-        return bundle
+        return embedding.load(source, requested, self.device, self.cache_dir)
 
-    def _serve(self, bundle: LoadedModel, requested: str | None = None) -> None:
+    def _serve(self, bundle: EmbeddingModel, requested: str | None = None) -> None:
         """Make `bundle` the model new requests use; the previous one is freed once the
-        requests still holding it finish."""
+        requests still holding it finish. Each model has its own namespace in the cache."""
         self.current = bundle
+        self.current_cache = (
+            EmbeddingCache(self.cache_store, f"{bundle.source}:{bundle.precision}")
+            if self.cache_store
+            else None
+        )
         self.info.update(
             source=bundle.source,
             precision=bundle.precision,
@@ -175,36 +124,8 @@ class Embedder(BatchedModel):
         self._serve(bundle, requested=target[1])
         logger.info("Embedder: now serving %s at %s", bundle.source, bundle.precision)
 
-    def _load(self, path: str, mode: str):
-        from sentence_transformers import SentenceTransformer
-
-        if mode in precision.BNB:
-            model = SentenceTransformer(
-                path, device=self.device, model_kwargs=precision.load_kwargs(mode, self.device)
-            )
-        else:
-            model = SentenceTransformer(path, device=self.device)
-        return precision.finish(model, mode, self.device)
-
-    @staticmethod
-    def _probe(model) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.encode(
-                precision.calibration_sentences(),
-                batch_size=SENTENCES_PER_FORWARD["cpu"],
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-
-    def _longest_forward(self, bundle: LoadedModel) -> int:
-        """A forward pass of full-length inputs, to measure activation memory per token."""
-        n = SENTENCES_PER_FORWARD["cpu"]
-        self._encode(["lorem ipsum " * bundle.max_tokens] * n, loaded=bundle)
-        return n * bundle.max_tokens
-
     def memory(self) -> dict[str, int]:
-        return loading.memory_report(self.current.model, self.device)
+        return self.current.memory()
 
     async def embed(self, texts: list[str], bulk: bool = False) -> Embeddings:
         """Embed `texts`: cached ones from the cache, the rest in batches shared with other
@@ -225,8 +146,8 @@ class Embedder(BatchedModel):
     async def _embed(
         self, texts: list[str], batch: Callable[[Piece[str]], Awaitable[np.ndarray]]
     ) -> Embeddings:
-        current = self.current
-        found = await current.cache.lookup(texts) if current.cache else [None] * len(texts)
+        current, cache = self.current, self.current_cache
+        found = await cache.lookup(texts) if cache else [None] * len(texts)
         todo = [i for i, hit in enumerate(found) if hit is None]
         vectors = np.empty((len(texts), current.dimensions), dtype=np.float32)
         tokens = [0] * len(texts)
@@ -236,8 +157,7 @@ class Embedder(BatchedModel):
         if todo:
             new_texts = [texts[i] for i in todo]
             # Counted off the event loop: 2048 long inputs take a while to tokenize.
-            counted = await asyncio.to_thread(current.counter, new_texts)
-            counts = [len(ids) for ids in counted["input_ids"]]
+            counts = await asyncio.to_thread(current.count_tokens, new_texts)
             pieces = [
                 replace(piece, model=current)
                 for piece in self.pieces(new_texts, [min(c, current.max_tokens) for c in counts])
@@ -247,8 +167,8 @@ class Embedder(BatchedModel):
             vectors[todo] = new
             for i, count in zip(todo, counts, strict=True):
                 tokens[i] = count
-            if current.cache:
-                await current.cache.store(new_texts, new, counts)
+            if cache:
+                await cache.store(new_texts, new, counts)
         return Embeddings(
             vectors=vectors,
             tokens=[min(t, current.max_tokens) for t in tokens],
@@ -272,7 +192,7 @@ class Embedder(BatchedModel):
             chunks.append(pieces or [text])
         return chunks
 
-    # Start-up values; reconfigure() applies the deployment's user_config before any request.
+    # Start-up values only: __init__ applies the args' batching, reconfigure the user_config.
     @serve.batch(**EmbedderConfig().batching.serve_batch(), batch_size_fn=batch_cost)
     async def _embed_batch(self, pieces: list[Piece[str]]) -> list[np.ndarray | Exception]:
         return await isolate(pieces, lambda batch: self._embed_pieces(batch, self._encode_now))
@@ -283,13 +203,13 @@ class Embedder(BatchedModel):
         return await isolate(pieces, lambda batch: self._embed_pieces(batch, self._encode_yielding))
 
     async def _encode_now(
-        self, texts: list[str], tokens: list[int], loaded: LoadedModel
+        self, texts: list[str], tokens: list[int], loaded: EmbeddingModel
     ) -> np.ndarray:
         # The forward pass runs off the event loop, so the next batch queues up meanwhile.
         return await asyncio.to_thread(self._encode, texts, max(tokens), loaded)
 
     async def _encode_yielding(
-        self, texts: list[str], tokens: list[int], loaded: LoadedModel
+        self, texts: list[str], tokens: list[int], loaded: EmbeddingModel
     ) -> np.ndarray:
         """`texts` one forward pass at a time, shortest first, each started once no query is
         being embedded (or after BULK_YIELD_S): a query never waits behind a bulk batch."""
@@ -330,16 +250,7 @@ class Embedder(BatchedModel):
         return out
 
     def _encode(
-        self, texts: list[str], longest: int | None = None, loaded: LoadedModel | None = None
+        self, texts: list[str], longest: int | None = None, loaded: EmbeddingModel | None = None
     ) -> np.ndarray:
-        loaded = loaded or self.current
-        with torch.inference_mode():
-            vectors = loaded.model.encode(
-                texts,
-                batch_size=loaded.budget.items(longest or loaded.max_tokens),
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        # Re-normalize in fp32: unit length must hold whatever precision the model ran in.
-        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+        """The forward passes of every batch go through here (tests replace it to fail one)."""
+        return (loaded or self.current).encode(texts, longest)

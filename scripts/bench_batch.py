@@ -1,8 +1,8 @@
 """Batch size sweeps per model on this device, and the batch size each should run at.
 
     .venv/bin/python scripts/bench_batch.py [--models embedder,reranker,generator]
-        [--precision auto] [--threads 2] [--device auto] [--seconds 6] [--quick]
-        [--config serve_config.yaml] [--out-name batch]
+        [--precision auto] [--threads 2] [--device auto] [--seconds 6] [--smoke]
+        [--config serve_config.yaml] [--out-name batch] [--out docs/benchmarks]
 
 Each model runs in a fresh child process, in one precision (--precision; `auto`: what `auto`
 recorded on this machine in precision-choices.json, else bf16 where the CPU has native bf16
@@ -16,9 +16,9 @@ recorded on this machine in precision-choices.json, else bf16 where the CPU has 
   per batch, against the deployment's max_batch_tokens);
 - reranker (QueryLikelihood over SmolLM2-135M-Instruct): (query, ~400-character passage) pairs
   in one forward pass, 1..64 (`QueryLikelihood.score`);
-- generator (SmolLM2-135M-Instruct): concurrent sequences 1..16 decoding together with a KV
-  cache, as the Generator's decode loop does: one left-padded prefill, then one forward pass
-  per step for all of them (greedy, EOS ignored so the batch stays full).
+- generator (SmolLM2-135M-Instruct): concurrent sequences 1..16 decoding together through the
+  Generator's engine (`deployments.engines.hf.TransformersEngine`): one left-padded prefill,
+  then one step for all of them (greedy; a step's latency counts while the batch is full).
 
 Per point: throughput, p50 latency of one batch (one decode step for the generator: each
 sequence's latency per token), and peak memory over the point: RSS peak above the RSS at its
@@ -29,8 +29,8 @@ warm-up batch, then batches for --seconds (at least 3; 2 rounds for the generato
 Recommendation: the smallest batch size reaching >= 90% of the sweep's best throughput (lower
 latency and memory at nearly peak throughput), compared with serve_config.yaml's
 `deployments[].user_config.max_batch_size` and the code's SENTENCES_PER_FORWARD /
-PAIRS_PER_FORWARD. Writes docs/benchmarks/OUT_NAME.json, OUT_NAME.md and OUT_NAME.png. Does
-not start Ray.
+PAIRS_PER_FORWARD. Writes OUT/OUT_NAME.json, OUT_NAME.md and OUT_NAME.png. Does not start
+Ray. --smoke: two points per sweep, 1 s each.
 """
 
 from __future__ import annotations
@@ -40,27 +40,19 @@ import contextlib
 import ctypes
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(SCRIPTS))
-
-from bench_precision import (  # noqa: E402
-    OFFLINE,
+from lib.child import WORKER_FLAG, run_worker
+from lib.corpus import build_data
+from lib.measure import (
     auto_device,
-    build_data,
     cpu_share,
     fmt,
-    machine_line,
     mb,
     model_cache_dir,
     peak_rss_bytes,
@@ -69,7 +61,15 @@ from bench_precision import (  # noqa: E402
     rss_bytes,
     sync,
 )
-from benchlib import machine, write_report  # noqa: E402
+from lib.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    machine,
+    machine_line,
+    output_dir,
+    write_report,
+)
 
 MODELS = ("embedder", "reranker", "generator")
 DEPLOYMENTS = {"embedder": "Embedder", "reranker": "Reranker", "generator": "Generator"}
@@ -79,15 +79,15 @@ SIZES = {
     "reranker": (1, 2, 4, 8, 16, 32, 64),
     "generator": (1, 2, 4, 8, 16),
 }
-QUICK_SIZES = {
-    "embedder": (1, 8, 32),
-    "per_forward": (4, 16, 32),
-    "reranker": (1, 4, 16),
-    "generator": (1, 4, 8),
+SMOKE_SIZES = {
+    "embedder": (1, 8),
+    "per_forward": (4, 16),
+    "reranker": (1, 4),
+    "generator": (1, 4),
 }
 PER_FORWARD_BATCH = 128  # sentences of the batch cut into forward passes
 TOKEN_POINTS = ((16, 64), (16, 128), (16, 256), (32, 256))  # (sentences, tokens each)
-QUICK_TOKEN_POINTS = ((16, 64), (16, 256))
+SMOKE_TOKEN_POINTS = ((16, 64),)
 DECODE_STEPS = 32
 NEAR_BEST = 0.9
 UNITS = {
@@ -168,7 +168,7 @@ class Point:
 def worker(spec: dict, result_path: Path) -> None:
     import torch
 
-    from deployments import loading
+    from deployments.engines import loading
 
     loading.set_threads(spec["threads"])
     data = json.loads(Path(spec["data"]).read_text())
@@ -192,16 +192,12 @@ def cycle(items: list, start: int, n: int) -> list:
 
 
 def sweep_embedder(spec: dict, data: dict, torch, loading) -> dict:
-    from sentence_transformers import SentenceTransformer
-
-    from deployments import precision as precision_
+    from deployments.engines import embedding
     from serve_app.config import DEFAULT_EMBEDDING_MODEL
 
     device, mode = spec["device"], spec["precision"]
-    bnb = mode in precision_.BNB
-    kwargs = {"model_kwargs": precision_.load_kwargs(mode, device)} if bnb else {}
     path = loading.local_path(DEFAULT_EMBEDDING_MODEL)
-    model = precision_.finish(SentenceTransformer(path, device=device, **kwargs), mode, device)
+    model = embedding.load_model(path, mode, device)  # as the Embedder loads it
     sentences = data["sentences"]
 
     def encode(texts: list[str], per_forward: int):
@@ -272,7 +268,7 @@ def sweep_embedder(spec: dict, data: dict, torch, loading) -> dict:
 
 
 def sweep_reranker(spec: dict, data: dict, torch, loading) -> dict:
-    from deployments.reranker import QueryLikelihood
+    from deployments.engines.scoring import QueryLikelihood
     from serve_app.config import RerankerConfig
 
     scorer = QueryLikelihood(
@@ -297,84 +293,66 @@ def sweep_reranker(spec: dict, data: dict, torch, loading) -> dict:
 
 
 def sweep_generator(spec: dict, data: dict, torch, loading) -> dict:
-    from transformers import DynamicCache
-
+    """Concurrent sequences through the Generator's engine (`TransformersEngine`): one
+    prefill (`add`), then one `step` for all in flight, as the deployment's loop runs it."""
+    from deployments.engines.hf import TransformersEngine
     from serve_app.config import GeneratorConfig
+    from serve_app.contracts import GenerationRequest
 
     device, cache_dir = spec["device"], model_cache_dir()
     config = GeneratorConfig(precision=spec["precision"])
     tokenizer = loading.load_tokenizer(config, cache_dir)
     model = loading.load_causal_lm(config, cache_dir, device, spec["precision"])
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
+    engine = TransformersEngine.from_model(tokenizer, model, device)  # warms up
+    steps = spec["decode_steps"]
+    requests = [
+        GenerationRequest(messages=[{"role": "user", "content": p}], max_tokens=steps)
         for p in data["prompts"]
     ]
-    steps = spec["decode_steps"]
 
-    @torch.inference_mode()
-    def prefill(texts: list[str]):
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = batch.to(device)
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        return {"cache": cache, "mask": mask, "positions": positions[:, -1], "logits": logits}
+    def decode(batch: list) -> tuple[float, list[float], float, int]:
+        """Prefill seconds, each full step's ms (every sequence still in flight), decoding
+        seconds and tokens generated."""
+        sequences = [engine.sequence(r) for r in batch]
+        sync(device)
+        start = time.perf_counter()
+        engine.add(sequences)
+        sync(device)
+        prefill = time.perf_counter() - start
+        full_steps = []
+        decode_start = time.perf_counter()
+        while engine.in_flight():
+            full = len(engine.in_flight()) == len(batch)
+            begin = time.perf_counter()
+            engine.step()
+            sync(device)
+            if full:
+                full_steps.append((time.perf_counter() - begin) * 1000)
+        tokens = sum(s.delta.completion_tokens for s in sequences if s.delta is not None)
+        return prefill, full_steps, time.perf_counter() - decode_start, tokens
 
-    @torch.inference_mode()
-    def step(state: dict) -> None:
-        tokens = state["logits"].argmax(-1)  # greedy; EOS ignored, so every row stays
-        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], -1)
-        state["positions"] = state["positions"] + 1
-        state["logits"] = model(
-            input_ids=tokens[:, None],
-            attention_mask=state["mask"],
-            position_ids=state["positions"][:, None],
-            past_key_values=state["cache"],
-            use_cache=True,
-        ).logits[:, -1]
-
-    state = prefill(prompts[:2])  # load-time warm-up
-    step(state)
     args = (device, spec["threads"], spec["seconds"], 2)
     points, cursor = [], 0
     for size in spec["sizes"]["generator"]:
-        warm = prefill(cycle(prompts, cursor, size))
-        for _ in range(2):
-            step(warm)
-        del warm
-        prefills, steps_ms = [], []
+        decode(cycle(requests, cursor, size))  # this shape's warm-up
+        prefills, steps_ms, tokens = [], [], 0
         with Point(*args) as point:
             while point.more():
-                texts = cycle(prompts, cursor, size)
+                batch = cycle(requests, cursor, size)
                 cursor += size
-                sync(device)
-                start = time.perf_counter()
-                state = prefill(texts)
-                sync(device)
-                prefills.append(time.perf_counter() - start)
-                decode_start = time.perf_counter()
-                for _ in range(steps):
-                    begin = time.perf_counter()
-                    step(state)
-                    sync(device)
-                    steps_ms.append((time.perf_counter() - begin) * 1000)
-                point.times.append(time.perf_counter() - decode_start)
-                del state
-        row = point.result(size, size * steps * len(point.times))
+                prefill, full_steps, seconds, generated = decode(batch)
+                prefills.append(prefill)
+                steps_ms += full_steps
+                point.times.append(seconds)
+                tokens += generated
+        row = point.result(size, tokens)
         row.update(
             {
-                "p50_ms": statistics.median(steps_ms),  # one decode step: latency per token
-                "p90_step_ms": sorted(steps_ms)[int(0.9 * (len(steps_ms) - 1))],
+                # one decode step of the full batch: each sequence's latency per token
+                "p50_ms": statistics.median(steps_ms) if steps_ms else None,
+                "p90_step_ms": sorted(steps_ms)[int(0.9 * (len(steps_ms) - 1))]
+                if steps_ms
+                else None,
                 "prefill_p50_ms": statistics.median(prefills) * 1000,
                 "rounds": len(point.times),
             }
@@ -387,7 +365,7 @@ def sweep_generator(spec: dict, data: dict, torch, loading) -> dict:
 # --- the parent -------------------------------------------------------------------------------
 def default_precision(model: str, device: str, threads: int) -> tuple[str, str]:
     """What `auto` picked for `model` here, as recorded; else the usual winner on this device."""
-    from deployments import precision as precision_
+    from deployments.engines import precision as precision_
     from serve_app.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_GENERATION_MODEL
 
     path = model_cache_dir() / "precision-choices.json"
@@ -421,8 +399,8 @@ def configured(config_path: Path) -> dict:
     per-forward constants in the code."""
     import yaml
 
-    from deployments.embedder import SENTENCES_PER_FORWARD
-    from deployments.reranker import PAIRS_PER_FORWARD
+    from deployments.engines.embedding import SENTENCES_PER_FORWARD
+    from deployments.engines.scoring import PAIRS_PER_FORWARD
     from serve_app.config import EmbedderConfig, GeneratorConfig, RerankerConfig
 
     app = (yaml.safe_load(config_path.read_text())["applications"] or [{}])[0]
@@ -461,33 +439,6 @@ def recommend(points: list[dict]) -> dict | None:
     }
 
 
-def run_child(spec: dict, work: Path, timeout_s: float) -> tuple[dict | None, str | None]:
-    spec_path, result = work / f"{spec['model']}.spec.json", work / f"{spec['model']}.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result)]
-    log = work / f"{spec['model']}.log"
-    with log.open("wb") as out:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env={**os.environ, **OFFLINE},
-            )
-            for line in proc.stdout:  # progress lines, as they come
-                print("  " + line.decode(errors="replace").rstrip(), flush=True)
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = "timeout"
-    if code != 0 or not result.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        return None, f"child failed ({code}): {tail}"
-    return json.loads(result.read_text()), None
-
-
 def run(options: argparse.Namespace) -> dict:
     device = auto_device(options.device)
     config = configured(Path(options.config))
@@ -495,12 +446,12 @@ def run(options: argparse.Namespace) -> dict:
     data = build_data(1000, 40, 48, options.seed, options.pages)
     report: dict[str, Any] = {
         "settings": {
-            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "command": command_line(),
             "models": options.models,
             "threads": options.threads,
             "seconds": options.seconds,
             "config": options.config,
-            "quick": options.quick,
+            "smoke": options.smoke,
             "near_best": NEAR_BEST,
             "seed": options.seed,
         },
@@ -508,7 +459,7 @@ def run(options: argparse.Namespace) -> dict:
         "configured": config,
         "models": {},
     }
-    sizes = QUICK_SIZES if options.quick else SIZES
+    sizes = SMOKE_SIZES if options.smoke else SIZES
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         work = Path(tmp)
         (work / "data.json").write_text(json.dumps(data))
@@ -526,10 +477,10 @@ def run(options: argparse.Namespace) -> dict:
                 "seconds": options.seconds,
                 "data": str(work / "data.json"),
                 "sizes": sizes,
-                "token_points": QUICK_TOKEN_POINTS if options.quick else TOKEN_POINTS,
-                "decode_steps": 8 if options.quick else DECODE_STEPS,
+                "token_points": SMOKE_TOKEN_POINTS if options.smoke else TOKEN_POINTS,
+                "decode_steps": 8 if options.smoke else DECODE_STEPS,
             }
-            result, error = run_child(spec, work, timeout_s=1800)
+            result, error = run_worker(__file__, spec, model, work, timeout_s=1800, echo=True)
             if result is None:
                 print(f"  {error}", flush=True)
                 report["models"][model] = {"precision": mode, "why": why, "error": error}
@@ -744,7 +695,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 4 and sys.argv[1] == WORKER_FLAG:
         worker(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -761,16 +712,16 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
     parser.add_argument("--pages", type=int, help="man pages to read (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="few points, short, for a smoke test")
-    parser.add_argument("--out-name", default="batch", help="docs/benchmarks/NAME.*")
+    parser.add_argument("--out-name", default="batch", help="OUT/NAME.*")
+    add_output_options(parser, "two points per sweep, 1 s each")
     options = parser.parse_args()
     options.models = [m.strip() for m in options.models.split(",") if m.strip()]
     if set(options.models) - set(MODELS) or not options.models:
         parser.error(f"--models: choose from {','.join(MODELS)}")
-    if options.quick:
+    if options.smoke:
         options.seconds = min(options.seconds, 1.0)
         options.pages = options.pages or 400
-    write_report(run(options), options.out_name, markdown, plot)
+    write_report(run(options), options.out_name, markdown, output_dir(options), plot)
 
 
 if __name__ == "__main__":

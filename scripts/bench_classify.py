@@ -1,7 +1,7 @@
 """The classification cascade, stage by stage, on labelled sets built from this machine's text.
 
-    .venv/bin/python scripts/bench_classify.py [--per-label 30] [--calibrate]
-    .venv/bin/python scripts/bench_classify.py --smoke      # a few items, prints, writes nothing
+    .venv/bin/python scripts/bench_classify.py [--per-label 30] [--calibrate] [--out DIR]
+    .venv/bin/python scripts/bench_classify.py --smoke  # a few items, report in a temp folder
 
 Two labelled sets, six labels each:
 - man pages: a manual page's one-line description (`apropos -s N .`), labelled by its section
@@ -15,7 +15,7 @@ encode, the Generator's constrained choice), without Ray:
 1. the fast path in four request shapes: label names only, one description per label, several
    descriptions per label, and those plus `--examples` labelled examples per label (from the
    calibration half); the softmax temperature is fitted on the calibration half for each;
-2. the generator (`Generator._choose`) on every item, with the prompt the route builds;
+2. the generator (`engines.choice.choose`) on every item, with the prompt the route builds;
 3. `serve_app.cascade.calibrate` on the calibration halves: the threshold that maximizes
    accuracy within the latency budget, kept only where the generator is significantly better;
    and whether contrast markers predict fast-path errors (Fisher's exact test);
@@ -23,7 +23,7 @@ encode, the Generator's constrained choice), without Ray:
    fast path's measured time per input (requests of `--batch` inputs plus the label texts), and
    for escalated inputs the measured time of one constrained choice added.
 `--calibrate` records the calibration for this model pair in serve_app/classify_calibration.json,
-which the Classify deployment and /v1/status read. Writes docs/benchmarks/classify.json and .md.
+which the Classify deployment and /v1/status read. Writes OUT/classify.json and .md.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from benchlib import machine, write_report
+from lib import models
+from lib.report import add_output_options, machine, output_dir, write_report
 
 from serve_app import cascade
 from serve_app.config import AppConfig
+from serve_app.pipelines.classify import calibrated, label_vectors, prompt_messages
 from serve_app.protocol.classify import ClassifyRequest
-from serve_app.routes.classify import calibrated, label_vectors, prompt_messages
 
 Item = tuple[str, str]  # (text, label)
 
@@ -184,26 +185,24 @@ def fit_temperature(similarities: np.ndarray, truth: np.ndarray) -> float:
 
 
 class Stages:
-    """The Embedder's and the Generator's code, loaded in this process."""
+    """The Embedder's model and the Generator's engine, loaded in this process."""
 
     def __init__(self, config: AppConfig) -> None:
-        from deployments.embedder import Embedder
-        from deployments.generator import Generator
-
         self.config = config
-        self.embedder = Embedder.func_or_class(
-            config.embedder, config.model_cache_dir, config.cache
-        )
-        self.generator = Generator.func_or_class(config.generator, config.model_cache_dir)
+        self.embedder = models.embedding_model(config.embedder, config.model_cache_dir)
+        self.generator = models.generation_engine(config.generator, config.model_cache_dir)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self.embedder._encode(texts)
+        return self.embedder.encode(texts)
 
     def choose(self, request: ClassifyRequest, text: str) -> tuple[int | None, float]:
         """The generator's label index for `text` (None when skipped), and its seconds."""
         start = time.perf_counter()
-        choice = self.generator._choose(
-            prompt_messages(request, text), request.names, self.config.classify.max_prompt_tokens
+        choice = models.choose(
+            self.generator,
+            prompt_messages(request, text),
+            request.names,
+            self.config.classify.max_prompt_tokens,
         )
         seconds = time.perf_counter() - start
         if choice.probabilities is None:
@@ -451,7 +450,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--calibrate", action="store_true", help="Record the calibration.")
-    parser.add_argument("--smoke", action="store_true", help="A few items; writes nothing.")
+    add_output_options(parser, "2 items per label, never records a calibration")
     args = parser.parse_args()
     if args.smoke:
         args.per_label, args.examples, args.calibrate = 2, 1, False
@@ -502,12 +501,9 @@ def main() -> None:
         "marked_items": marked,
         "sets": results,
     }
-    if args.smoke:
-        print(markdown(report))
-        return
     if args.calibrate:
         cascade.record(calibration, cascade.pair_key(config))
-    write_report(report, "classify", markdown)
+    write_report(report, "classify", markdown, output_dir(args))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ answers, so this is the time until the service can take its first request. Two k
 
 Each start is its own Ray cluster: the script refuses to run while another one is up.
 
-    .venv/bin/python scripts/bench_coldstart.py --starts first,warm,warm
+    .venv/bin/python scripts/bench_coldstart.py --starts first,warm,warm [--out DIR]
+    .venv/bin/python scripts/bench_coldstart.py --smoke  # one warm start, report in a temp folder
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -24,19 +24,15 @@ from pathlib import Path
 
 import httpx
 import yaml
-from benchlib import BIN, cpu_model, serving, write_report
+from lib.cluster import config_url, ray_running, serve_run
+from lib.report import ROOT, add_output_options, command_line, cpu_model, output_dir, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 30.0
-
-
-def ray_running() -> bool:
-    return subprocess.run([BIN / "ray", "status"], capture_output=True).returncode == 0
 
 
 def start_once(config: Path, url: str, env: dict[str, str], log: Path, timeout_s: float) -> dict:
     """One `serve run`: time to /ready, then the models' own load times from /v1/status."""
-    with serving(config, url, log, env, timeout_s) as ready_s:
+    with serve_run(config, url, log, env, timeout_s) as ready_s:
         models = httpx.get(f"{url}/v1/status", timeout=30).json()["models"]
     return {
         "ready_s": round(ready_s, 2),
@@ -83,11 +79,13 @@ def main() -> None:
     parser.add_argument("--starts", default="first,warm", help="first and/or warm, in order")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out-name", default="coldstart")
+    add_output_options(parser, "one warm start")
     options = parser.parse_args()
+    if options.smoke:
+        options.starts = "warm"
     if ray_running():
         sys.exit("A Ray cluster is already running here: stop it first (ray stop).")
-    http = yaml.safe_load(options.config.read_text()).get("http_options", {})
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    url = config_url(yaml.safe_load(options.config.read_text()))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     fresh = Path(tempfile.mkdtemp(prefix="rag-coldstart-"))
     runs = []
@@ -103,14 +101,14 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         runs.append(result)
     report = {
-        "command": "python scripts/bench_coldstart.py " + " ".join(sys.argv[1:]),
-        "config": str(options.config.relative_to(ROOT)),
+        "command": command_line(),
+        "config": options.config.name,
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "target_s": TARGET_S,
         "runs": runs,
     }
-    write_report(report, options.out_name, markdown)
+    write_report(report, options.out_name, markdown, output_dir(options))
 
 
 if __name__ == "__main__":

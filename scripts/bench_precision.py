@@ -3,7 +3,8 @@ closely each mode's outputs follow fp32's on the same inputs.
 
     .venv/bin/python scripts/bench_precision.py [--models embedder,reranker,generator]
         [--precisions fp32,bf16,fp16,int8] [--sentences 1000] [--queries 100] [--prompts 48]
-        [--threads 2] [--device auto] [--max-seconds 30] [--quick] [--out-name precision]
+        [--threads 2] [--device auto] [--max-seconds 30] [--out-name precision] \
+        [--out docs/benchmarks] [--smoke]
 
 Models, loaded the way their deployments load them (deployments/precision.py applies the mode):
 - embedder: all-MiniLM-L6-v2 (bundled), `model.encode(batch_size=32)` on chunks of 256
@@ -32,13 +33,14 @@ fp32's); generations' exact-match rate. Each child also runs `auto`'s own check 
 deployments/calibration.txt (mean cosine; next-token top-1 agreement), so the report can apply
 auto's rule: the fastest candidate whose check passes.
 
-Data, fixed by --seed, from this machine's man pages (scripts/bench_retrieval.py's parser):
+Data, fixed by --seed, from this machine's man pages (`lib.corpus.build_data`):
 distinct 10-40-word sentences; queries = a page's NAME description, each with 10 passages (the
 first ~400 characters of its own page and of the 9 other pages sharing the most rare words with
 the query, shuffled); prompts "Explain in one sentence what the command X does: <description>".
 
-Writes docs/benchmarks/OUT_NAME.json (every measurement, settings, machine), OUT_NAME.md and
-OUT_NAME.png. Does not start Ray.
+Writes OUT/OUT_NAME.json (every measurement, settings, machine), OUT_NAME.md and
+OUT_NAME.png. Does not start Ray. --smoke: 64 sentences, 2 queries, 2 prompts, fp32 and one
+other mode, 2 s passes.
 """
 
 from __future__ import annotations
@@ -48,36 +50,44 @@ import contextlib
 import json
 import math
 import os
-import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-from benchlib import machine, write_report  # noqa: E402
+from lib.child import WORKER_FLAG, run_worker
+from lib.corpus import PASSAGE_CHARS, RERANK_CANDIDATES, build_data
+from lib.measure import (
+    auto_device,
+    cpu_share,
+    fmt,
+    mb,
+    model_cache_dir,
+    peak_rss_bytes,
+    process_cpu_s,
+    reset_peak_rss,
+    rss_bytes,
+    sync,
+)
+from lib.report import (
+    add_output_options,
+    command_line,
+    machine,
+    machine_line,
+    output_dir,
+    write_report,
+)
 
 MODELS = ("embedder", "reranker", "generator")
 CPU_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 CUDA_PRECISIONS = ("fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 EMBED_BATCH = 32
 EMBED_CHUNK = 256  # sentences per encode call: the unit of work --max-seconds is checked after
-RERANK_CANDIDATES = 10
 RERANK_CHUNK = 10  # queries (100 pairs) sorted by length together, like one 64-pair batch
-PASSAGE_CHARS = 400
 GEN_BATCH = 8
 GEN_TOKENS = 32
-PROMPT = "Explain in one sentence what the command {name} does: {description}"
 REFERENCE_FACTOR = 3  # fp32's time cap, in --max-seconds
 TARGET_SPEEDUP = 1.8
 TARGET_COSINE = 0.99
@@ -90,180 +100,12 @@ TITLES = {
 }
 
 
-# --- machine and memory (shared with scripts/bench_batch.py) ----------------------------------
-def machine_line(m: dict) -> str:
-    flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
-    gpu = f"GPU {m['gpu']}; " if m.get("gpu") else "no GPU; "
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    return (
-        f"{m['cpu']} ({m['arch']}), {m['cores']} cores, {m['memory_gb']} GB; CPU flags: {flags}; "
-        f"{gpu}device {m['device']}, {m['threads']} torch threads; {versions}; "
-        f"Python {m['python']}; {m['date'].replace('T', ' ')}"
-    )
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM (peak RSS) to its current RSS; False where Linux refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last `reset_peak_rss` (or the start): VmHWM, else ru_maxrss."""
-    with contextlib.suppress(OSError, AttributeError):
-        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        if match:
-            return int(match.group(1)) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def process_cpu_s() -> float:
-    """CPU seconds this process has used, all its threads."""
-    import psutil
-
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
-
-
-def cpu_share(cpu_s: float, wall_s: float, threads: int) -> float | None:
-    """CPU time over wall time x threads: below ~0.9 the pass waited for cores (other work)."""
-    return round(cpu_s / (wall_s * threads), 2) if wall_s > 0 else None
-
-
-def auto_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    return requested
-
-
-def model_cache_dir() -> Path:
-    from serve_app.config import AppConfig
-
-    return AppConfig().model_cache_dir
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def mb(n: float | None) -> float | None:
-    return None if n is None else round(n / 2**20, 1)
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-# --- data -------------------------------------------------------------------------------------
-def man_docs(pages: int | None) -> list[dict]:
-    """Labelled man pages (scripts/bench_retrieval.py's parser), one per distinct description
-    and passage, with `passage`: the first ~PASSAGE_CHARS characters, cut at a space."""
-    sys.path.insert(0, str(SCRIPTS))
-    from bench_retrieval import MAN, man_corpus
-
-    total = sum(1 for p in MAN.glob("man[1-8]/*.gz") if not p.name.startswith("gcloud"))
-    docs, seen = [], set()
-    for doc in man_corpus(min(pages or total, total), 10**7):
-        if not doc["labelled"]:
-            continue
-        cut = doc["full"][: PASSAGE_CHARS + 40]
-        passage = cut[:PASSAGE_CHARS].rsplit(" ", 1)[0] if len(cut) > PASSAGE_CHARS else cut
-        passage = " ".join(re.sub(r"(^|\s)'\s?(t|br)\b", " ", passage).split())
-        key = (doc["query"].lower(), passage)
-        if doc["query"].lower() in seen or passage in seen:
-            continue
-        seen.update(key)
-        docs.append({**doc, "passage": passage, "name": doc["id"].rsplit(".", 1)[0]})
-    return docs
-
-
-def sentences_of(docs: list[dict], n: int, seed: int) -> list[str]:
-    found: dict[str, None] = {}
-    for doc in docs:
-        for sentence in re.split(r"(?<=[.!?])\s+", doc["full"]):
-            words = sentence.split()
-            if 10 <= len(words) <= 40:
-                found[" ".join(words)] = None
-    pool = list(found)
-    if len(pool) < n:
-        raise SystemExit(f"only {len(pool)} distinct 10-40-word sentences in the man pages read")
-    random.Random(seed).shuffle(pool)
-    return pool[:n]
-
-
-WORD = re.compile(r"[a-z][a-z0-9_+-]{2,}")
-
-
-def rerank_sets(docs: list[dict], queries: list[dict], seed: int) -> list[dict]:
-    """Each query with its own page's passage and the 9 passages of other pages that share the
-    most rare words with it (IDF-weighted overlap), shuffled."""
-    words = [set(WORD.findall(d["passage"].lower())) for d in docs]
-    df = Counter(w for ws in words for w in ws)
-    idf = {w: math.log(len(docs) / n) for w, n in df.items()}
-    rng = random.Random(seed)
-    out = []
-    for q in queries:
-        terms = set(WORD.findall(q["query"].lower()))
-        scored = sorted(
-            (
-                (-sum(idf.get(t, 0.0) for t in terms & ws), i)
-                for i, ws in enumerate(words)
-                if docs[i]["id"] != q["id"]
-            ),
-        )
-        others = [docs[i]["passage"] for _, i in scored[: RERANK_CANDIDATES - 1]]
-        passages = [q["passage"], *others]
-        rng.shuffle(passages)
-        out.append({"query": q["query"], "passages": passages, "own": passages.index(q["passage"])})
-    return out
-
-
-def build_data(sentences: int, queries: int, prompts: int, seed: int, pages: int | None) -> dict:
-    docs = man_docs(pages)
-    shuffled = docs[:]
-    random.Random(seed).shuffle(shuffled)
-    usable = [d for d in shuffled if 3 <= len(d["query"].split()) <= 20]
-    if len(usable) < queries + prompts:
-        raise SystemExit(f"only {len(usable)} man pages with a usable NAME description")
-    return {
-        "sentences": sentences_of(docs, sentences, seed),
-        "rerank": rerank_sets(docs, usable[:queries], seed),
-        "prompts": [
-            PROMPT.format(name=d["name"], description=d["query"])
-            for d in usable[queries : queries + prompts]
-        ],
-        "pages": len(docs),
-    }
-
-
 # --- the child process: one (model, precision) ------------------------------------------------
 def worker(spec: dict, result_path: Path) -> None:
     import torch
 
-    from deployments import loading
-    from deployments import precision as precision_
+    from deployments.engines import loading
+    from deployments.engines import precision as precision_
 
     loading.set_threads(spec["threads"])
     device, mode = spec["device"], spec["precision"]
@@ -275,7 +117,7 @@ def worker(spec: dict, result_path: Path) -> None:
     if spec["model"] == "embedder":
         from sentence_transformers import SentenceTransformer  # noqa: F401
     elif spec["model"] == "reranker":
-        import deployments.reranker  # noqa: F401
+        import deployments.engines.scoring  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     rss_base = rss_bytes()
@@ -355,16 +197,12 @@ class Meter:
 
 
 def run_embedder(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:
-    from sentence_transformers import SentenceTransformer
-
+    from deployments.engines import embedding
     from serve_app.config import DEFAULT_EMBEDDING_MODEL
 
     start = time.perf_counter()
     path = loading.local_path(DEFAULT_EMBEDDING_MODEL)
-    kwargs = (
-        {"model_kwargs": precision_.load_kwargs(mode, device)} if mode in precision_.BNB else {}
-    )
-    model = precision_.finish(SentenceTransformer(path, device=device, **kwargs), mode, device)
+    model = embedding.load_model(path, mode, device)  # as the Embedder loads it
     meter = Meter(device, model, precision_, time.perf_counter() - start)
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
@@ -406,7 +244,7 @@ def causal_probe(model, tokenizer, device, precision_, torch) -> np.ndarray:
 
 
 def run_reranker(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:
-    from deployments.reranker import PAIRS_PER_FORWARD, QueryLikelihood
+    from deployments.engines.scoring import PAIRS_PER_FORWARD, QueryLikelihood
     from serve_app.config import RerankerConfig
 
     start = time.perf_counter()
@@ -512,31 +350,6 @@ def done_units(result: dict) -> int:
     return result.get("prompts_done", result["items"])
 
 
-def run_child(spec: dict, work: Path, timeout_s: float) -> tuple[dict | None, str | None]:
-    name = f"{spec['model']}-{spec['precision']}"
-    spec_path, result = work / f"{name}.spec.json", work / f"{name}.json"
-    spec_path.write_text(json.dumps(spec))
-    log = work / f"{name}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result)]
-    with log.open("wb") as out:
-        try:
-            code = subprocess.run(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env={**os.environ, **OFFLINE},
-                timeout=timeout_s,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    if code != 0 or not result.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        return None, f"child failed ({code}): {tail}"
-    return json.loads(result.read_text()), None
-
-
 def outputs_of(work: Path, model: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
     base = work / f"{model}-{mode}.json"
     return np.load(base.with_suffix(".npy")), np.load(Path(str(base) + ".calib.npy"))
@@ -545,7 +358,7 @@ def outputs_of(work: Path, model: str, mode: str) -> tuple[np.ndarray, np.ndarra
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     import torch
 
-    from deployments import precision as precision_
+    from deployments.engines import precision as precision_
 
     return precision_.spearman(torch.as_tensor(a), torch.as_tensor(b))
 
@@ -610,7 +423,7 @@ def compare(model: str, data: dict, ref: tuple, other: tuple) -> dict:
 
 def precisions_for(device: str, requested: list[str] | None) -> tuple[list[str], list[dict]]:
     """The modes to run, fp32 first, and those skipped with `precision.check`'s reason."""
-    from deployments import precision as precision_
+    from deployments.engines import precision as precision_
 
     wanted = requested or list(CUDA_PRECISIONS if device == "cuda" else CPU_PRECISIONS)
     wanted = ["fp32", *[p for p in wanted if p != "fp32"]]
@@ -628,7 +441,7 @@ def precisions_for(device: str, requested: list[str] | None) -> tuple[list[str],
 def auto_rule(report: dict) -> dict:
     """auto's rule applied to the measurements: among the modes auto tries here, the fastest
     (by this benchmark's throughput) whose auto check passes."""
-    from deployments import precision as precision_
+    from deployments.engines import precision as precision_
 
     device = report["machine"]["device"]
     picks = {}
@@ -713,13 +526,15 @@ def run(options: argparse.Namespace) -> dict:
 
     device = auto_device(options.device)
     modes, skipped = precisions_for(device, options.precisions)
+    if options.smoke and not options.precisions:
+        modes = modes[:2]  # fp32 and one other: the whole path, at a fraction of the time
     print(f"building the data from {Path('/usr/share/man')} ...", flush=True)
     data = build_data(
         options.sentences, options.queries, options.prompts, options.seed, options.pages
     )
     report: dict[str, Any] = {
         "settings": {
-            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "command": command_line(),
             "models": options.models,
             "precisions": modes,
             "skipped": skipped,
@@ -731,7 +546,7 @@ def run(options: argparse.Namespace) -> dict:
             "threads": options.threads,
             "max_seconds": options.max_seconds,
             "seed": options.seed,
-            "quick": options.quick,
+            "smoke": options.smoke,
             "embed_batch": EMBED_BATCH,
             "gen_batch": GEN_BATCH,
             "gen_tokens": GEN_TOKENS,
@@ -762,7 +577,8 @@ def run(options: argparse.Namespace) -> dict:
                 }
                 print(f"{model} {mode} ...", flush=True)
                 timeout = options.max_seconds * REFERENCE_FACTOR * 2 + 900
-                result, error = run_child(spec, work, timeout_s=timeout)
+                name = f"{model}-{mode}"
+                result, error = run_worker(__file__, spec, name, work, timeout_s=timeout)
                 if result is None:
                     print(f"  {error}", flush=True)
                     failed.append({"precision": mode, "reason": error})
@@ -1002,7 +818,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 4 and sys.argv[1] == WORKER_FLAG:
         worker(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1021,21 +837,21 @@ def main() -> None:
     )
     parser.add_argument("--pages", type=int, help="man pages to read (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--out-name", default="precision", help="docs/benchmarks/NAME.*")
+    parser.add_argument("--out-name", default="precision", help="OUT/NAME.*")
+    add_output_options(parser, "64 sentences, 2 queries, 2 prompts; fp32 and one other mode")
     options = parser.parse_args()
     options.models = [m.strip() for m in options.models.split(",") if m.strip()]
     if set(options.models) - set(MODELS) or not options.models:
         parser.error(f"--models: choose from {','.join(MODELS)}")
     if options.precisions:
         options.precisions = [p.strip() for p in options.precisions.split(",") if p.strip()]
-    if options.quick:
+    if options.smoke:
         options.sentences = min(options.sentences, 64)
         options.queries = min(options.queries, 2)
-        options.prompts = min(options.prompts, 8)
-        options.max_seconds = min(options.max_seconds, 5.0)
+        options.prompts = min(options.prompts, 2)
+        options.max_seconds = min(options.max_seconds, 2.0)
         options.pages = options.pages or 400
-    write_report(run(options), options.out_name, markdown, plot)
+    write_report(run(options), options.out_name, markdown, output_dir(options), plot)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,44 @@
 """Precomputed answers for popular queries: a Zipf query mix with and without them.
 
     .venv/bin/python scripts/bench_precompute.py [--zipf 1.1] [--queries 100] \\
-        [--search-clients 4 --search-s 30] [--rag-clients 2 --rag-s 90] [--top-n 20]
+        [--search-clients 4 --search-s 30] [--rag-clients 2 --rag-s 90] [--top-n 20] \
+        [--out docs/benchmarks] [--smoke]
 
 Starts a local Ray cluster and configs/test.yaml (an empty embedded PostgreSQL in a temporary
-folder), then for search and for RAG runs the same Zipf-distributed load (scripts/loadtest.py,
+folder), then for search and for RAG runs the same Zipf-distributed load (the load test's,
 same seed; one client, then several) twice:
 - without: the Precompute job disabled; search still has its response cache;
 - with: the job enabled (every 5 s, the top --top-n requests), after a pass has computed the
   answers ranked by the first run's counts. It keeps running during the load.
 Reports, per route and run, the share of 200s answered from a cache by source, and p50/p99
-latency overall and by source. Writes docs/benchmarks/precompute.json and .md.
+latency overall and by source. Writes OUT/precompute.json and .md.
+
+--smoke: 10 queries, 2 search clients for 2 s, 1 RAG client for 3 s, 8-token answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import httpx
-import loadtest
-from benchlib import ROOT, machine, write_report
+from lib import routeload
+from lib.cluster import in_process, redeploy, with_args
+from lib.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    machine,
+    output_dir,
+    percentiles_ms,
+    write_report,
+)
 
-from serve_app.launch import deploy, load_config, wait_ready
+from serve_app.launch import load_config
 
 # min_count 1: the first run's RAG requests are few (seconds each on 2 cores).
 SCHEDULE = {"interval_s": 5, "min_count": 1, "window_s": 86400, "max_age_s": 3600}
@@ -35,14 +46,12 @@ SCHEDULE = {"interval_s": 5, "min_count": 1, "window_s": 86400, "max_age_s": 360
 
 def app_config(data_dir: Path) -> dict:
     config = load_config(ROOT / "configs" / "test.yaml")
-    app = config["applications"][0]
-    args = {**app["args"], "store": {"data_dir": str(data_dir)}}
-    return {**config, "applications": [{**app, "args": args}]}
+    return with_args(config, store={"data_dir": str(data_dir)})
 
 
-def set_schedule(config: dict, **schedule) -> str:
-    """The Precompute job's user_config changed in place, as `serve deploy` does."""
-    return deploy(config, [{"name": "Precompute", "user_config": {**SCHEDULE, **schedule}}])
+def schedule(**settings) -> list[dict]:
+    """The Precompute job's user_config, as an override of the config's deployments."""
+    return [{"name": "Precompute", "user_config": {**SCHEDULE, **settings}}]
 
 
 def settled(url: str, kind: str, since: float, timeout_s: float = 600.0) -> dict:
@@ -67,12 +76,12 @@ def settled(url: str, kind: str, since: float, timeout_s: float = 600.0) -> dict
 
 def run(url: str, route: str, clients: int, seconds: float, args, seed_corpus: bool) -> list:
     """One client (latency alone), then `clients` (under load), `seconds` each."""
-    cfg = loadtest.LoadConfig(
+    cfg = routeload.LoadConfig(
         url=url,
         route=route,
         steps=[1, clients],
         duration=seconds,
-        out=ROOT / "docs" / "benchmarks",
+        out=Path(tempfile.gettempdir()),  # unused: the steps are summarized here
         name=f"precompute-{route}",
         collection=f"popular-{route}",
         seed_corpus=seed_corpus,  # seeding again would change the collection
@@ -82,7 +91,7 @@ def run(url: str, route: str, clients: int, seconds: float, args, seed_corpus: b
         queries=args.queries,
         seed=args.seed,
     )
-    steps = loadtest.step_results(asyncio.run(loadtest.run_load(cfg)))
+    steps = routeload.step_results(asyncio.run(routeload.run_load(cfg)))
     return [
         {
             "clients": step["concurrency"],
@@ -106,7 +115,7 @@ async def floor_ms(url: str, requests: int = 1000) -> dict:
             async with client.get("/healthz") as response:
                 await response.read()
             latencies.append(time.perf_counter() - start)
-    return loadtest.percentiles_ms(latencies)
+    return percentiles_ms(latencies)
 
 
 def markdown(report: dict) -> str:
@@ -175,43 +184,40 @@ def main() -> None:
     parser.add_argument("--rag-clients", type=int, default=2)
     parser.add_argument("--rag-s", type=float, default=90.0, help="per step")
     parser.add_argument("--max-tokens", type=int, default=32)
+    add_output_options(parser, "10 queries; 2 search clients 2 s, 1 RAG client 3 s")
     args = parser.parse_args()
-
-    import ray
-    from ray import serve
+    floor_requests = 1000
+    if args.smoke:
+        args.queries, args.top_n, args.max_tokens = 10, 5, 8
+        args.search_clients, args.search_s, args.rag_clients, args.rag_s = 2, 2.0, 1, 3.0
+        floor_requests = 20
 
     config = app_config(Path(tempfile.mkdtemp(prefix="rag-bench-")) / "pgdata")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        url = set_schedule(config, enabled=False, top_n=args.top_n)
-        wait_ready(url)
-        healthz = asyncio.run(floor_ms(url))
+    with in_process(config, overrides=schedule(enabled=False, top_n=args.top_n)) as url:
+        healthz = asyncio.run(floor_ms(url, floor_requests))
         routes = {}
         for route, clients, seconds in (
             ("search", args.search_clients, args.search_s),
             ("rag", args.rag_clients, args.rag_s),
         ):
-            set_schedule(config, enabled=False, top_n=args.top_n)
+            redeploy(config, schedule(enabled=False, top_n=args.top_n))
             without = run(url, route, clients, seconds, args, seed_corpus=True)
             print(route, "without", without)
             since = time.time()
-            set_schedule(config, enabled=True, top_n=args.top_n, kinds=[route])
+            redeploy(config, schedule(enabled=True, top_n=args.top_n, kinds=[route]))
             job = settled(url, route, since)
             with_ = run(url, route, clients, seconds, args, seed_corpus=False)
             print(route, "with", with_)
             routes[route] = {"without": without, "with": with_, "job": job}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     report = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": command_line(),
         "machine": machine(),
         "mix": {"zipf": args.zipf, "queries": args.queries, "seed": args.seed},
         "top_n": args.top_n,
         "healthz_ms": healthz,
         "routes": routes,
     }
-    write_report(report, "precompute", markdown)
+    write_report(report, "precompute", markdown, output_dir(args))
 
 
 if __name__ == "__main__":

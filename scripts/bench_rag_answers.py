@@ -9,8 +9,8 @@ query whose right source is that page. For every setting the report gives:
   citation markers;
 - `grounded`: the share whose words (4+ letters) come mostly (over half) from their sources.
 
-    .venv/bin/python scripts/bench_rag_answers.py            # 48 questions, writes the report
-    .venv/bin/python scripts/bench_rag_answers.py --smoke    # 4 questions, writes nothing
+    .venv/bin/python scripts/bench_rag_answers.py [--out docs/benchmarks]  # 48 questions
+    .venv/bin/python scripts/bench_rag_answers.py --smoke  # 4 questions, report in a temp folder
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from bench_retrieval import man_corpus
-from benchlib import machine, write_report
+from lib import models
+from lib.corpus import man_corpus
+from lib.report import add_output_options, machine, output_dir, write_report
 
 from serve_app.config import AppConfig, RagConfig
 from serve_app.contracts import GenerationRequest
+from serve_app.pipelines.rag import prompt
 from serve_app.protocol.documents import Citation
-from serve_app.routes.rag import prompt
 
 # The prompt and decoding RAG used before answers were kept from repeating themselves.
 BEFORE = RagConfig(
@@ -90,19 +91,11 @@ def cases(n: int, passages: int, top: int, embedder) -> list[Case]:
     return out
 
 
-def answer_all(generator, requests: list[GenerationRequest], batch: int) -> list[str]:
-    """The Generator replica's own prefill and decoding steps, minus Serve, `batch` at a time."""
+def answer_all(engine, requests: list[GenerationRequest], batch: int) -> list[str]:
+    """The Generator's engine decoding, minus Serve, `batch` requests at a time."""
     answers = []
     for start in range(0, len(requests), batch):
-        sequences = [generator._sequence(r) for r in requests[start : start + batch]]
-        texts, seen = [""] * len(sequences), [None] * len(sequences)
-        generator._admit(sequences)
-        while generator.state is not None:
-            generator._step()
-            for k, s in enumerate(sequences):
-                if s.delta is not None and s.delta is not seen[k]:
-                    texts[k], seen[k] = texts[k] + s.delta.text, s.delta
-        answers += texts
+        answers += models.decode(engine, requests[start : start + batch])[1]
     return answers
 
 
@@ -185,7 +178,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="sources per question")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--smoke", action="store_true", help="4 questions; writes nothing")
+    add_output_options(parser, "4 questions over 40 pages, 16 tokens each")
     options = parser.parse_args()
     if options.smoke:
         options.questions, options.passages, options.max_tokens = 4, 40, 16
@@ -193,14 +186,13 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from deployments.generator import Generator
-    from deployments.loading import local_path
+    from deployments.engines.loading import local_path
 
     config = AppConfig()
     embedder = SentenceTransformer(local_path(config.embedder.model), device="cpu")
     all_cases = cases(options.questions, options.passages, options.top, embedder)
     del embedder
-    generator = Generator.func_or_class(config.generator, config.model_cache_dir)
+    generator = models.generation_engine(config.generator, config.model_cache_dir)
     settings = {"before": (BEFORE, before_prompt), "now": (config.rag, prompt)}
     report = {
         "model": config.generator.name,
@@ -212,10 +204,7 @@ def main() -> None:
             for name, (setting, build) in settings.items()
         },
     }
-    if options.smoke:
-        print(markdown(report))
-        return
-    write_report(report, "rag_answers", markdown)
+    write_report(report, "rag_answers", markdown, output_dir(options))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Retrieval benchmark: ingestion, search latency and recall, and answer-source quality.
 
     .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 100] [--scale 100000]
-        [--modes dense,keyword,hybrid] [--no-rerank]
+        [--modes dense,keyword,hybrid] [--no-rerank] [--out docs/benchmarks] [--smoke]
 
 Corpus: the manual pages under /usr/share/man (real technical English) of this machine.
 A page's NAME line ("ls - list directory contents") becomes a labelled query and the rest
@@ -17,21 +17,19 @@ In one run it measures:
    MRR@10, with and without the reranker;
 4. per mode, search latency p50/p99 in process (the query's vector given), on the corpus and on
    the `--scale` chunks (`--scale 0` skips them).
-Writes docs/benchmarks/retrieval.json and retrieval.md.
+Writes OUT/retrieval.json and retrieval.md.
+
+--smoke: 40 pages, 5 queries, 500 scale chunks with random vectors, dense search, no reranker.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import json
 import multiprocessing
 import platform
 import random
 import re
-import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,80 +37,25 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from lib import models
+from lib.cluster import in_process, with_args
+from lib.corpus import man_corpus
+from lib.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    output_dir,
+    percentiles_ms,
+    write_report,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from serve_app.config import AppConfig, StoreConfig
+from serve_app.contracts import DocumentChunks
+from serve_app.launch import load_config
+from serve_app.store import open_store
+from serve_app.store.embedded import stop_embedded
 
-from serve_app.config import AppConfig, CacheConfig, StoreConfig  # noqa: E402
-from serve_app.contracts import DocumentChunks  # noqa: E402
-from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
-from serve_app.store import open_store  # noqa: E402
-from serve_app.store.embedded import stop_embedded  # noqa: E402
-
-OUT = ROOT / "docs" / "benchmarks"
-MAN = Path("/usr/share/man")
 EF_SEARCH = (20, 40, 80, 160)
-
-
-# --- corpus -------------------------------------------------------------------------------
-def troff_to_text(source: str) -> tuple[str, str]:
-    """(NAME description, body text) of a man page, with troff markup stripped."""
-    source = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", source)
-    source = source.replace("\\-", "-").replace("\\&", "").replace("\\(em", "-")
-    source = re.sub(r"\\[(,/|^~]", "", source)
-    source = re.sub(r"\\\(..|\\\*.|\\.", " ", source)
-    name, body, section = "", [], ""
-    for line in source.splitlines():
-        if line.startswith(('.\\"', "'\\\"")):
-            continue
-        if line.startswith(".SH") or line.startswith(".SS"):
-            section = line[3:].strip().strip('"').upper()
-            if section != "NAME":
-                body.append("\n" + section.title() + "\n")
-            continue
-        if line.startswith("."):
-            macro, _, rest = line.partition(" ")
-            if macro in (".B", ".I", ".BR", ".IR", ".BI", ".IB", ".RB", ".RI") and rest:
-                line = rest.replace('"', "")
-            else:
-                continue
-        if section == "NAME":
-            name += " " + line
-        elif line.strip():
-            body.append(line.strip())
-    description = name.split(" - ", 1)[1].strip() if " - " in name else ""
-    return description, re.sub(r"[ \t]+", " ", " ".join(body)).strip()
-
-
-def man_corpus(limit: int, max_chars: int) -> list[dict]:
-    """Pages of every section; the ~16,000 near-identical gcloud pages only fill up to `limit`
-    (as distractors, `labelled: False`), so the labelled queries stay diverse."""
-    pages = sorted(MAN.glob("man[1-8]/*.gz"))
-    ordered = [p for p in pages if not p.name.startswith("gcloud")]
-    ordered += [p for p in pages if p.name.startswith("gcloud")]
-    docs = []
-    for path in ordered:
-        try:
-            with gzip.open(path) as page:
-                source = page.read().decode("utf-8", "replace")
-        except (OSError, EOFError):  # an unreadable page is skipped, not fatal
-            continue
-        description, body = troff_to_text(source)
-        if len(body) < 300 or len(description.split()) < 3:
-            continue
-        docs.append(
-            {
-                "id": path.name.removesuffix(".gz"),
-                "text": body[:max_chars],
-                "full": body,
-                "metadata": {"section": path.parent.name.removeprefix("man")},
-                "query": description,
-                "labelled": not path.name.startswith("gcloud"),
-            }
-        )
-        if len(docs) == limit:
-            break
-    return docs
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -142,20 +85,15 @@ def ingest_http(base_url: str, collection: str, docs: list[dict], in_flight: int
     }
 
 
-# The raw limit is the model's own: no cache may answer.
-NO_CACHE = CacheConfig(embedding_entries=0, response_entries=0)
-
-
 def raw_embedding(args: dict, texts: list[str]) -> float:
-    """Chunks/s of the Embedder's own code in this process (replica precision and threads)."""
-    from deployments.embedder import Embedder
-
+    """Chunks/s of the Embedder's model in this process (replica precision and threads), in
+    requests of the deployment's max_batch_size."""
     config = AppConfig(**args)
-    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
+    model = models.embedding_model(config.embedder, config.model_cache_dir)
     size = config.embedder.batching.max_batch_size
     start = time.perf_counter()
     for i in range(0, len(texts), size):
-        embedder._encode(texts[i : i + size])
+        model.encode(texts[i : i + size])
     return len(texts) / (time.perf_counter() - start)
 
 
@@ -203,7 +141,7 @@ def quality(
                     response.raise_for_status()
                     ranked.append([r["document_id"] for r in response.json()["results"]])
                 metrics = rank_metrics(ranked, [q["id"] for q in queries])
-                metrics["p50_ms"] = statistics.median(latencies) * 1000
+                metrics["p50_ms"] = percentiles_ms(latencies)["p50"]
                 name = mode if mode == "dense" else f"{mode} ({config})"
                 results[name + (" + rerank" if reranked else "")] = metrics
     return results
@@ -294,13 +232,8 @@ async def latency_and_recall(
 
 
 def summary(name: str, times: list[float], recall: float) -> dict:
-    q = statistics.quantiles(times, n=100)
-    return {
-        "search": name,
-        "p50_ms": statistics.median(times) * 1000,
-        "p99_ms": q[98] * 1000,
-        "recall@10": recall,
-    }
+    latency = percentiles_ms(times)
+    return {"search": name, "p50_ms": latency["p50"], "p99_ms": latency["p99"], "recall@10": recall}
 
 
 async def load_scale(
@@ -321,11 +254,9 @@ async def load_scale(
 
 
 def scale_vectors(args: dict, sentences: list[str]) -> np.ndarray:
-    from deployments.embedder import Embedder
-
     config = AppConfig(**{**args, "embedder": {**args.get("embedder", {}), "threads": 2}})
-    embedder = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
-    parts = [embedder._encode(sentences[i : i + 256]) for i in range(0, len(sentences), 256)]
+    model = models.embedding_model(config.embedder, config.model_cache_dir)
+    parts = [model.encode(sentences[i : i + 256]) for i in range(0, len(sentences), 256)]
     return np.concatenate(parts)
 
 
@@ -428,30 +359,27 @@ def main() -> None:
     parser.add_argument(
         "--no-rerank", action="store_true", help="skip the reranked runs (~3 s a query)"
     )
-    parser.add_argument("--out", default=str(OUT))
+    add_output_options(
+        parser, "40 pages, 5 queries, 500 random-vector scale chunks, dense only, no reranker"
+    )
     options = parser.parse_args()
-
-    import ray
-    from ray import serve
+    if options.smoke:
+        options.docs, options.queries, options.scale = 40, 5, 500
+        options.random_vectors, options.no_rerank, options.modes = True, True, "dense"
 
     docs = man_corpus(options.docs, options.max_chars)
     print(f"corpus: {len(docs)} manual pages", flush=True)
     random.seed(0)
     labelled = [d for d in docs if d["labelled"]]
     queries = random.sample(labelled, min(options.queries, len(labelled)))
-    config = load_config(ROOT / options.config)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-retrieval-")) / "pgdata"
-    app = config["applications"][0]
-    args = {**app.get("args", {}), "store": {"data_dir": str(data_dir)}}
-    config = {**config, "applications": [{**app, "args": args}]}
+    config = with_args(load_config(ROOT / options.config), store={"data_dir": str(data_dir)})
+    args = config["applications"][0]["args"]
     store_config = AppConfig(**args).store
     model = AppConfig(**args).embedder.model
     retrieval = AppConfig(**args).retrieval
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        base_url = deploy(config)
-        wait_ready(base_url)
+    with in_process(config) as base_url:
         ingest = ingest_http(base_url, "man", docs)
         print(f"ingest: {ingest}", flush=True)
         chunk_texts = asyncio.run(sample_chunks(store_config, 2000))
@@ -475,9 +403,6 @@ def main() -> None:
             dtype=object,
         )
         query_vectors = np.array([d["embedding"] for d in query_vectors], dtype=np.float32)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     latency = {
         f"man pages ({ingest['chunks']} chunks)": asyncio.run(
             latency_and_recall(store_config, "man", query_vectors)
@@ -508,7 +433,7 @@ def main() -> None:
         print(name, rows, flush=True)
 
     report = {
-        "command": "python scripts/bench_retrieval.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, no GPU",
         "corpus": f"{len(docs)} pages of /usr/share/man ({len(labelled)} outside gcloud), "
@@ -525,11 +450,7 @@ def main() -> None:
         "mode_latency": modes,
         "quality": result_quality,
     }
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "retrieval.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "retrieval.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, "retrieval", markdown, output_dir(options))
 
 
 async def sample_chunks(store_config: StoreConfig, n: int) -> list[str]:

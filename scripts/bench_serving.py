@@ -1,40 +1,47 @@
 """Serving benchmark: each model raw in-process, then the same models over HTTP through Serve.
 
-    .venv/bin/python scripts/bench_serving.py [--config serve_config.yaml] [--duration 8]
+    .venv/bin/python scripts/bench_serving.py [--config serve_config.yaml] [--duration 8] \
+        [--out docs/benchmarks] [--smoke]
 
-Phase 1 loads each model with the deployment's own code (same precision and threads as its
-replica) in a child process and measures throughput across batch sizes. Phase 2 starts a
-private Ray cluster, deploys the config as `serve run` does, and drives closed-loop HTTP
-clients at concurrency 1, 8 and 64, reading the executed batch sizes from /v1/status.
-Writes docs/benchmarks/serving.json and serving.md.
+Phase 1 loads each model through the engine API its deployment wraps (deployments/engines,
+same device, precision and threads as its replica) in a child process and measures throughput
+across batch sizes. Phase 2 starts a private Ray cluster, deploys the config as `serve run`
+does, and drives closed-loop HTTP clients at concurrency 1, 8 and 64, reading the executed
+batch sizes from /v1/status. No input is sent twice, so no cache answers. Writes
+OUT/serving.json and serving.md.
+
+--smoke: two batch sizes per model, one second per scenario at concurrency 1 and 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import platform
-import re
-import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import aiohttp
 import httpx
+from lib import loadgen, models
+from lib.cluster import in_process
+from lib.corpus import Texts, license_sentences
+from lib.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    output_dir,
+    percentiles_ms,
+    write_report,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from serve_app.config import AppConfig
+from serve_app.launch import load_config
 
-from serve_app.config import AppConfig, CacheConfig  # noqa: E402
-from serve_app.launch import deploy, load_config, wait_ready  # noqa: E402
-
-OUT = ROOT / "docs" / "benchmarks"
-CONCURRENCY = (1, 8, 64)
 CHAT_TOKENS = 64
 CHAT_PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -42,103 +49,106 @@ CHAT_PROMPTS = [
     "Explain how a steam engine works, step by step.",
     "Tell me about the history of the bicycle.",
 ]
+CHAT_IDS = itertools.count()  # numbers the chat prompts over HTTP: none is asked twice
 
 
-def corpus_sentences(limit: int = 4096) -> list[str]:
-    """Real English sentences of 8-40 words from the license texts every Debian system ships."""
-    text = " ".join(
-        p.read_text(errors="ignore")
-        for p in sorted(Path("/usr/share/common-licenses").glob("*"))
-        if p.is_file()
-    )
-    sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text)]
-    return [s for s in sentences if 8 <= len(s.split()) <= 40][:limit]
+@dataclass(frozen=True)
+class Sizes:
+    """How much a run measures: the full benchmark, or a smoke run of seconds."""
+
+    concurrency: tuple[int, ...] = (1, 8, 64)
+    embed_batches: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
+    embed_texts: int = 1024
+    rerank_batches: tuple[int, ...] = (4, 20, 32, 64)
+    rerank_pairs: int = 80
+    chat_batches: tuple[int, ...] = (1, 4, 8)
+    chat_tokens: int = CHAT_TOKENS
+
+
+SMOKE = Sizes(
+    concurrency=(1, 4),
+    embed_batches=(1, 8),
+    embed_texts=32,
+    rerank_batches=(4,),
+    rerank_pairs=8,
+    chat_batches=(1, 2),
+    chat_tokens=8,
+)
 
 
 # --- phase 1: raw, in process ---------------------------------------------------------------
-# The raw limit is the model's own: no cache may answer.
-NO_CACHE = CacheConfig(embedding_entries=0, response_entries=0)
+def raw_result(unit: str, precision: str, by_batch: dict[int, float]) -> dict:
+    import torch
 
-
-def raw_result(unit: str, model, by_batch: dict[int, float]) -> dict:
     return {
         "unit": unit,
-        "threads": model.info["threads"],
-        "precision": model.precision,
+        "threads": torch.get_num_threads(),
+        "precision": precision,
         "by_batch": by_batch,
     }
 
 
-def raw_embedder(args: dict, sentences: list[str]) -> dict:
-    from deployments.embedder import Embedder
-
+def raw_embedder(args: dict, sentences: list[str], sizes: Sizes) -> dict:
     config = AppConfig(**args)
-    model = Embedder.func_or_class(config.embedder, config.model_cache_dir, NO_CACHE)
-    texts = sentences[:1024]
+    model = models.embedding_model(config.embedder, config.model_cache_dir)
+    texts = sentences[: sizes.embed_texts]
     by_batch = {}
-    for size in (1, 8, 16, 32, 64, 128):
-        n = 128 if size == 1 else len(texts)
+    for size in sizes.embed_batches:
+        n = min(128, len(texts)) if size == 1 else len(texts)
         start = time.perf_counter()
         for i in range(0, n, size):
-            model._encode(texts[i : i + size])
+            model.encode(texts[i : i + size])
         by_batch[size] = n / (time.perf_counter() - start)
-    return raw_result("sentences/s", model, by_batch)
+    return raw_result("sentences/s", model.precision, by_batch)
 
 
-def raw_reranker(args: dict, sentences: list[str]) -> dict:
-    from deployments.reranker import Reranker
-
+def raw_reranker(args: dict, sentences: list[str], sizes: Sizes) -> dict:
     config = AppConfig(**args)
-    model = Reranker.func_or_class(config.reranker, config.model_cache_dir, NO_CACHE)
+    scorer = models.scorer(config.reranker, config.model_cache_dir)
     passages = sentences[:200]
     query = "What are the conditions for distributing modified copies?"
     by_batch = {}
-    for size in (4, 20, 32, 64):
+    for size in sizes.rerank_batches:
         pairs = [(query, p) for p in passages[: max(size, 40)]]
         start = time.perf_counter()
         done = 0
-        while done < 80:
-            model._score_sorted(pairs[:size])
+        while done < sizes.rerank_pairs:
+            models.score_pairs(scorer, pairs[:size])
             done += size
         by_batch[size] = done / (time.perf_counter() - start)
-    return raw_result("pairs/s", model, by_batch)
+    return raw_result("pairs/s", scorer.precision.precision, by_batch)
 
 
-def raw_generator(args: dict) -> dict:
-    from deployments.generator import Generator
+def raw_generator(args: dict, sizes: Sizes) -> dict:
     from serve_app.contracts import GenerationRequest
 
     config = AppConfig(**args)
-    model = Generator.func_or_class(config.generator, config.model_cache_dir)
+    engine = models.generation_engine(config.generator, config.model_cache_dir)
     by_batch = {}
-    for size in (1, 4, 8):
-        sequences = [
-            model._sequence(
-                GenerationRequest(
-                    messages=[{"role": "user", "content": CHAT_PROMPTS[i % 4]}],
-                    max_tokens=CHAT_TOKENS,
-                )
+    for size in sizes.chat_batches:
+        requests = [
+            GenerationRequest(
+                messages=[{"role": "user", "content": CHAT_PROMPTS[i % 4]}],
+                max_tokens=sizes.chat_tokens,
             )
             for i in range(size)
         ]
         start = time.perf_counter()
-        model._admit(sequences)  # the replica's own prefill and decoding steps, minus Serve
-        while model.state is not None:
-            model._step()
+        sequences, _ = models.decode(engine, requests)
         elapsed = time.perf_counter() - start
         by_batch[size] = sum(s.delta.completion_tokens for s in sequences) / elapsed
-    return raw_result("tokens/s", model, by_batch)
+    return raw_result("tokens/s", engine.info()["precision"], by_batch)
 
 
-def run_raw(args: dict, sentences: list[str]) -> dict:
+def run_raw(args: dict, sentences: list[str], sizes: Sizes) -> dict:
     # Each model in a fresh process: its memory is returned before the next one loads, and
     # torch's thread setting cannot leak between them.
     ctx = multiprocessing.get_context("spawn")
     results = {}
     for name, fn, fn_args in (
-        ("embedder", raw_embedder, (args, sentences)),
-        ("reranker", raw_reranker, (args, sentences)),
-        ("generator", raw_generator, (args,)),
+        ("embedder", raw_embedder, (args, sentences, sizes)),
+        ("reranker", raw_reranker, (args, sentences, sizes)),
+        ("generator", raw_generator, (args, sizes)),
     ):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             results[name] = pool.submit(fn, *fn_args).result()
@@ -156,24 +166,29 @@ class Scenario:
     role: str  # the deployment whose batches this scenario fills
     unit: str
     duration_s: float
+    chat_tokens: int = CHAT_TOKENS
 
-    def body(self, i: int, sentences: list[str]) -> dict:
-        n = len(sentences)
-        if self.name == "embed-1":
-            return {"input": sentences[i % n]}
-        if self.name == "embed-32":
-            return {"input": [sentences[(i * 32 + k) % n] for k in range(32)]}
-        if self.name == "rerank-20":
-            return {
-                "query": sentences[i % n],
-                "documents": [sentences[(i + k * 7) % n] for k in range(20)],
-            }
-        return {
-            "messages": [{"role": "user", "content": CHAT_PROMPTS[i % 4]}],
-            "max_tokens": CHAT_TOKENS,
-        }
+    def bodies(self, texts: Texts):
+        """Endless request bodies; every text and prompt is new, so no cache answers."""
+        while True:
+            if self.name == "embed-1":
+                yield {"input": texts.next()}
+            elif self.name == "embed-32":
+                yield {"input": texts.take(32)}
+            elif self.name == "rerank-20":
+                yield {"query": texts.next(), "documents": texts.take(20)}
+            else:
+                n = next(CHAT_IDS)
+                yield {
+                    "messages": [{"role": "user", "content": f"{CHAT_PROMPTS[n % 4]} (#{n})"}],
+                    "max_tokens": self.chat_tokens,
+                }
 
-    def items(self, body: dict, answer: dict) -> int:
+    def items(self, status: int, content: bytes) -> int:
+        """The work one answer holds: embeddings, scored pairs or completion tokens."""
+        if status != 200:
+            return 0
+        answer = json.loads(content)
         if self.name.startswith("embed"):
             return len(answer["data"])
         if self.name.startswith("rerank"):
@@ -189,60 +204,41 @@ class Result:
     unit: str
     requests: int
     errors: int
-    unfinished: int
-    p50_ms: float
-    p99_ms: float
+    latency_ms: dict
     mean_batch: float
     max_batch_size: int
 
 
-async def closed_loop(
-    base_url: str, scenario: Scenario, concurrency: int, sentences: list[str]
-) -> tuple[float, list[float], int, int]:
-    """`concurrency` clients, each sending its next request when the last is answered.
-
-    New requests stop after `duration_s`; those still in flight get as long again to finish,
-    then are cancelled and counted as unfinished (the time budget stays bounded even where
-    one request takes seconds). Throughput counts finished work over the whole window.
-    """
-    latencies: list[float] = []
-    items = errors = 0
-    stop_at = time.perf_counter() + scenario.duration_s
-    counter = iter(range(10**9))
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal items, errors
-        while time.perf_counter() < stop_at:
-            body = scenario.body(next(counter), sentences)
-            start = time.perf_counter()
-            async with session.post(base_url + scenario.path, json=body) as response:
-                answer = await response.json()
-            if response.status != 200:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - start)
-            items += scenario.items(body, answer)
-
-    timeout = aiohttp.ClientTimeout(total=None)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        start = time.perf_counter()
-        tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        _, pending = await asyncio.wait(tasks, timeout=2 * scenario.duration_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        elapsed = time.perf_counter() - start
-    return items / elapsed, latencies, errors, len(pending)
+async def measure(
+    base_url: str, scenario: Scenario, concurrency: int, texts: Texts
+) -> tuple[float, list[loadgen.Record]]:
+    """Closed-loop clients for the scenario's duration: throughput of finished work over the
+    whole window (requests in flight at the end are awaited and counted), and the records."""
+    records: list[loadgen.Record] = []
+    async with loadgen.session(base_url, concurrency, timeout_s=600) as session:
+        t0 = time.perf_counter()
+        window = await loadgen.closed_loop(
+            session,
+            scenario.path,
+            scenario.bodies(texts),
+            concurrency,
+            records,
+            t0,
+            duration=scenario.duration_s,
+            read=scenario.items,
+        )
+    elapsed = window.end - window.start
+    return sum(r.detail or 0 for r in records) / elapsed, records
 
 
-def drain(base_url: str, scenario: Scenario, sentences: list[str], quiet_s: float = 2.0) -> None:
-    """Wait until work cancelled by the last run has left the deployment.
+def drain(base_url: str, scenario: Scenario, texts: Texts, quiet_s: float = 2.0) -> None:
+    """Wait until work left over from the last run has left the deployment.
 
     A probe request queues behind whatever is left; then the batch counters must stay still
     for `quiet_s` (sequences already decoding run on until their budget is spent).
     """
-    httpx.post(base_url + scenario.path, json=scenario.body(0, sentences), timeout=600)
+    body = next(scenario.bodies(texts))
+    httpx.post(base_url + scenario.path, json=body, timeout=600)
     role = scenario.role
     deadline = time.monotonic() + 120
     last = batch_counters(base_url, role)["batches"]["batches"]
@@ -258,69 +254,67 @@ def batch_counters(base_url: str, role: str) -> dict:
     return httpx.get(f"{base_url}/v1/status", timeout=30).json()["models"][role]
 
 
-def run_http(config: dict, sentences: list[str], duration: float) -> list[Result]:
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    base_url = deploy(config)
-    wait_ready(base_url)
+def run_http(config: dict, texts: Texts, duration: float, sizes: Sizes) -> list[Result]:
     scenarios = [
         Scenario("embed-1", "/v1/embeddings", "embedder", "sentences/s", duration),
         Scenario("embed-32", "/v1/embeddings", "embedder", "sentences/s", duration),
         Scenario("rerank-20", "/v1/rerank", "reranker", "pairs/s", duration * 2),
-        Scenario("chat-64", "/v1/chat/completions", "generator", "tokens/s", duration * 3),
+        Scenario(
+            "chat-64",
+            "/v1/chat/completions",
+            "generator",
+            "tokens/s",
+            duration * 3,
+            sizes.chat_tokens,
+        ),
     ]
     results = []
-    try:
+    with in_process(config) as base_url:
         for scenario in scenarios:
-            warm = Scenario(scenario.name, scenario.path, scenario.role, scenario.unit, 2.0)
-            asyncio.run(closed_loop(base_url, warm, 4, sentences[:64]))
-            drain(base_url, scenario, sentences)
-            for concurrency in CONCURRENCY:
+            warm = Scenario(
+                scenario.name, scenario.path, scenario.role, scenario.unit, min(2.0, duration)
+            )
+            asyncio.run(measure(base_url, warm, 4, texts))
+            drain(base_url, scenario, texts)
+            for concurrency in sizes.concurrency:
                 before = batch_counters(base_url, scenario.role)
-                throughput, latencies, errors, unfinished = asyncio.run(
-                    closed_loop(base_url, scenario, concurrency, sentences)
-                )
+                throughput, records = asyncio.run(measure(base_url, scenario, concurrency, texts))
                 after = batch_counters(base_url, scenario.role)
-                drain(base_url, scenario, sentences)
+                drain(base_url, scenario, texts)
                 batches = after["batches"]["batches"] - before["batches"]["batches"]
                 items = after["batches"]["items"] - before["batches"]["items"]
-                q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+                ok = [r.latency for r in records if r.status == "200"]
                 result = Result(
                     scenario=scenario.name,
                     concurrency=concurrency,
                     throughput=throughput,
                     unit=scenario.unit,
-                    requests=len(latencies),
-                    errors=errors,
-                    unfinished=unfinished,
-                    p50_ms=statistics.median(latencies) * 1000,
-                    p99_ms=q[98] * 1000,
+                    requests=len(ok),
+                    errors=len(records) - len(ok),
+                    latency_ms=percentiles_ms(ok),
                     mean_batch=items / batches if batches else 0.0,
                     max_batch_size=after["batching"]["max_batch_size"],
                 )
                 results.append(result)
                 print(
                     f"http {scenario.name} c={concurrency}: {throughput:.1f} {scenario.unit}, "
-                    f"p50 {result.p50_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
+                    f"p50 {result.latency_ms['p50']} ms, p99 {result.latency_ms['p99']} ms, "
                     f"mean batch {result.mean_batch:.1f}/{result.max_batch_size}, "
-                    f"errors {errors}",
+                    f"errors {result.errors}",
                     flush=True,
                 )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return results
 
 
 # --- report -------------------------------------------------------------------------------
 def targets(raw: dict, http: list[Result]) -> list[dict]:
+    concurrency = sorted({r.concurrency for r in http})
+
     def find(name: str, c: int) -> Result:
         return next(r for r in http if r.scenario == name and r.concurrency == c)
 
-    served32 = max(find("embed-32", c).throughput for c in CONCURRENCY)
-    chat1, chat8 = find("chat-64", 1).throughput, find("chat-64", 8).throughput
+    served32 = max(find("embed-32", c).throughput for c in concurrency)
+    chat1, chat_many = find("chat-64", 1).throughput, find("chat-64", concurrency[1]).throughput
     rows = [
         {
             "target": "served 32-input embeddings / raw in-process (best batch)",
@@ -329,7 +323,7 @@ def targets(raw: dict, http: list[Result]) -> list[dict]:
         }
     ]
     for name in ("embed-32", "embed-1", "rerank-20", "chat-64"):
-        r = find(name, CONCURRENCY[-1])
+        r = find(name, concurrency[-1])
         rows.append(
             {
                 "target": f"mean executed batch / max_batch_size, {name} at c={r.concurrency}",
@@ -338,7 +332,11 @@ def targets(raw: dict, http: list[Result]) -> list[dict]:
             }
         )
     rows.append(
-        {"target": "chat tokens/s at 8 concurrent / 1 alone", "goal": 4.0, "value": chat8 / chat1}
+        {
+            "target": f"chat tokens/s at {concurrency[1]} concurrent / 1 alone",
+            "goal": 4.0 * concurrency[1] / 8,
+            "value": chat_many / chat1 if chat1 else 0.0,
+        }
     )
     return rows
 
@@ -367,15 +365,14 @@ def markdown(report: dict) -> str:
         "## Over HTTP (closed-loop clients on 127.0.0.1, same machine)",
         "",
         "| scenario | concurrency | throughput | p50 ms | p99 ms | mean executed batch "
-        "| requests | errors | unfinished |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| requests | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["http"]:
         lines.append(
             f"| {r['scenario']} | {r['concurrency']} | {r['throughput']:.1f} {r['unit']} | "
-            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-            f"{r['mean_batch']:.1f} / {r['max_batch_size']} | "
-            f"{r['requests']} | {r['errors']} | {r['unfinished']} |"
+            f"{r['latency_ms']['p50']} | {r['latency_ms']['p99']} | "
+            f"{r['mean_batch']:.1f} / {r['max_batch_size']} | {r['requests']} | {r['errors']} |"
         )
     lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     for t in report["targets"]:
@@ -391,28 +388,29 @@ def render(path: Path) -> None:
     report = json.loads(path.read_text())
     http = [Result(**r) for r in report["http"]]
     report["targets"] = targets(report["raw"], http)
-    path.write_text(json.dumps(report, indent=2))
-    path.with_suffix(".md").write_text(markdown(report))
+    write_report(report, path.stem, markdown, path.parent)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP scenario")
-    parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--render", type=Path, help="only re-render this serving.json")
+    add_output_options(parser, "two batch sizes per model, 1 s per scenario at 1 and 4 clients")
     options = parser.parse_args()
     if options.render:
         render(options.render)
         return
+    sizes = SMOKE if options.smoke else Sizes()
+    duration = 1.0 if options.smoke else options.duration
 
     config = load_config(ROOT / options.config)
     args = config["applications"][0].get("args", {})
-    sentences = corpus_sentences()
-    raw = run_raw(args, sentences)
-    http = run_http(config, sentences, options.duration)
+    sentences = license_sentences()
+    raw = run_raw(args, sentences, sizes)
+    http = run_http(config, Texts(sentences), duration, sizes)
     report = {
-        "command": "python scripts/bench_serving.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "config": options.config,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, no GPU",
@@ -420,11 +418,7 @@ def main() -> None:
         "http": [asdict(r) for r in http],
     }
     report["targets"] = targets(raw, http)
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(report, indent=2))
-    (out / "serving.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, "serving", markdown, output_dir(options))
 
 
 if __name__ == "__main__":

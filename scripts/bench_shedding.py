@@ -1,6 +1,7 @@
 """Load shedding on the default config: what a fresh start, full routes and ten times that get.
 
-    .venv/bin/python scripts/bench_shedding.py [--config serve_config.yaml] [--duration 20]
+    .venv/bin/python scripts/bench_shedding.py [--config serve_config.yaml] [--duration 20] \
+        [--out docs/benchmarks] [--smoke]
 
 Starts `serve run CONFIG` (its own Ray cluster; the script refuses to run while another one
 is up), and measures three things against it:
@@ -13,7 +14,9 @@ Each phase runs scripts/loadtest.py once per route, side by side (closed loops t
 `Retry-After`; RAG's corpus is stored before the first phase), and reads the routes' 503
 counts by reason from `/v1/status` before and after.
 While they run it samples the shedding readings, and the host CPU use that the former signal
-(CPU above 90% averaged over 5 s) would have shed on. Writes docs/benchmarks/shedding.json/.md.
+(CPU above 90% averaged over 5 s) would have shed on. Writes OUT/shedding.json and .md.
+
+--smoke: 3 s per phase.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from pathlib import Path
 import httpx
 import psutil
 import yaml
-from benchlib import BIN, machine, serving, write_report
-from loadtest import corpus_sentences, seed, seed_batches
+from lib.cluster import config_url, ray_running, serve_run
+from lib.corpus import license_sentences
+from lib.report import ROOT, add_output_options, command_line, machine, output_dir, write_report
+from lib.routeload import seed, seed_batches
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUTES = ("chat", "rag", "ingest")
 COLLECTION = "shedding"
 FIRST = {
@@ -113,7 +117,7 @@ class Sampler:
 
 async def seed_corpus(url: str) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        await seed(client, seed_batches(corpus_sentences(), COLLECTION))
+        await seed(client, seed_batches(license_sentences(), COLLECTION))
 
 
 def rejected(url: str) -> dict[str, dict[str, int]]:
@@ -221,17 +225,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
+    add_output_options(parser, "3 s per phase")
     options = parser.parse_args()
-    if subprocess.run([BIN / "ray", "status"], capture_output=True).returncode == 0:
+    if options.smoke:
+        options.duration = 3.0
+    if ray_running():
         sys.exit("A Ray cluster is already running here: stop it first (ray stop).")
     config = yaml.safe_load((ROOT / options.config).read_text())
-    http = config.get("http_options", {})
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    url = config_url(config)
     ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
     limits = {r: ingress["user_config"]["routes"][r]["max_running"] for r in ROUTES}
     out = Path(tempfile.mkdtemp(prefix="rag-shedding-"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    with serving(options.config, url, out / "serve.log", env) as ready:
+    with serve_run(options.config, url, out / "serve.log", env) as ready:
         ready_s = round(ready, 1)
         fresh = first_requests(url)
         print(json.dumps(fresh), flush=True)
@@ -242,7 +248,7 @@ def main() -> None:
         tenfold = phase(url, {r: 10 * n for r, n in limits.items()}, options.duration, out)
         print(json.dumps(tenfold), flush=True)
     report = {
-        "command": "python scripts/bench_shedding.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "config": str(options.config),
         "machine": machine(),
         "ready_s": ready_s,
@@ -251,7 +257,7 @@ def main() -> None:
         "limits": at_limits,
         "tenfold": tenfold,
     }
-    write_report(report, "shedding", markdown)
+    write_report(report, "shedding", markdown, output_dir(options))
 
 
 if __name__ == "__main__":

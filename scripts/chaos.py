@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/chaos.py [--config configs/test.yaml] [--url URL] \\
         [--data-dir data/pgdata] [--outage-s 10] [--gap-s 25] [--recovery-timeout-s 180] \\
-        [--name chaos]
+        [--name chaos] [--out docs/benchmarks] [--smoke]
 
 Needs a running service with the embedded PostgreSQL, and the Ray cluster it runs on (joined
 with `ray.init(address="auto")`). Only 127.0.0.1, localhost and ::1 are accepted. `--config`
@@ -27,26 +27,31 @@ Reported (docs/benchmarks/NAME.json and .md):
 - documents lost (acknowledged but absent) or duplicated (more chunks than written), target 0;
 - recovery per fault: seconds until the deployment is healthy again with all its replicas, and
   until each affected route answers 200 again.
+
+--smoke: 3 s between faults, a 2 s outage, 120 s to recover.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import ray
 import yaml
-from benchlib import machine, write_report
+from lib import loadgen
+from lib.cluster import config_url
+from lib.report import add_output_options, machine, output_dir, write_report
 
 from serve_app.store.embedded import embedded_url, stop_embedded
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 RESEND_ATTEMPTS = 20
 IDEMPOTENT = ("embeddings", "rerank", "search")
 COLLECTION = "chaos"
@@ -70,6 +75,22 @@ def body(route: str, i: int) -> dict:
     }[route]
 
 
+def bodies(route: str) -> Iterator[dict]:
+    """The route's request bodies, numbered from 0."""
+    return (body(route, i) for i in itertools.count())
+
+
+def error_of(status: int, content: bytes) -> tuple[str, str | None] | None:
+    """A refusal's error code and type (None for a 200)."""
+    if status == 200:
+        return None
+    try:
+        error = json.loads(content)["error"]
+        return error["code"], error["type"]
+    except (ValueError, KeyError, TypeError):
+        return "not-json", None
+
+
 def document(n: int) -> dict:
     return {"id": f"doc-{n}", "text": f"Item {n}: lighthouse {n} guides ships past the rocks."}
 
@@ -82,12 +103,12 @@ class Chaos:
         self.failures: list[dict] = []  # non-200 answers with their time, type and code
         self.acknowledged: set[str] = set()
         self.unacknowledged: set[str] = set()
-        self.running = True
-        self.start = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.start = time.perf_counter()
         self.db_down: tuple[float, float] | None = None
 
     def now(self) -> float:
-        return round(time.monotonic() - self.start, 2)
+        return round(time.perf_counter() - self.start, 2)
 
     def record(self, route: str, answer: httpx.Response | None, error: str | None = None) -> None:
         status = str(answer.status_code) if answer is not None else "error"
@@ -103,19 +124,43 @@ class Chaos:
                 {"route": route, "at": self.now(), "status": status, "code": code, "type": kind}
             )
 
-    async def client(self, http: httpx.AsyncClient, route: str, path: str, k: int) -> None:
-        i = k * 100_000
-        while self.running:
-            try:
-                answer = await http.post(path, json=body(route, i))
-                self.record(route, answer)
-            except httpx.HTTPError as exc:
-                self.record(route, None, type(exc).__name__)
-            i += 1
+    def absorb(self, route: str, records: list[loadgen.Record]) -> None:
+        """A route's closed-loop records counted as `record` counts single answers."""
+        for r in records:
+            self.answers[route][r.status] += 1
+            if r.status != "200":
+                code, kind = r.detail or ("transport", None)
+                at = round(r.done, 2)
+                self.failures.append(
+                    {"route": route, "at": at, "status": r.status, "code": code, "type": kind}
+                )
+
+    async def clients(self) -> dict[str, list[loadgen.Record]]:
+        """Every route's closed loop, until `stopping` is set; their records by route."""
+        records: dict[str, list[loadgen.Record]] = {route: [] for route in ROUTES}
+        width = sum(clients for _, clients in ROUTES.values())
+        async with loadgen.session(self.url, width, timeout_s=180) as session:
+            await asyncio.gather(
+                *(
+                    loadgen.closed_loop(
+                        session,
+                        path,
+                        bodies(route),
+                        clients,
+                        records[route],
+                        self.start,
+                        stop=self.stopping,
+                        wait_retry_after=False,
+                        read=error_of,
+                    )
+                    for route, (path, clients) in ROUTES.items()
+                )
+            )
+        return records
 
     async def writer(self, http: httpx.AsyncClient) -> None:
         n = 0
-        while self.running:
+        while not self.stopping.is_set():
             doc = document(n)
             try:
                 answer = await http.post(
@@ -135,10 +180,10 @@ class Chaos:
         within the recovery timeout)."""
         path = ROUTES[route][0]
         i = 10**7
-        while time.monotonic() - since < self.recovery_timeout_s:
+        while time.perf_counter() - since < self.recovery_timeout_s:
             try:
                 if (await http.post(path, json=body(route, i))).status_code == 200:
-                    return round(time.monotonic() - since, 2)
+                    return round(time.perf_counter() - since, 2)
             except httpx.HTTPError:
                 pass
             i += 1
@@ -148,11 +193,11 @@ class Chaos:
     async def healthy(self, http: httpx.AsyncClient, deployment: str, since: float) -> float | None:
         """Seconds from `since` until `deployment` is HEALTHY with no replica starting."""
         await asyncio.sleep(1)
-        while time.monotonic() - since < self.recovery_timeout_s:
+        while time.perf_counter() - since < self.recovery_timeout_s:
             try:
                 status = (await http.get("/v1/status")).json()["deployments"][deployment]
                 if status["status"] == "HEALTHY" and set(status["replicas"]) == {"RUNNING"}:
-                    return round(time.monotonic() - since, 2)
+                    return round(time.perf_counter() - since, 2)
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             await asyncio.sleep(0.5)
@@ -164,7 +209,7 @@ class Chaos:
             for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(f"SERVE_REPLICA::rag#{deployment}#")
         ]
-        at = time.monotonic()
+        at = time.perf_counter()
         for name in names:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         back = await asyncio.gather(
@@ -179,11 +224,11 @@ class Chaos:
         }
 
     async def outage(self, http: httpx.AsyncClient, seconds: float) -> dict:
-        at = time.monotonic()
+        at = time.perf_counter()
         await asyncio.to_thread(stop_embedded, self.data_dir)
         await asyncio.sleep(seconds)
         await asyncio.to_thread(embedded_url, self.data_dir)
-        up = time.monotonic()
+        up = time.perf_counter()
         self.db_down = (at - self.start, up - self.start)
         back = await asyncio.gather(*(self.first_200(http, r, up) for r in ("search", "rag")))
         return {
@@ -203,12 +248,8 @@ class Chaos:
             seed = {"collection": COLLECTION, "documents": [document(-1)]}
             (await http.post("/v1/documents", json=seed)).raise_for_status()
             self.acknowledged.add("doc--1")
-            tasks = [
-                asyncio.create_task(self.client(http, route, path, k))
-                for route, (path, clients) in ROUTES.items()
-                for k in range(clients)
-            ]
-            tasks.append(asyncio.create_task(self.writer(http)))
+            load = asyncio.create_task(self.clients())
+            writing = asyncio.create_task(self.writer(http))
             faults = []
             plan = [
                 ("Embedder", ["embeddings", "search"]),
@@ -224,8 +265,11 @@ class Chaos:
             faults.append(await self.outage(http, outage_s))
             print(faults[-1])
             await asyncio.sleep(gap_s)
-            self.running = False
-            await asyncio.gather(*tasks)
+            self.stopping.set()
+            await writing
+            for route, records in (await load).items():
+                self.absorb(route, records)
+            self.failures.sort(key=lambda f: f["at"])
             # The writer's failed ingests, sent again: each must now complete.
             for doc_id in sorted(self.unacknowledged - self.acknowledged):
                 if await self.resend(http, int(doc_id.removeprefix("doc-"))):
@@ -350,17 +394,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/test.yaml"))
     parser.add_argument("--url", help="default: the config's http_options")
-    parser.add_argument("--name", default="chaos", help="report name under docs/benchmarks")
+    parser.add_argument("--name", default="chaos", help="report name under --out")
     parser.add_argument("--data-dir", type=Path, default=Path("data/pgdata"))
     parser.add_argument("--gap-s", type=float, default=25.0)
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--recovery-timeout-s", type=float, default=180.0)
+    add_output_options(parser, "3 s between faults, a 2 s outage, 120 s to recover")
     args = parser.parse_args()
-    if args.url is None:
-        http = yaml.safe_load(args.config.read_text()).get("http_options", {})
-        args.url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    if urlsplit(args.url).hostname not in LOCAL_HOSTS:
-        parser.error("chaos runs against a local server only")
+    if args.smoke:
+        args.gap_s, args.outage_s, args.recovery_timeout_s = 3.0, 2.0, 120.0
+    try:
+        args.url = loadgen.local_url(
+            args.url or config_url(yaml.safe_load(args.config.read_text()))
+        )
+    except ValueError as e:
+        parser.error(f"--url: {e}")
     ray.init(address="auto", log_to_driver=False)
     chaos = Chaos(args.url, args.data_dir.resolve(), args.recovery_timeout_s)
     faults = asyncio.run(chaos.run(args.gap_s, args.outage_s))
@@ -379,7 +427,7 @@ def main() -> None:
         "faults": faults,
         "failures": chaos.failures,
     }
-    write_report(report, args.name, markdown)
+    write_report(report, args.name, markdown, output_dir(args))
 
 
 if __name__ == "__main__":

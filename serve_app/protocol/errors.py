@@ -64,11 +64,6 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
-def sse_event(error: APIError) -> str:
-    """`error` as an event of a stream whose status line has already gone out."""
-    return f"data: {ErrorResponse(error=error.body).model_dump_json()}\n\n"
-
-
 def replica_failed() -> APIError:
     return APIError(
         503,
@@ -77,15 +72,6 @@ def replica_failed() -> APIError:
         code="replica_unavailable",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
-
-
-def sse_error(exc: BaseException) -> str:
-    """An error event for a failure in the middle of a stream."""
-    if isinstance(exc, APIError):
-        return sse_event(exc)
-    if isinstance(exc, REPLICA_FAILURES):
-        return sse_event(replica_failed())
-    return sse_event(APIError(500, f"Generation failed: {type(exc).__name__}", "api_error"))
 
 
 def _field_path(loc: tuple) -> str | None:

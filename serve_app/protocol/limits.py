@@ -88,3 +88,22 @@ def check_ingest(request: IngestRequest, limits: InputLimits) -> None:
     _each_at_most((d.text for d in request.documents), limits.max_document_chars, "documents")
     for i, document in enumerate(request.documents):
         _json_at_most(document.metadata, limits.max_metadata_bytes, f"documents.{i}.metadata")
+
+
+def check_max_tokens(max_tokens: int | None, cap: int) -> None:
+    """A generation asks for at most the generator's `max_new_tokens`."""
+    if max_tokens is not None and max_tokens > cap:
+        raise APIError(
+            400, f"max_tokens must be at most {cap}.", param="max_tokens", code="invalid_value"
+        )
+
+
+def check_dimensions(dimensions: int | None, width: int, model: str) -> None:
+    """Embeddings are cut to at most the model's own width."""
+    if dimensions is not None and dimensions > width:
+        raise APIError(
+            400,
+            f"dimensions must be at most {width} for {model}.",
+            param="dimensions",
+            code="invalid_value",
+        )

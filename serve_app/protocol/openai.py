@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
+import numpy as np
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -14,6 +17,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:  # contracts imports the protocol (citations): types only, no cycle
+    from serve_app.contracts import Delta, Embeddings
 
 
 class Request(BaseModel):
@@ -85,6 +91,35 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+    @staticmethod
+    def body(result: Embeddings, request: EmbeddingRequest, model: str) -> bytes:
+        """This shape as JSON, written by orjson straight from float32 rows: through pydantic
+        and json.dumps, thousands of floats per answer cost more than the hop itself. Rows cut
+        to `dimensions` (checked by `limits.check_dimensions`) are normalized again."""
+        vectors = result.vectors
+        if request.dimensions is not None:
+            vectors = vectors[:, : request.dimensions]
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        if request.encoding_format == "base64":
+            encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            encoded = list(vectors)  # float32 rows, written by orjson without a Python float each
+        tokens = sum(result.tokens)
+        body = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)
+            ],
+            "model": model,
+            # truncated_inputs: inputs longer than the model reads, cut at its maximum.
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "truncated_inputs": result.truncated,
+            },
+        }
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 # --- chat completions ---------------------------------------------------------------------
@@ -158,6 +193,16 @@ class Usage(BaseModel):
         default=0, description="Tokens cut from the conversation's start to fit the model."
     )
 
+    @classmethod
+    def of(cls, delta: Delta) -> Usage:
+        """The usage a generation's last delta reports."""
+        return cls(
+            prompt_tokens=delta.prompt_tokens,
+            completion_tokens=delta.completion_tokens,
+            total_tokens=delta.prompt_tokens + delta.completion_tokens,
+            truncated_prompt_tokens=delta.truncated_prompt_tokens,
+        )
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -179,6 +224,18 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, completion_id: str, created: int, model: str, text: str, last: Delta):
+        """The whole answer: its text joined, and the last delta's finish reason and usage."""
+        message = AssistantMessage(content=text)
+        return cls(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[Choice(message=message, finish_reason=last.finish_reason)],
+            usage=Usage.of(last),
+        )
 
 
 class DeltaMessage(BaseModel):

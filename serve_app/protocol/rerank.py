@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from serve_app.protocol.openai import NonEmptyText, Request, Text
+from serve_app.contracts import RerankScore, ranked
+from serve_app.protocol.openai import NonEmptyText, Request, Text, new_id
 
 
 class Document(BaseModel):
@@ -41,3 +42,21 @@ class RerankResponse(BaseModel):
     model: str
     results: list[RerankResult]
     usage: RerankUsage
+
+    @classmethod
+    def of(cls, request: RerankRequest, model: str, scored: list[RerankScore]) -> RerankResponse:
+        """The `top_n` best documents, best first, with the tokens read and inputs cut."""
+        texts = request.texts
+        results = [
+            RerankResult(
+                index=i,
+                relevance_score=scored[i].score,
+                document=Document(text=texts[i]) if request.return_documents else None,
+            )
+            for i in ranked(scored, request.top_n)
+        ]
+        usage = RerankUsage(
+            total_tokens=sum(s.tokens for s in scored),
+            truncated_documents=sum(s.cut for s in scored),
+        )
+        return cls(id=new_id("rerank"), model=model, results=results, usage=usage)

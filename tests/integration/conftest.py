@@ -65,7 +65,7 @@ def configure_ingress(client: httpx.Client, user_config: dict, key: str | None =
     }
     redeploy([{"name": "Ingress", "user_config": user_config}])
     from serve_app.config import IngressLive, RouteLimits, overlay
-    from serve_app.guard import APIKeys
+    from serve_app.http.guard import APIKeys
 
     expected = overlay(IngressLive(), user_config)
     admission = expected.admission

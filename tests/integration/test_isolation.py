@@ -82,7 +82,7 @@ def test_a_query_is_answered_quickly_while_a_large_ingest_runs(server, client):
 def test_a_text_cut_to_what_the_reranker_reads_tokenizes_the_same():
     """The reranker cuts a query or passage to (tokens it reads + 1) * max_token_chars before
     tokenizing: on the bundled tokenizer, the tokens it reads are unchanged by the cut."""
-    from deployments import loading
+    from deployments.engines import loading
     from serve_app.config import AppConfig, RerankerConfig
 
     config = RerankerConfig()

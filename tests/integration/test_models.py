@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from deployments import loading
+from deployments.engines import loading
 from deployments.reranker import Reranker
 from serve_app.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_GENERATION_MODEL, AppConfig
 

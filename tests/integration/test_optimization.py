@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from deployments.embedder import Embedder
-from deployments.precision import UnsupportedPrecision
+from deployments.engines.precision import UnsupportedPrecision
 from serve_app.config import CacheConfig, EmbedderConfig
 from tests.integration.conftest import TEST_CONFIG, redeploy
 from tests.integration.test_documents import ingest, search

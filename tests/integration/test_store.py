@@ -435,8 +435,8 @@ def test_databases_sharing_one_redis_never_see_each_others_results(external, red
     """Two databases whose collections have the same name, id and version: a search in one
     is never answered from the other's cached result (keys name the collection's uid)."""
     from serve_app.config import AppConfig, CacheConfig
+    from serve_app.pipelines.retrieval import Retriever
     from serve_app.protocol.documents import SearchRequest
-    from serve_app.routes.retrieval import Retriever
 
     with psycopg.connect(external.database_url, autocommit=True) as admin:
         for name in ("shard_one", "shard_two"):
@@ -509,8 +509,8 @@ def test_precomputed_answers_catch_missed_changes_and_silent_links(external):
     interval and the store's timeout."""
     from psycopg.types.json import Jsonb
 
-    from serve_app.popular import PrecomputedAnswers
-    from serve_app.store.popular import PopularStore
+    from serve_app.precompute.answers import PrecomputedAnswers
+    from serve_app.precompute.store import PopularStore
 
     async def until(condition, limit_s: float) -> float:
         start = time.perf_counter()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.admission import (
+from serve_app.config import DEFAULT_ROUTE_LIMITS, Admission, Shedding, overlay
+from serve_app.http.admission import (
     AdmissionControl,
     HostPressure,
     PressureSources,
@@ -15,7 +16,6 @@ from serve_app.admission import (
     keyed,
     stall_total,
 )
-from serve_app.config import DEFAULT_ROUTE_LIMITS, Admission, Shedding, overlay
 from serve_app.protocol.errors import APIError
 
 pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from deployments.batching import ForwardBudget, Piece, batch_cost, isolate, split, unwrap
+from deployments.batching import isolate
+from deployments.engines.batching import ForwardBudget, Piece, batch_cost, split, unwrap
 
 
 def test_pieces_respect_both_bounds():

@@ -2,25 +2,22 @@
 choice with a scripted model: no Ray cluster."""
 
 import asyncio
-import itertools
 import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 
 from deployments import generator as generator_module
-from deployments import loading
 from deployments.generator import Generator
 from serve_app import cascade
 from serve_app.config import AppConfig, InputLimits
 from serve_app.contracts import Choice
+from serve_app.pipelines.classify import Classify, label_vectors, split_vectors
 from serve_app.protocol import limits
 from serve_app.protocol.classify import ClassifyRequest
 from serve_app.protocol.errors import APIError
-from serve_app.routes.classify import Classify, label_vectors, split_vectors
 
 DIM = 8
 
@@ -136,55 +133,6 @@ def test_examples_must_name_known_labels():
         ClassifyRequest(inputs=["x"], labels=["a", "b"], examples={"c": ["y"]})
     with pytest.raises(ValidationError):
         ClassifyRequest(inputs=["x"], labels={"a": [], "b": "b"})
-
-
-class Scripted(torch.nn.Module):
-    """A causal LM that, after each token of `script`, predicts the one that follows it."""
-
-    def __init__(self, script: list[int], vocab: int) -> None:
-        super().__init__()
-        self.next = torch.zeros(vocab, dtype=torch.long)
-        for a, b in itertools.pairwise(script):
-            self.next[a] = b
-        self.vocab = vocab
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
-        predicted = self.next[input_ids[:, -logits_to_keep:]]
-        logits = torch.zeros(*predicted.shape, self.vocab)
-        logits.scatter_(-1, predicted.unsqueeze(-1), 30.0)
-        return SimpleNamespace(logits=logits)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    config = AppConfig()
-    return loading.load_tokenizer(config.generator, config.model_cache_dir)
-
-
-def scripted_generator(tokenizer, reply: str):
-    messages = [{"role": "user", "content": "Which one?"}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
-    script = [last, *tokenizer(reply, add_special_tokens=False)["input_ids"]]
-    script.append(tokenizer.eos_token_id)
-    model = Scripted(script, len(tokenizer))
-    fake = SimpleNamespace(
-        tokenizer=tokenizer, counter=loading.TokenCounter(tokenizer), model=model, device="cpu"
-    )
-    return fake, messages
-
-
-def test_choose_scores_the_whole_reply(tokenizer):
-    # The model always replies "bug report": the option "bug" is only its beginning.
-    fake, messages = scripted_generator(tokenizer, "bug report")
-    choice = Generator.func_or_class._choose(fake, messages, ["bug", "bug report"], 1024)
-    assert choice.skipped is None and choice.probabilities[1] > 0.99
-
-
-def test_choose_refuses_a_prompt_over_its_budget(tokenizer):
-    fake, messages = scripted_generator(tokenizer, "bug")
-    choice = Generator.func_or_class._choose(fake, messages, ["bug", "feature"], 16)
-    assert choice == Choice(None, "prompt_too_long")
 
 
 def test_choices_wait_on_their_own_lane_and_a_full_queue_answers_busy():

@@ -8,12 +8,12 @@ from pydantic import ValidationError
 
 from serve_app.app import deployment_options, plan
 from serve_app.config import Admission, AppConfig, Batching, IngressLive, PrecomputeLive, overlay
-from serve_app.ingress import Ingress
-from serve_app.routes.classify import Classify
-from serve_app.routes.documents import Documents
-from serve_app.routes.precompute import Precompute
-from serve_app.routes.rag import Rag
-from serve_app.routes.search import Search
+from serve_app.http.ingress import Ingress
+from serve_app.pipelines.classify import Classify
+from serve_app.pipelines.documents import Documents
+from serve_app.pipelines.rag import Rag
+from serve_app.pipelines.search import Search
+from serve_app.precompute.job import Precompute
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTE_DEPLOYMENTS = {

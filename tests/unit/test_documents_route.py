@@ -1,4 +1,4 @@
-"""The Documents deployment's chunk cap (serve_app/routes/documents.py), without a cluster."""
+"""The Documents deployment's chunk cap (serve_app/pipelines/documents.py), without a cluster."""
 
 import asyncio
 
@@ -6,8 +6,8 @@ import pytest
 
 from serve_app.config import Chunking
 from serve_app.errors import TooManyChunks
+from serve_app.pipelines.documents import Documents
 from serve_app.protocol.documents import IngestRequest
-from serve_app.routes.documents import Documents
 
 
 class Method:

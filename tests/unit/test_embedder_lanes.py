@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from deployments import embedder as embedder_module
-from deployments.batching import ForwardBudget
 from deployments.embedder import Embedder
+from deployments.engines.batching import ForwardBudget
 
 
 def bulk_replica(passes: list[tuple[float, list[str]]]) -> Embedder:

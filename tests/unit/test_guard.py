@@ -15,7 +15,7 @@ from starlette.datastructures import State
 from starlette.websockets import WebSocketDisconnect
 
 from serve_app.config import AppConfig, AuthConfig, IngressLive, overlay
-from serve_app.guard import (
+from serve_app.http.guard import (
     CONTROL_HEADERS,
     AllowedHosts,
     APIKeys,
@@ -121,13 +121,13 @@ def test_without_key_state_every_guarded_path_is_refused(monkeypatch):
 def test_an_ingress_started_without_user_config_loads_its_keys(monkeypatch):
     """Serve calls `reconfigure` only for a deployment with a user_config: the keys in the
     environment must be in force from the constructor on."""
-    from serve_app import ingress
+    from serve_app.http import api, ingress
 
     cls = ingress.Ingress.func_or_class
     user_class = cls.__mro__[1]  # the class as written, under Serve's ASGI wrapper
-    # Serve keeps a copy of the class, the module globals it uses, and the app it serves.
+    # Serve keeps a copy of the class and the module globals it uses; it serves api.app.
     scope = user_class.__init__.__globals__
-    served = scope["app"]
+    served = api.app
 
     async def open_store(config, name):
         return SimpleNamespace(url="postgresql://unused", timeout_s=1.0)
@@ -136,6 +136,11 @@ def test_an_ingress_started_without_user_config_loads_its_keys(monkeypatch):
     monkeypatch.setitem(scope, "open_store", open_store)
     monkeypatch.setitem(scope, "PopularStore", lambda store: None)
     monkeypatch.setitem(scope, "Popular", lambda *args: None)
+
+    async def compute_popular(replica):  # the Precompute job's work: none here
+        return None
+
+    monkeypatch.setitem(scope, "compute_popular", compute_popular)
     monkeypatch.setattr(served, "state", State())
 
     async def construct() -> None:
@@ -147,6 +152,13 @@ def test_an_ingress_started_without_user_config_loads_its_keys(monkeypatch):
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
     elsewhere = TestClient(served, base_url="http://evil.example").get("/v1/models")
     assert elsewhere.status_code == 400
+    # With the key, the route reads the replica's state the constructor put in the app.
+    listed = TestClient(served, base_url=LOCAL).get(
+        "/v1/models", headers={"Authorization": "Bearer boot-key"}
+    )
+    assert listed.status_code == 200
+    names = [m.name for m in AppConfig().models().values()]
+    assert [card["id"] for card in listed.json()["data"]] == names
 
 
 # --- Host ----------------------------------------------------------------------------------

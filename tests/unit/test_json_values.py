@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from serve_app.cache import ResponseCache
 from serve_app.config import InputLimits
-from serve_app.popular import ask
+from serve_app.precompute.keys import ask
 from serve_app.protocol import errors, limits
 from serve_app.protocol.documents import (
     IngestRequest,

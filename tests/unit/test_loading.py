@@ -1,6 +1,6 @@
 """Model resolution, without loading weights."""
 
-from deployments import loading
+from deployments.engines import loading
 from serve_app.config import DEFAULT_EMBEDDING_MODEL
 
 

@@ -1,4 +1,4 @@
-"""scripts/loadtest.py: the host check, the summary, and a short run against a fake server."""
+"""scripts/loadtest.py: the CLI bounds, the summary, and a short run against a fake server."""
 
 import asyncio
 import importlib.util
@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,12 @@ import uvicorn
 from fastapi import FastAPI, Response
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))  # as when run as a file: `lib` beside it
 spec = importlib.util.spec_from_file_location("loadtest", ROOT / "scripts" / "loadtest.py")
 loadtest = importlib.util.module_from_spec(spec)
 sys.modules["loadtest"] = loadtest  # dataclasses resolve their module by name
 spec.loader.exec_module(loadtest)
+from lib import loadgen, routeload  # noqa: E402
 
 STATUS = {
     "routes": {"embeddings": {"max_running": 4, "max_queued": 8, "running": 2, "queued": 1}},
@@ -30,12 +33,7 @@ STATUS = {
 }
 
 
-def test_host_check():
-    for url in ("http://127.0.0.1:8000", "http://localhost:8000/", "http://[::1]:8000"):
-        assert loadtest.check_url(url) == url.rstrip("/")
-    for url in ("http://example.com:8000", "http://10.0.0.1:8000", "ftp://127.0.0.1"):
-        with pytest.raises(ValueError):
-            loadtest.check_url(url)
+def test_remote_targets_are_refused():
     remote = ["--route", "chat", "--steps", "1", "--duration", "1", "--url", "http://example.com"]
     with pytest.raises(SystemExit):
         loadtest.parse_args(remote)
@@ -49,13 +47,20 @@ def test_cli_bounds():
         "chat",
         "http://127.0.0.1:8000",
     )
-    for extra in (["--steps", "1,513", "--duration", "1"], ["--steps", "1", "--duration", "601"]):
+    for extra in (
+        ["--steps", "1,513", "--duration", "1"],
+        ["--steps", "1", "--duration", "601"],
+        ["--steps", "1"],  # --duration is required outside smoke runs
+    ):
         with pytest.raises(SystemExit):
             loadtest.parse_args(["--route", "chat", *extra])
+    smoke = loadtest.parse_args(["--route", "chat", "--smoke"])
+    assert (smoke.steps, smoke.duration) == ([2], 3.0)
+    assert smoke.out != ROOT / "docs" / "benchmarks"  # a smoke run leaves the figures alone
 
 
 def test_summarize_counts_and_percentiles():
-    Record = loadtest.Record
+    Record = loadgen.Record
     ok = [Record(t=i, latency=(i + 1) / 10, status="200", concurrency=4) for i in range(10)]
     shed = [
         Record(t=1, latency=0.01, status="503", concurrency=4, retry_after=True),
@@ -63,7 +68,7 @@ def test_summarize_counts_and_percentiles():
     ]
     failed = [Record(t=3, latency=300.0, status="error", concurrency=4)]
     samples = [{"t": 0, "memory_percent": 31.5}, {"t": 1, "memory_percent": None}]
-    summary = loadtest.summarize(ok + shed + failed, duration=2.0, samples=samples)
+    summary = routeload.summarize(ok + shed + failed, duration=2.0, samples=samples)
     assert summary["requests"] == 13
     assert summary["answers"] == 12
     assert summary["throughput_rps"] == 6.0
@@ -75,13 +80,13 @@ def test_summarize_counts_and_percentiles():
     assert summary["missing_retry_after_503"] == 1
     assert summary["max_memory_percent"] == 31.5
 
-    empty = loadtest.summarize(ok, duration=1.0)
+    empty = routeload.summarize(ok, duration=1.0)
     assert empty["latency_ms"]["503"] == {"p50": None, "p95": None, "p99": None}
     assert empty["max_memory_percent"] is None
 
 
 def test_parse_status_and_bodies():
-    parsed = loadtest.parse_status(STATUS, "embeddings")
+    parsed = routeload.parse_status(STATUS, "embeddings")
     assert parsed == {
         "replicas": {"Embedder": 2, "Generator": 0},
         "memory_percent": 30.1,
@@ -89,20 +94,27 @@ def test_parse_status_and_bodies():
         "running": 2.0,
         "queued": 1.0,
     }
-    assert loadtest.parse_status({}, "chat")["replicas"] == {}
+    assert routeload.parse_status({}, "chat")["replicas"] == {}
 
     sentences = [f"sentence number {i} has quite a few words in it." for i in range(20)]
-    rerank = next(loadtest.bodies("rerank", sentences))
+    rerank = next(routeload.bodies("rerank", sentences))
     assert rerank["query"] == sentences[0] and len(rerank["documents"]) == 8
-    ingest = loadtest.bodies("ingest", sentences, collection="c")
+    # Past the last sentence each comes back numbered, so no cache can answer; --repeat cycles.
+    unique = [b["input"] for b in islice(routeload.bodies("embeddings", sentences), 45)]
+    assert len(set(unique)) == 45 and unique[20] == sentences[0] + " [2]"
+    cycled = [
+        b["input"] for b in islice(routeload.bodies("embeddings", sentences, repeat=True), 45)
+    ]
+    assert len(set(cycled)) == 20
+    ingest = routeload.bodies("ingest", sentences, collection="c")
     first, second = next(ingest), next(ingest)
     assert [first["documents"][0]["id"], second["documents"][0]["id"]] == [
         "loadtest-0",
         "loadtest-1",
     ]
-    chat = next(loadtest.bodies("chat", sentences, max_tokens=7))
+    chat = next(routeload.bodies("chat", sentences, max_tokens=7))
     assert chat["max_tokens"] == 7 and chat["temperature"] == 0
-    seed = loadtest.seed_batches(sentences, "c")
+    seed = routeload.seed_batches(sentences, "c")
     assert sum(len(b["documents"]) for b in seed) == 50
 
 
@@ -165,7 +177,7 @@ def server_url():
 
 
 def test_run_against_fake_server(server_url, tmp_path):
-    cfg = loadtest.LoadConfig(
+    cfg = routeload.LoadConfig(
         url=server_url,
         route="embeddings",
         steps=[4],
@@ -181,6 +193,7 @@ def test_run_against_fake_server(server_url, tmp_path):
 
     report = json.loads((tmp_path / "loadtest-fake.json").read_text())
     assert (tmp_path / "loadtest-fake.png").read_bytes().startswith(b"\x89PNG")
+    assert "p95 ms" in (tmp_path / "loadtest-fake.md").read_text()
     assert {"command", "url", "route", "steps", "duration", "host", "results", "overall"} <= set(
         report
     )
@@ -199,7 +212,7 @@ def test_run_against_fake_server(server_url, tmp_path):
 
 
 def test_search_seeds_the_collection_first(server_url, tmp_path):
-    cfg = loadtest.LoadConfig(
+    cfg = routeload.LoadConfig(
         url=server_url,
         route="search",
         steps=[2],
@@ -217,31 +230,29 @@ def test_search_seeds_the_collection_first(server_url, tmp_path):
 
 
 def test_zipf_mix_draws_popular_queries_more_often():
-    from itertools import islice
-
-    ranks = list(islice(loadtest.zipf_ranks(1.0, 50, seed=1), 20_000))
+    ranks = list(islice(routeload.zipf_ranks(1.0, 50, seed=1), 20_000))
     counts = [ranks.count(r) for r in range(50)]
     assert min(ranks) == 0 and max(ranks) < 50
     # 1/rank: rank 1 about twice rank 2 and ten times rank 10 (sampling noise allowed).
     assert 1.7 < counts[0] / counts[1] < 2.3 and 7 < counts[0] / counts[9] < 13
-    assert list(islice(loadtest.zipf_ranks(1.0, 50, seed=1), 100)) == ranks[:100]
+    assert list(islice(routeload.zipf_ranks(1.0, 50, seed=1), 100)) == ranks[:100]
     sentences = [f"s{i}" for i in range(50)]
-    mixed = loadtest.bodies("search", sentences, ranks=iter([3, 3, 0]))
+    mixed = routeload.bodies("search", sentences, ranks=iter([3, 3, 0]))
     assert [next(mixed)["query"] for _ in range(3)] == ["s3", "s3", "s0"]
     with pytest.raises(ValueError):
-        next(loadtest.zipf_ranks(0, 10))
+        next(routeload.zipf_ranks(0, 10))
 
 
 def test_cache_summary_counts_hits_by_source():
-    Record = loadtest.Record
+    Record = loadgen.Record
     records = [
-        Record(0, 0.005, "200", 1, cache="precomputed"),
-        Record(0, 0.007, "200", 1, cache="precomputed"),
-        Record(0, 0.020, "200", 1, cache="response"),
+        Record(0, 0.005, "200", 1, detail="precomputed"),
+        Record(0, 0.007, "200", 1, detail="precomputed"),
+        Record(0, 0.020, "200", 1, detail="response"),
         Record(0, 1.500, "200", 1),
         Record(0, 0.001, "503", 1),
     ]
-    summary = loadtest.cache_summary(records)
+    summary = routeload.cache_summary(records)
     assert summary["hit_rate"] == 0.75
     assert summary["by_source"]["precomputed"]["count"] == 2
     assert summary["by_source"]["none"]["latency_ms"]["p50"] == 1500.0

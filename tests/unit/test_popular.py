@@ -6,20 +6,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from serve_app.admission import AdmissionControl
 from serve_app.config import Admission, PrecomputeConfig, overlay
 from serve_app.errors import InvalidData, StoreUnavailable
-from serve_app.popular import (
-    MAX_COUNTED_BYTES,
-    Popular,
-    PrecomputedAnswers,
-    QueryCounter,
-    ask,
-    normalize,
-)
+from serve_app.http.admission import AdmissionControl
+from serve_app.precompute.answers import PrecomputedAnswers
+from serve_app.precompute.counter import MAX_COUNTED_BYTES, QueryCounter
+from serve_app.precompute.keys import ask, normalize
+from serve_app.precompute.popular import Popular
+from serve_app.precompute.store import Answer, PopularStore
 from serve_app.protocol.documents import RagRequest, SearchRequest
 from serve_app.protocol.errors import APIError
-from serve_app.store.popular import Answer, PopularStore
 
 pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deployments import precision
+from deployments.engines import precision
 
 
 def mlp() -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Which sources a RAG prompt holds (serve_app/routes/rag.py), without a cluster."""
+"""Which sources a RAG prompt holds (serve_app/pipelines/rag.py), without a cluster."""
 
 import asyncio
 from dataclasses import dataclass
@@ -7,8 +7,7 @@ import pytest
 
 from serve_app.config import RagConfig
 from serve_app.contracts import Hit, Retrieved
-from serve_app.protocol.documents import RagRequest
-from serve_app.routes.rag import (
+from serve_app.pipelines.rag import (
     MAX_SOURCES,
     SOURCE_TOKENS,
     TEMPLATE_TOKENS,
@@ -18,6 +17,7 @@ from serve_app.routes.rag import (
     prompt,
     sources_that_fit,
 )
+from serve_app.protocol.documents import RagRequest
 
 
 def test_sources_are_dropped_from_the_weakest_never_the_system_prompt():

@@ -1,4 +1,4 @@
-"""The Retriever's modes and their cache keys (serve_app/routes/retrieval.py), without a cluster."""
+"""The Retriever's modes and their cache keys (serve_app/pipelines/retrieval.py), no cluster."""
 
 import asyncio
 from dataclasses import dataclass
@@ -7,8 +7,8 @@ import numpy as np
 
 from serve_app.config import AppConfig
 from serve_app.contracts import Collection, Hit
+from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import SearchRequest
-from serve_app.routes.retrieval import Retriever
 
 MODEL = AppConfig().embedder.model
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.generator import GREEDY_BELOW, LOGIT_BOUND, _repeating, _sample_row, _Sequence
+from deployments.engines.sampling import GREEDY_BELOW, LOGIT_BOUND, new_rng, repeating, sample_row
 from serve_app.contracts import GenerationRequest
 from serve_app.protocol.openai import ChatCompletionRequest
 
@@ -44,11 +44,9 @@ def accepted(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
 
 
-def sequence(request: GenerationRequest, said: list[int]) -> _Sequence:
-    rng = None
-    if request.seed is not None and request.temperature > 0:
-        rng = torch.Generator("cpu").manual_seed(request.seed)
-    return _Sequence(request=request, prompt=[0], ids=list(said), rng=rng)
+def sample(logits: torch.Tensor, request: GenerationRequest, said: list[int]) -> int:
+    """One token, with a fresh random generator of the request's seed."""
+    return sample_row(logits, request, list(said), new_rng(request, "cpu"))
 
 
 @pytest.fixture
@@ -85,7 +83,7 @@ def test_every_accepted_setting_samples_a_token(
         messages=[], max_tokens=8, frequency_penalty=frequency, presence_penalty=presence, **fields
     )
     row = torch.tensor(logits, dtype=torch.float32)
-    token = _sample_row(row, sequence(request, said))
+    token = sample(row, request, said)
     assert 0 <= token < VOCAB
     penalized = said and (frequency or presence)
     if (temperature < GREEDY_BELOW or top_p < 1e-30) and not penalized:
@@ -100,7 +98,7 @@ def test_every_accepted_setting_samples_a_token(
 def test_a_temperature_too_small_to_compute_is_greedy(temperature, seed):
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)) * 10
     request = GenerationRequest(messages=[], max_tokens=8, temperature=temperature, seed=seed)
-    assert _sample_row(logits, sequence(request, [])) == int(logits.argmax())
+    assert sample(logits, request, []) == int(logits.argmax())
 
 
 def test_a_seed_repeats_its_samples_and_different_seeds_differ():
@@ -108,8 +106,8 @@ def test_a_seed_repeats_its_samples_and_different_seeds_differ():
     request = GenerationRequest(messages=[], max_tokens=8, temperature=1.0, seed=-(2**63))
 
     def draws(req: GenerationRequest) -> list[int]:
-        s = sequence(req, [])
-        return [_sample_row(logits, s) for _ in range(20)]
+        rng = new_rng(req, "cpu")  # one generator for the whole answer, as an engine keeps it
+        return [sample_row(logits, req, [], rng) for _ in range(20)]
 
     assert draws(request) == draws(request)
     other = GenerationRequest(messages=[], max_tokens=8, temperature=1.0, seed=2**64 - 1)
@@ -120,8 +118,8 @@ def test_penalties_steer_away_from_what_was_said():
     logits = torch.zeros(VOCAB)
     logits[3] = 1.0
     request = GenerationRequest(messages=[], max_tokens=8, frequency_penalty=2.0)
-    assert _sample_row(logits, sequence(request, [3])) != 3
-    assert _sample_row(logits, sequence(request, [])) == 3
+    assert sample(logits, request, [3]) != 3
+    assert sample(logits, request, []) == 3
 
 
 @given(
@@ -136,7 +134,7 @@ def test_an_answer_never_repeats_its_own_ngrams(said, n, logits, temperature):
     request = GenerationRequest(
         messages=[], max_tokens=8, temperature=temperature, seed=1, no_repeat_ngram=n
     )
-    token = _sample_row(torch.tensor(logits), sequence(request, said))
+    token = sample(torch.tensor(logits), request, said)
     grams = {tuple(said[i : i + n]) for i in range(len(said) - n + 1)}
     if len(said) >= n - 1:
         assert (*said[len(said) - n + 1 :], token) not in grams
@@ -146,11 +144,11 @@ def test_a_greedy_loop_is_broken_and_the_prompt_may_be_copied():
     logits = torch.zeros(VOCAB)
     logits[7] = 5.0  # greedy would say 7 again
     looping = GenerationRequest(messages=[], max_tokens=8, no_repeat_ngram=3)
-    assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 2])) != 7
-    assert _sample_row(logits, sequence(looping, [1, 2, 7, 1, 3])) == 7  # no repeat: allowed
+    assert sample(logits, looping, [1, 2, 7, 1, 2]) != 7
+    assert sample(logits, looping, [1, 2, 7, 1, 3]) == 7  # no repeat: allowed
     assert logits[7] == 5.0  # the bans work on a copy, never on the batch's logits
     off = GenerationRequest(messages=[], max_tokens=8)
-    assert _sample_row(logits, sequence(off, [1, 2, 7, 1, 2])) == 7
-    assert _repeating([1, 2, 7, 1, 2], 3) == {7}
-    assert _repeating([4, 4], 1) == {4}
-    assert _repeating([1, 2], 0) == set()
+    assert sample(logits, off, [1, 2, 7, 1, 2]) == 7
+    assert repeating([1, 2, 7, 1, 2], 3) == {7}
+    assert repeating([4, 4], 1) == {4}
+    assert repeating([1, 2], 0) == set()

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from ray.exceptions import RayActorError
 
-from serve_app.admission import Gate, Ticket
 from serve_app.config import RouteLimits
+from serve_app.http.admission import Gate, Ticket
+from serve_app.http.suspects import Suspects, digest
 from serve_app.protocol.errors import APIError
-from serve_app.suspects import Suspects, digest
 
 
 class Clock:

@@ -11,8 +11,8 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import AppConfig
 from serve_app.contracts import Delta, Generated, GenerationRequest, Sources
 from serve_app.errors import QuestionTooLong
+from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import Citation, RagRequest
-from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
 # Sources the model reads at most, whatever `rerank_top_n` (None included) asks.

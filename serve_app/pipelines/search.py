@@ -7,6 +7,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
+from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import (
     CacheInfo,
     SearchRequest,
@@ -14,7 +15,6 @@ from serve_app.protocol.documents import (
     SearchResult,
     Timings,
 )
-from serve_app.routes.retrieval import Retriever
 from serve_app.store import open_store
 
 

@@ -35,9 +35,10 @@ from typing import Any, TypeVar
 from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
 from serve_app.config import Admission, RouteLimits, Shedding
+from serve_app.http import sse
+from serve_app.http.suspects import Suspects, crashed_replica, digest
 from serve_app.metrics import host_metrics, route_metrics
-from serve_app.protocol.errors import REPLICA_FAILURES, APIError, sse_event
-from serve_app.suspects import Suspects, crashed_replica, digest
+from serve_app.protocol.errors import REPLICA_FAILURES, APIError
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
@@ -396,7 +397,7 @@ class Ticket:
         to a live one (or to the replacement it starts), so the client sees no failure.
 
         Unless the request itself is what kills replicas: a request implicated in two replica
-        deaths is not called again, and is refused with 422 (serve_app/suspects.py)."""
+        deaths is not called again, and is refused with 422 (suspects.py)."""
         suspects, route = self.gate.suspects, self.gate.route
         key = digest(route, request) if len(suspects) else None  # no cost while none died
         if key is not None and suspects.condemned(key):
@@ -443,8 +444,8 @@ class Ticket:
                     ended = True
                     return
                 except TimeoutError:
-                    yield sse_event(self.expire())
-                    yield "data: [DONE]\n\n"
+                    yield sse.error_event(self.expire())
+                    yield sse.DONE
                     ended = True
                     return
                 yield event

@@ -38,7 +38,8 @@ BNB = ("bnb-int8", "bnb-nf4")
 MIN_MEAN_COSINE = 0.99  # embeddings
 MIN_TOP1_AGREEMENT = 0.95  # next-token predictions of a causal LM
 MIN_SPEARMAN = 0.98  # cross-encoder scores
-CALIBRATION = Path(__file__).with_name("calibration.txt")
+# Beside the deployments, where the package data ships.
+CALIBRATION = Path(__file__).parent.parent / "calibration.txt"
 
 
 class UnsupportedPrecision(RuntimeError):

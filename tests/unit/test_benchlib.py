@@ -1,0 +1,210 @@
+"""scripts/lib: percentiles, texts that never repeat, the report writer and output options, the
+localhost guard, and the closed-loop load generator against a tiny local aiohttp server."""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from itertools import repeat
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))  # as when a script runs as a file: `lib` beside it
+
+from lib import child, cluster, corpus, loadgen, report  # noqa: E402
+
+
+def test_percentiles_in_milliseconds():
+    latencies = [(i + 1) / 10 for i in range(10)]  # 0.1 .. 1.0 s
+    assert report.percentiles_ms(latencies) == {"p50": 550.0, "p95": 955.0, "p99": 991.0}
+    assert report.percentiles_ms([0.25]) == {"p50": 250.0, "p95": 250.0, "p99": 250.0}
+    assert report.percentiles_ms([]) == {"p50": None, "p95": None, "p99": None}
+
+
+def test_texts_never_repeat_unless_asked():
+    texts = corpus.Texts(["a", "b", "c"])
+    assert texts.take(7) == ["a", "b", "c", "a [2]", "b [2]", "c [2]", "a [3]"]
+    assert texts.cursor == 7
+    assert corpus.Texts(["a", "b"], start=1, repeat=True).take(4) == ["b", "a", "b", "a"]
+    with pytest.raises(ValueError):
+        corpus.Texts([])
+
+
+def test_sentences_are_split_by_length():
+    text = "One two three. " + "word " * 9 + "end. Short one!"
+    assert corpus.split_sentences(text, 8, 40) == [" ".join(["word"] * 9 + ["end."])]
+    assert all(8 <= len(s.split()) <= 40 for s in corpus.license_sentences(50))
+
+
+def test_troff_is_stripped():
+    source = ".TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n.B ls\nlists."
+    description, body = corpus.troff_to_text(source)
+    assert description == "list directory contents"
+    assert "Description" in body and "ls" in body and "\\" not in body
+
+
+def test_write_report_writes_json_markdown_and_plot(tmp_path, capsys):
+    def plot(data: dict, path: Path) -> None:
+        path.write_bytes(b"png of " + str(data["n"]).encode())
+
+    path = report.write_report(
+        {"n": 3}, "thing", lambda r: f"# n = {r['n']}\n", tmp_path / "new", plot
+    )
+    assert path == tmp_path / "new" / "thing.json"
+    assert json.loads(path.read_text()) == {"n": 3}
+    assert (tmp_path / "new" / "thing.md").read_text() == "# n = 3\n"
+    assert (tmp_path / "new" / "thing.png").read_bytes() == b"png of 3"
+    assert "# n = 3" in capsys.readouterr().out
+
+
+def test_smoke_runs_write_elsewhere_than_the_published_figures(tmp_path):
+    parser = argparse.ArgumentParser()
+    report.add_output_options(parser, "tiny")
+    assert report.output_dir(parser.parse_args([])) == report.DOCS
+    smoke = report.output_dir(parser.parse_args(["--smoke"]))
+    assert smoke != report.DOCS and smoke.is_dir()
+    given = report.output_dir(parser.parse_args(["--smoke", "--out", str(tmp_path)]))
+    assert given == tmp_path
+
+
+def test_only_this_machine_is_loaded():
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000/", "http://[::1]:8000"):
+        assert loadgen.local_url(url) == url.rstrip("/")
+    for url in ("http://example.com:8000", "http://10.0.0.1:8000", "ftp://127.0.0.1"):
+        with pytest.raises(ValueError):
+            loadgen.local_url(url)
+
+
+def test_retry_after_is_bounded():
+    assert loadgen.retry_after_s({"retry-after": "2"}) == 2.0
+    assert loadgen.retry_after_s({"retry-after": "3600"}) == 30.0
+    assert loadgen.retry_after_s({"retry-after": "0"}) == 0.1
+    assert loadgen.retry_after_s({"retry-after": "soon"}) == 1.0
+
+
+async def serve(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def test_closed_loop_records_every_answer_and_waits_retry_after():
+    seen: list[tuple[str, object]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json() if request.method == "POST" else None
+        seen.append((request.method, body))
+        await asyncio.sleep(0.01)
+        if isinstance(body, dict) and body["n"] % 4 == 3:
+            return web.Response(status=503, headers={"Retry-After": "0.2"})
+        return web.json_response({"items": 2})
+
+    async def main() -> tuple[list[loadgen.Record], loadgen.StepWindow]:
+        runner, url = await serve(handler)
+        records: list[loadgen.Record] = []
+        try:
+            async with loadgen.session(url, 3, timeout_s=5) as session:
+                t0 = time.perf_counter()
+                requests = ({"n": n} for n in range(10**6))
+                window = await loadgen.closed_loop(
+                    session,
+                    "/v1/x",
+                    requests,
+                    3,
+                    records,
+                    t0,
+                    duration=0.6,
+                    read=lambda status, content: (
+                        json.loads(content)["items"] if status == 200 else 0
+                    ),
+                )
+        finally:
+            await runner.cleanup()
+        return records, window
+
+    records, window = asyncio.run(main())
+    assert window.concurrency == 3 and 0.6 <= window.end - window.start < 1.5
+    assert len(records) == len(seen) > 6  # every request sent is recorded, once
+    assert all(method == "POST" for method, _ in seen)
+    assert sorted(b["n"] for _, b in seen) == list(range(len(seen)))  # each input sent once
+    refused = [r for r in records if r.status == "503"]
+    assert refused and all(r.retry_after and r.detail == 0 for r in refused)
+    assert all(r.detail == 2 for r in records if r.status == "200")
+    # A refused client waited its Retry-After (0.2 s), so it sent fewer than the others could.
+    assert len(refused) <= 3 * 4
+
+
+def test_closed_loop_stops_on_an_event_and_counts_transport_errors():
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> tuple[list[loadgen.Record], list[loadgen.Record]]:
+        runner, url = await serve(handler)
+        got: list[loadgen.Record] = []
+        try:
+            async with loadgen.session(url, 2, timeout_s=5) as session:
+                stop = asyncio.Event()
+                asyncio.get_running_loop().call_later(0.3, stop.set)
+                await loadgen.closed_loop(
+                    session, "/healthz", repeat(None), 2, got, time.perf_counter(), stop=stop
+                )
+        finally:
+            await runner.cleanup()
+        # Nothing listens any more: every request is a transport error, paced by error_pause.
+        failed: list[loadgen.Record] = []
+        async with loadgen.session(url, 1, timeout_s=1) as session:
+            await loadgen.closed_loop(
+                session,
+                "/healthz",
+                repeat(None),
+                1,
+                failed,
+                time.perf_counter(),
+                duration=0.3,
+                error_pause=0.1,
+            )
+        return got, failed
+
+    got, failed = asyncio.run(main())
+    assert got and all(r.status == "200" for r in got)
+    assert 1 <= len(failed) <= 4 and all(r.status == "error" for r in failed)
+    window = loadgen.in_window(got, 0.0, 0.1)
+    assert all(r.done <= 0.1 for r in window) and len(window) < len(got)
+
+
+def test_closed_loop_needs_an_end():
+    with pytest.raises(ValueError):
+        asyncio.run(loadgen.closed_loop(None, "/", iter(()), 1, [], 0.0))
+
+
+def test_a_worker_child_returns_its_result_or_why_not(tmp_path):
+    script = tmp_path / "work.py"
+    script.write_text(
+        "import json, sys\n"
+        "assert sys.argv[1] == '--worker'\n"
+        "spec = json.load(open(sys.argv[2]))\n"
+        "if spec['fail']: sys.exit('no luck')\n"
+        "print('progress')\n"
+        "json.dump({'doubled': spec['n'] * 2}, open(sys.argv[3], 'w'))\n"
+    )
+    result, error = child.run_worker(script, {"n": 21, "fail": False}, "a", tmp_path, 60)
+    assert (result, error) == ({"doubled": 42}, None)
+    result, error = child.run_worker(script, {"n": 1, "fail": True}, "b", tmp_path, 60)
+    assert result is None and "no luck" in error
+
+
+def test_config_url_and_args():
+    config = {"http_options": {"port": 18000}, "applications": [{"args": {"a": 1, "b": 2}}]}
+    assert cluster.config_url(config) == "http://127.0.0.1:18000"
+    changed = cluster.with_args(config, b=3, store={"data_dir": "/x"})
+    assert changed["applications"][0]["args"] == {"a": 1, "b": 3, "store": {"data_dir": "/x"}}
+    assert config["applications"][0]["args"] == {"a": 1, "b": 2}  # the original is kept
