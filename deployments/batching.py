@@ -16,7 +16,7 @@ from typing import TypeVar
 from deployments.engines.batching import BatchStats, Piece, split
 from serve_app.cache import EmbeddingCache, ResponseCache
 from serve_app.config import Batching, ModelLive, overlay
-from serve_app.metrics import batch_sizes
+from serve_app.metrics import batch_sizes, batch_tokens
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,9 +77,12 @@ class BatchedModel:
         self.info["load_s"] = round(time.perf_counter() - self.started, 2)
 
     def record_batch(self, requests: int, items: int, tokens: int = 0) -> None:
-        """One executed batch: into the counters of `model_info` and the batch-size histogram."""
+        """One executed batch: into the counters of `model_info` and the histograms of items
+        and tokens per batch."""
         self.stats.record(requests, items, tokens)
-        batch_sizes().observe(items, tags={"deployment": type(self).__name__})
+        tags = {"deployment": type(self).__name__}
+        batch_sizes().observe(items, tags=tags)
+        batch_tokens().observe(tokens, tags=tags)
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply `user_config` to the running batcher, without a restart. Only the Embedder

@@ -47,9 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lib.child import WORKER_FLAG, run_worker
-from lib.corpus import build_data
-from lib.measure import (
+from benchkit.child import WORKER_FLAG, run_worker
+from benchkit.corpus import build_data
+from benchkit.measure import (
     auto_device,
     cpu_share,
     fmt,
@@ -61,7 +61,7 @@ from lib.measure import (
     rss_bytes,
     sync,
 )
-from lib.report import (
+from benchkit.report import (
     ROOT,
     add_output_options,
     command_line,

@@ -38,8 +38,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from lib import models
-from lib.report import add_output_options, machine, output_dir, write_report
+from benchkit import models
+from benchkit.report import add_output_options, machine, output_dir, write_report
 
 from serve_app import cascade
 from serve_app.config import AppConfig

@@ -24,8 +24,15 @@ from pathlib import Path
 
 import httpx
 import yaml
-from lib.cluster import config_url, ray_running, serve_run
-from lib.report import ROOT, add_output_options, command_line, cpu_model, output_dir, write_report
+from benchkit.cluster import config_url, ray_running, serve_run
+from benchkit.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    cpu_model,
+    output_dir,
+    write_report,
+)
 
 TARGET_S = 30.0
 

@@ -20,8 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from lib import report
-from lib.measure import model_cache_dir
+from benchkit import report
+from benchkit.measure import model_cache_dir
 
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import GenerationRequest
@@ -156,7 +156,7 @@ def sampling_cost(engine, repeats: int) -> dict:
 def prefix_reuse(engine, rounds: int, smoke: bool) -> list[dict]:
     """TTFT of RAG-shaped prompts (the RAG system prompt, a question, 250 words of sources)
     with the spare slot's prefix copied in, and with the whole prompt prefilled; and the same
-    with a long shared instruction block, where reuse matters more. Interleaved, medians."""
+    with a long shared instruction block, where reuse matters more. Medians."""
     from serve_app.config import RagConfig
 
     words = [*TOPICS, "stone", "light", "paper", "engine", "silver", "window", "market"]
@@ -168,8 +168,10 @@ def prefix_reuse(engine, rounds: int, smoke: bool) -> list[dict]:
     if smoke:
         del shapes["RAG prompt, 400 more words of instructions"]
     results: dict[tuple[str, bool], list[tuple[float, int, int]]] = {}
-    for round_ in range(rounds + 1):
-        for shape, instructions in shapes.items():
+    # Shape by shape: the spare slot keeps the newest prompt, so each shape's rounds follow
+    # one another; copying and prefilling alternate within them.
+    for shape, instructions in shapes.items():
+        for round_ in range(rounds + 1):
             for reuse in (True, False):
                 engine.prefix_cache = reuse
                 sources = " ".join(

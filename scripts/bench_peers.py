@@ -62,13 +62,20 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
-from lib import loadgen
-from lib.child import OFFLINE, Children, free_port, log_tail, wait_healthy
-from lib.cluster import in_process
-from lib.corpus import Texts, man_corpus, man_sentences
-from lib.minilm import MODEL_NAME, load_model
-from lib.report import ROOT, add_output_options, command_line, machine, output_dir, write_report
-from lib.report import percentiles_ms as percentiles
+from benchkit import loadgen
+from benchkit.child import OFFLINE, Children, free_port, log_tail, wait_healthy
+from benchkit.cluster import in_process
+from benchkit.corpus import Texts, man_corpus, man_sentences
+from benchkit.minilm import MODEL_NAME, load_model
+from benchkit.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    machine,
+    output_dir,
+    write_report,
+)
+from benchkit.report import percentiles_ms as percentiles
 
 from serve_app.launch import load_config
 

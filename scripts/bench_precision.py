@@ -33,7 +33,7 @@ fp32's); generations' exact-match rate. Each child also runs `auto`'s own check 
 deployments/calibration.txt (mean cosine; next-token top-1 agreement), so the report can apply
 auto's rule: the fastest candidate whose check passes.
 
-Data, fixed by --seed, from this machine's man pages (`lib.corpus.build_data`):
+Data, fixed by --seed, from this machine's man pages (`benchkit.corpus.build_data`):
 distinct 10-40-word sentences; queries = a page's NAME description, each with 10 passages (the
 first ~400 characters of its own page and of the 9 other pages sharing the most rare words with
 the query, shuffled); prompts "Explain in one sentence what the command X does: <description>".
@@ -57,9 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lib.child import WORKER_FLAG, run_worker
-from lib.corpus import PASSAGE_CHARS, RERANK_CANDIDATES, build_data
-from lib.measure import (
+from benchkit.child import WORKER_FLAG, run_worker
+from benchkit.corpus import PASSAGE_CHARS, RERANK_CANDIDATES, build_data
+from benchkit.measure import (
     auto_device,
     cpu_share,
     fmt,
@@ -71,7 +71,7 @@ from lib.measure import (
     rss_bytes,
     sync,
 )
-from lib.report import (
+from benchkit.report import (
     add_output_options,
     command_line,
     machine,

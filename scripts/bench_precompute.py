@@ -26,9 +26,9 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-from lib import routeload
-from lib.cluster import in_process, redeploy, with_args
-from lib.report import (
+from benchkit import routeload
+from benchkit.cluster import in_process, redeploy, with_args
+from benchkit.report import (
     ROOT,
     add_output_options,
     command_line,

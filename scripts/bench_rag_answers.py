@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from lib import models
-from lib.corpus import man_corpus
-from lib.report import add_output_options, machine, output_dir, write_report
+from benchkit import models
+from benchkit.corpus import man_corpus
+from benchkit.report import add_output_options, machine, output_dir, write_report
 
 from serve_app.config import AppConfig, RagConfig
 from serve_app.contracts import GenerationRequest

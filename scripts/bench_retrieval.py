@@ -37,10 +37,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from lib import models
-from lib.cluster import in_process, with_args
-from lib.corpus import man_corpus
-from lib.report import (
+from benchkit import models
+from benchkit.cluster import in_process, with_args
+from benchkit.corpus import man_corpus
+from benchkit.report import (
     ROOT,
     add_output_options,
     command_line,

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-from lib import loadgen, models
-from lib.cluster import in_process
-from lib.corpus import Texts, license_sentences
-from lib.report import (
+from benchkit import loadgen, models
+from benchkit.cluster import in_process
+from benchkit.corpus import Texts, license_sentences
+from benchkit.report import (
     ROOT,
     add_output_options,
     command_line,

@@ -36,10 +36,17 @@ from pathlib import Path
 import httpx
 import psutil
 import yaml
-from lib.cluster import config_url, ray_running, serve_run
-from lib.corpus import license_sentences
-from lib.report import ROOT, add_output_options, command_line, machine, output_dir, write_report
-from lib.routeload import seed, seed_batches
+from benchkit.cluster import config_url, ray_running, serve_run
+from benchkit.corpus import license_sentences
+from benchkit.report import (
+    ROOT,
+    add_output_options,
+    command_line,
+    machine,
+    output_dir,
+    write_report,
+)
+from benchkit.routeload import seed, seed_batches
 
 ROUTES = ("chat", "rag", "ingest")
 COLLECTION = "shedding"

@@ -46,9 +46,9 @@ import httpx
 import psycopg
 import ray
 import yaml
-from lib import loadgen
-from lib.cluster import config_url
-from lib.report import add_output_options, machine, output_dir, write_report
+from benchkit import loadgen
+from benchkit.cluster import config_url
+from benchkit.report import add_output_options, machine, output_dir, write_report
 
 from serve_app.store.embedded import embedded_url, stop_embedded
 

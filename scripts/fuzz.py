@@ -33,6 +33,8 @@ from urllib.parse import quote
 
 import httpx
 import schemathesis
+from benchkit.loadgen import local_url
+from benchkit.report import add_output_options, command_line, output_dir, write_report
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -43,8 +45,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from lib.loadgen import local_url
-from lib.report import add_output_options, command_line, output_dir, write_report
 from schemathesis import GenerationMode
 
 # Generation is bounded in tokens so a run stays short; the cap itself is fuzzed elsewhere.

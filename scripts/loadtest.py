@@ -3,7 +3,7 @@
     .venv/bin/python scripts/loadtest.py --route chat --steps 1,5,50 --duration 60 \\
         [--url http://127.0.0.1:8000] [--out docs/benchmarks] [--name NAME] \\
         [--collection loadtest] [--max-tokens 32] [--poll 1.0] [--timeout 300] \\
-        [--zipf 1.1 --queries 100 --seed 0] [--repeat] [--smoke]
+        [--zipf 1.1 --queries 100 --seed 0] [--repeat] [--prometheus URL|off] [--smoke]
 
 Routes: embeddings, rerank, chat, search, rag, ingest. Each step of --steps runs that many
 clients for --duration seconds, one step after the other; each client sends a request, waits
@@ -24,6 +24,13 @@ deployment, the shedding monitor's CPU and memory use, and the route's running a
 requests. Writes OUT/loadtest-NAME.json (per-step results and the sampled time series) and
 OUT/loadtest-NAME.png (offered load and answers/s, latency per request, replicas over time).
 
+With a Prometheus scraping the cluster (`make monitor`; --prometheus, default
+http://127.0.0.1:9090, used when it answers, `off` to skip), the server's own series for the
+run's time are read from it after the load: Serve's HTTP latency p50/p99 for the route, the
+route's queue wait p99 (`ray_rag_route_queue_wait_ms`) and the healthy replicas per deployment.
+They go into the JSON under `server` and are drawn beside the client's figures: what the server
+saw next to what the client saw. Without one, nothing changes.
+
 An answer is any HTTP response; a transport error or client-side timeout is counted under the
 status "error" and is not an answer. Latency percentiles are in milliseconds.
 
@@ -37,22 +44,31 @@ import argparse
 import asyncio
 import math
 import re
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
-from lib.loadgen import local_url
-from lib.report import (
+from benchkit.loadgen import local_url
+from benchkit.report import (
     add_output_options,
     command_line,
     output_dir,
     write_report,
 )
-from lib.routeload import ROUTES, LoadConfig, Run, build_report, run_load
+from benchkit.routeload import ROUTES, LoadConfig, Run, build_report, run_load
 
 MAX_CONCURRENCY = 512
 MAX_DURATION_S = 600.0
+DEFAULT_PROMETHEUS = "http://127.0.0.1:9090"
+# The rate window of the server-side quantiles: several of Ray's reports at make monitor's
+# scrape interval (10 s), short enough to follow a step.
+RATE_WINDOW = "30s"
+# How long to wait after the load for Prometheus to scrape its last reports.
+SCRAPE_WAIT_S = 25.0
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -105,6 +121,70 @@ def format_table(report: dict[str, Any]) -> str:
     )
 
 
+# --- what the server saw (Prometheus) ---------------------------------------------------------
+Series = dict[str, list[tuple[float, float]]]  # label -> [(seconds since the run's start, value)]
+
+
+def server_queries(route: str) -> dict[str, str]:
+    """PromQL per server-side series: Serve's latency of the route's path (Serve tags it with
+    the FastAPI route), the route's queue wait at admission, replicas per deployment."""
+    path, window = ROUTES[route], RATE_WINDOW
+
+    def quantile(q: float, metric: str, selector: str) -> str:
+        return (
+            f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{selector}}}[{window}])))"
+        )
+
+    serve_latency = "ray_serve_http_request_latency_ms"
+    return {
+        "latency_p50_ms": quantile(0.5, serve_latency, f'route="{path}"'),
+        "latency_p99_ms": quantile(0.99, serve_latency, f'route="{path}"'),
+        "queue_wait_p99_ms": quantile(0.99, "ray_rag_route_queue_wait_ms", f'route="{route}"'),
+        "replicas": "sum by (deployment) (ray_serve_deployment_replica_healthy)",
+    }
+
+
+def prometheus_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for_scrape(client: httpx.Client, after: float, timeout_s: float = SCRAPE_WAIT_S) -> None:
+    """Until Prometheus has scraped the cluster after `after` (epoch seconds), or the timeout:
+    the load's last seconds are in Ray's next report."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = client.get("/api/v1/query", params={"query": "min(timestamp(up))"}).json()
+        values = result["data"]["result"]
+        if values and float(values[0]["value"][1]) > after:
+            return
+        time.sleep(1.0)
+
+
+def server_series(url: str, route: str, start: float, end: float) -> dict[str, Series]:
+    """Each of `server_queries` over [start, end] (epoch seconds), by label, with times as
+    seconds since `start`; a series with no samples in the window is left out."""
+    step = max(1.0, (end - start) / 300)
+    out: dict[str, Series] = {}
+    with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
+        wait_for_scrape(client, end + 5.0)
+        for name, promql in server_queries(route).items():
+            params = {"query": promql, "start": start, "end": end, "step": step}
+            answer = client.get("/api/v1/query_range", params=params)
+            answer.raise_for_status()
+            series: Series = {}
+            for result in answer.json()["data"]["result"]:
+                label = result["metric"].get("deployment", name)
+                points = [(float(t) - start, float(v)) for t, v in result["values"]]
+                points = [(t, v) for t, v in points if math.isfinite(v)]
+                if points:
+                    series[label] = points
+            out[name] = series
+    return out
+
+
 # --- plot -------------------------------------------------------------------------------------
 def _status_class(status: str) -> str:
     """200, 503, or other (any other code, or a client-side error)."""
@@ -112,7 +192,9 @@ def _status_class(status: str) -> str:
 
 
 def plot(report: dict[str, Any], run: Run, path: Path) -> None:
-    """Offered load and answers/s, latency per request, and RUNNING replicas over time."""
+    """Offered load and answers/s, latency per request, and RUNNING replicas over time; with
+    the server's series (`report["server"]`), its latency quantiles and queue wait over the
+    client's latencies, and its healthy replicas (dashed) beside the sampled ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,27 +249,44 @@ def plot(report: dict[str, Any], run: Run, path: Path) -> None:
                 label=label,
                 rasterized=True,
             )
+    server = (report.get("server") or {}).get("series", {})
+    styles = {"latency_p50_ms": "-", "latency_p99_ms": "--", "queue_wait_p99_ms": ":"}
+    for name, style in styles.items():
+        for points in server.get(name, {}).values():
+            xs, ys = zip(*points, strict=True)
+            label = f"server {name.removesuffix('_ms').replace('_', ' ')}"
+            ys = [max(y / 1000.0, 1e-4) for y in ys]
+            latency_ax.plot(xs, ys, style, color="tab:blue", lw=1.5, label=label)
     latency_ax.set_yscale("log")
     latency_ax.set_ylabel("latency (s)")
-    if run.records:
+    if run.records or server:
         latency_ax.legend(loc="upper left", fontsize="small", markerscale=3)
 
-    names = sorted({name for s in run.samples for name in s["replicas"]})
+    healthy = server.get("replicas", {})
+    names = sorted({name for s in run.samples for name in s["replicas"]} | set(healthy))
     times = [s["t"] for s in run.samples]
-    for name in names:
+    palette = plt.get_cmap("tab10")
+    for k, name in enumerate(names):
+        color = palette(k % 10)
         counts = [s["replicas"].get(name, 0) for s in run.samples]
-        replica_ax.step(times, counts, where="post", label=name)
+        if times:
+            replica_ax.step(times, counts, where="post", color=color, label=name)
+        if name in healthy:  # the same deployment's colour, dashed: as Prometheus saw it
+            xs, ys = zip(*healthy[name], strict=True)
+            label = "_nolegend_" if times else name
+            replica_ax.step(xs, ys, where="post", ls="--", lw=1, color=color, label=label)
     if names:
-        replica_ax.legend(loc="upper left", fontsize="small")
+        title = "solid: /v1/status RUNNING, dashed: Prometheus healthy" if healthy else None
+        replica_ax.legend(loc="upper left", fontsize="small", ncol=3, title=title)
     else:
         replica_ax.text(
             0.5, 0.5, "no /v1/status samples", ha="center", transform=replica_ax.transAxes
         )
     replica_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    replica_ax.set_ylim(
-        -0.2, max([c for s in run.samples for c in s["replicas"].values()] + [1]) + 0.5
-    )
-    replica_ax.set_ylabel("RUNNING replicas")
+    most = [c for s in run.samples for c in s["replicas"].values()]
+    most += [v for points in healthy.values() for _, v in points]
+    replica_ax.set_ylim(-0.2, max([*most, 1]) + 0.5)
+    replica_ax.set_ylabel("replicas")
     replica_ax.set_xlabel("time since start (s)")
 
     for ax in (load_ax, latency_ax, replica_ax):
@@ -210,10 +309,21 @@ def markdown(report: dict[str, Any]) -> str:
     )
 
 
-def execute(cfg: LoadConfig, sentences: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the load and write loadtest-NAME.json, .md and .png under cfg.out."""
+def execute(
+    cfg: LoadConfig, sentences: Sequence[str] | None = None, prometheus: str | None = None
+) -> dict[str, Any]:
+    """Run the load and write loadtest-NAME.json, .md and .png under cfg.out; with
+    `prometheus` answering, the server's series of the run go in too."""
     run = asyncio.run(run_load(cfg, sentences))
+    ended = time.time()
     report = build_report(cfg, run)
+    if prometheus and prometheus_ready(prometheus):
+        started = datetime.fromisoformat(run.started_at).timestamp()
+        report["server"] = {
+            "prometheus": prometheus,
+            "queries": server_queries(cfg.route),
+            "series": server_series(prometheus, cfg.route, started, ended),
+        }
     write_report(
         report,
         f"loadtest-{cfg.name}",
@@ -235,6 +345,12 @@ def parse_steps(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
+    return parse(argv)[0]
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[LoadConfig, str | None]:
+    """The load's configuration, and the Prometheus to read the server's series from (None
+    with `--prometheus off`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--route", required=True, choices=sorted(ROUTES))
     parser.add_argument("--steps", type=parse_steps, help="e.g. 1,5,50 (required but in smoke)")
@@ -267,7 +383,18 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         action="store_false",
         help="retry a 503 at once instead of waiting its Retry-After",
     )
+    parser.add_argument(
+        "--prometheus",
+        default=DEFAULT_PROMETHEUS,
+        help="read the server's series from it when it answers ('off' to skip)",
+    )
     args = parser.parse_args(argv)
+    prometheus = None
+    if args.prometheus != "off":
+        try:
+            prometheus = local_url(args.prometheus)
+        except ValueError as e:
+            parser.error(f"--prometheus: {e}")
     if args.smoke:
         args.steps, args.duration = args.steps or [2], args.duration or 3.0
         args.ramp = min(args.ramp, 1.0)
@@ -286,7 +413,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
     name = args.name or args.route
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         parser.error(f"--name {name!r} must be letters, digits, '_', '.' or '-'")
-    return LoadConfig(
+    cfg = LoadConfig(
         url=url,
         route=args.route,
         steps=args.steps,
@@ -306,12 +433,13 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
         repeat=args.repeat,
         command=command_line(),
     )
+    return cfg, prometheus
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    cfg, prometheus = parse(argv)
     try:
-        execute(cfg)
+        execute(cfg, prometheus=prometheus)
     except RuntimeError as e:
         raise SystemExit(f"loadtest: {e}") from None
 

@@ -17,8 +17,8 @@ import argparse
 
 import torch
 import uvicorn
+from benchkit.minilm import MODEL_NAME, PRECISIONS, load_model
 from fastapi import FastAPI
-from lib.minilm import MODEL_NAME, PRECISIONS, load_model
 from pydantic import BaseModel
 
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from lib.child import OFFLINE, log_tail
-from lib.cluster import config_url, serve_run, with_args
-from lib.report import ROOT
+from benchkit.child import OFFLINE, log_tail
+from benchkit.cluster import config_url, serve_run, with_args
+from benchkit.report import ROOT
 
 SCRIPTS = Path(__file__).resolve().parent
 SERVICE_CONFIG = ROOT / "configs" / "test.yaml"

@@ -129,7 +129,8 @@ class GeneratorConfig(ModelDeployment):
     engine: Literal["auto", "transformers", "llama.cpp"] = Field(
         default="auto",
         description="What decodes: transformers (any causal LM), llama.cpp (a GGUF as it "
-        "ships, needs llama-cpp-python); auto is transformers.",
+        "ships, needs llama-cpp-python); auto measures those that can run the model here, "
+        "once per machine, and keeps the fastest (deployments/engines/__init__.py).",
     )
     model: str = DEFAULT_GENERATION_MODEL
     num_gpus: float = Field(default=0.5, ge=0.0, le=8.0)
@@ -389,7 +390,7 @@ DEFAULT_ROUTE_LIMITS: dict[str, RouteLimits] = {
     "rerank": RouteLimits(max_running=4, max_queued=16, deadline_s=60, retry_after_s=2),
     # A chat or RAG answer takes seconds: clients told to come back in 1 s would mostly
     # find the route still full, and on 2 cores their retries cost the decoding CPU.
-    "chat": RouteLimits(max_running=5, max_queued=25, deadline_s=120, shed=True, retry_after_s=5),
+    "chat": RouteLimits(max_running=8, max_queued=24, deadline_s=120, shed=True, retry_after_s=5),
     "search": RouteLimits(max_running=4, max_queued=20, deadline_s=30),
     "rag": RouteLimits(max_running=2, max_queued=10, deadline_s=120, shed=True, retry_after_s=5),
     "ingest": RouteLimits(max_running=2, max_queued=10, deadline_s=300, shed=True, retry_after_s=5),

@@ -13,6 +13,9 @@ from functools import cache
 from ray.util import metrics
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+TOKEN_BOUNDARIES = [16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+# Milliseconds, for waits and stages that range from a cache hit to a long generation.
+LATENCY_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class RouteMetrics:
     unauthorized: metrics.Counter
     running: metrics.Gauge
     queued: metrics.Gauge
+    queue_wait_ms: metrics.Histogram
 
 
 @cache
@@ -52,6 +56,12 @@ def route_metrics() -> RouteMetrics:
         running=metrics.Gauge("rag_route_running", "Requests running now.", tag_keys=("route",)),
         queued=metrics.Gauge(
             "rag_route_queued", "Requests waiting for a slot now.", tag_keys=("route",)
+        ),
+        queue_wait_ms=metrics.Histogram(
+            "rag_route_queue_wait_ms",
+            "Time an admitted request waited for its slot (0 when one was free).",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("route",),
         ),
     )
 
@@ -88,6 +98,18 @@ def batch_sizes() -> metrics.Histogram:
         "rag_batch_size",
         "Items in each executed model batch.",
         boundaries=BATCH_BOUNDARIES,
+        tag_keys=("deployment",),
+    )
+
+
+@cache
+def batch_tokens() -> metrics.Histogram:
+    """Tokens per executed batch, per model deployment: what the forward pass had to read
+    (Embedder, Reranker), or the cache the decode step holds room for (Generator)."""
+    return metrics.Histogram(
+        "rag_batch_tokens",
+        "Tokens in each executed model batch.",
+        boundaries=TOKEN_BOUNDARIES,
         tag_keys=("deployment",),
     )
 
@@ -152,6 +174,45 @@ def chat_ttft_ms() -> metrics.Histogram:
         "Chat completion time to first token, queueing included.",
         boundaries=[25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
     )
+
+
+@cache
+def chat_tpot_ms() -> metrics.Histogram:
+    """Time per output token of chat completions after the first: the decode speed a client
+    sees, the generator's batch mates included."""
+    return metrics.Histogram(
+        "rag_chat_tpot_ms",
+        "Chat completion time per output token after the first.",
+        boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000],
+    )
+
+
+@cache
+def generated_tokens() -> metrics.Counter:
+    """Tokens the generator produced for the answers of a route (chat, rag): their rate is
+    the generator's tokens per second as the clients receive them."""
+    return metrics.Counter(
+        "rag_generated_tokens", "Generated tokens delivered, by route.", tag_keys=("route",)
+    )
+
+
+@cache
+def stage_latency_ms() -> metrics.Histogram:
+    """Where the time of a search or RAG answer goes: embed, search, rerank, generate."""
+    return metrics.Histogram(
+        "rag_stage_latency_ms",
+        "Time of each stage of a search or RAG answer.",
+        boundaries=LATENCY_BOUNDARIES,
+        tag_keys=("pipeline", "stage"),
+    )
+
+
+def record_stages(pipeline: str, timings: dict[str, float]) -> None:
+    """The retriever's `timings` (`embed_ms`, `search_ms`, `rerank_ms`; none for a cached
+    answer) into the stage histogram."""
+    histogram = stage_latency_ms()
+    for name, ms in timings.items():
+        histogram.observe(ms, tags={"pipeline": pipeline, "stage": name.removesuffix("_ms")})
 
 
 @cache

@@ -1,9 +1,15 @@
 """Fixtures shared by the unit and integration tests."""
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+# Tests that load a script by its path (scripts/fuzz.py) need its benchmark library, as when
+# the script runs as a file with scripts/ first on the import path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from tests.unit.test_cache import REDIS_SERVER, RedisServer, wait_for
 

@@ -2,32 +2,257 @@
 batching arithmetic. The Serve deployments in `deployments/` wrap it; tests and benchmarks
 call it directly.
 
-`load_engine` picks the generation engine a `GeneratorConfig` names."""
+`load_engine` loads the generation engine a `GeneratorConfig` names. `auto` measures, once per
+machine and model (like `precision: auto`), every engine that can run the model here, and
+keeps the fastest: llama.cpp only for a GGUF model with llama-cpp-python installed, and
+transformers for any model. The trials are kept in the model cache folder and shown in
+`/v1/status`."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
+
+from deployments.engines import loading, precision
 from deployments.engines.base import GenerationEngine
 from serve_app.config import GeneratorConfig
+from serve_app.contracts import GenerationRequest
+
+logger = logging.getLogger(__name__)
+# What `auto` times: greedy answers of this many tokens, alone and as a full batch.
+TRIAL_TOKENS = 24
+TRIAL_ROUNDS = 3
 
 
 class EngineUnavailable(RuntimeError):
     """The configured generation engine cannot run in this installation: raised at start-up."""
 
 
+@dataclass
+class EngineTrial:
+    engine: str
+    tokens_per_s_1: float | None  # one sequence decoding
+    tokens_per_s_full: float | None  # `max_sequences` decoding together
+    error: str | None = None
+
+    @property
+    def score(self) -> float:
+        """Both shapes count: the geometric mean of the two rates."""
+        if not self.tokens_per_s_1 or not self.tokens_per_s_full:
+            return 0.0
+        return math.sqrt(self.tokens_per_s_1 * self.tokens_per_s_full)
+
+
+@dataclass
+class EngineChoice:
+    engine: str
+    trials: list[EngineTrial]
+    measured: bool  # False: read from an earlier measurement on this machine
+    reason: str
+
+
 def load_engine(config: GeneratorConfig, cache_dir: Path) -> GenerationEngine:
-    """The generation engine `config.engine` names, loaded. `auto` is the transformers
-    engine, which every installation has."""
-    if config.engine in ("auto", "transformers"):
+    """The generation engine `config.engine` names, loaded and warm, with how it was chosen in
+    its `info()` (`engine`, `engine_requested`, `engine_reason`, `engine_trials`)."""
+    if config.engine != "auto":
+        engine = _load(config.engine, config, cache_dir)
+        choice = EngineChoice(config.engine, [], False, "named in the configuration")
+    else:
+        engine, choice = _auto(config, cache_dir)
+    _annotate(engine, config, choice)
+    return engine
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file `model` names: a bundled GGUF model's, or a path to a `.gguf` file."""
+    bundled = loading.BUNDLED.get(model)
+    if bundled is not None and bundled.gguf_file and (folder := bundled.path()) is not None:
+        return folder / bundled.gguf_file
+    path = Path(model)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def candidates(config: GeneratorConfig) -> dict[str, str | None]:
+    """Each engine, and why it cannot run this model here (None: it can)."""
+    why_not_llama = None
+    if gguf_file(config.model) is None:
+        why_not_llama = "the model is not a GGUF file"
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as exc:
+            why_not_llama = f"llama-cpp-python is not installed ({exc})"
+    return {"llama.cpp": why_not_llama, "transformers": None}
+
+
+def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngine:
+    if name == "transformers":
         from deployments.engines.hf import TransformersEngine
 
         return TransformersEngine(config, cache_dir)
-    try:
-        from deployments.engines.llamacpp import LlamaCppEngine
-    except ImportError as exc:
+    why_not = candidates(config)["llama.cpp"]
+    if why_not is not None:
         raise EngineUnavailable(
-            f"engine {config.engine!r} needs llama-cpp-python, which did not import ({exc}): "
-            "pip install llama-cpp-python, or set the generator's engine to transformers"
-        ) from exc
-    return LlamaCppEngine(config, cache_dir)
+            f"engine 'llama.cpp' cannot run {config.model!r}: {why_not}. Install "
+            "llama-cpp-python (make setup does), name a .gguf model, or set the generator's "
+            "engine to transformers or auto"
+        )
+    from deployments.engines.llamacpp import LlamaCppEngine
+
+    batching = config.batching
+    return LlamaCppEngine(
+        gguf_file(config.model),  # type: ignore[arg-type]
+        max_sequences=batching.max_batch_size,
+        # Each sequence's slot holds its share of the token bound: prompt and answer.
+        slot_tokens=max(batching.max_batch_tokens // batching.max_batch_size, 256),
+        threads=config.threads,
+        gpu_layers=-1 if loading.pick_device(config) == "cuda" else 0,
+    )
+
+
+def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, EngineChoice]:
+    possible = candidates(config)
+    runnable = [name for name, why_not in possible.items() if why_not is None]
+    if len(runnable) == 1:
+        reasons = "; ".join(f"{n}: {w}" for n, w in possible.items() if w)
+        return _load(runnable[0], config, cache_dir), EngineChoice(
+            runnable[0], [], False, f"the only engine that runs it here ({reasons})"
+        )
+    key = "|".join(
+        [
+            config.model,
+            *runnable,
+            f"threads={config.threads}",
+            f"sequences={config.batching.max_batch_size}",
+            _signature(loading.pick_device(config)),
+        ]
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    # Replicas starting together measure once: the others wait, then read the result.
+    with FileLock(str(cache_dir / f"engine-{digest}.lock")):
+        if (known := _read(cache_dir, key)) is not None and known.engine in runnable:
+            return _load(known.engine, config, cache_dir), known
+        engines, failed = {}, []
+        for name in runnable:
+            try:
+                engines[name] = _load(name, config, cache_dir)
+            except Exception as exc:  # a failed candidate is reported, not fatal
+                logger.warning("engine auto: %s failed here: %s", name, exc)
+                failed.append(EngineTrial(name, None, None, f"{type(exc).__name__}: {exc}"))
+        if not engines:
+            raise EngineUnavailable(f"engine auto: no engine ran here ({failed})")
+        # Interleaved rounds, the best of each: a busy machine only ever slows a round down.
+        rounds = [[_trial(n, e, config) for n, e in engines.items()] for _ in range(TRIAL_ROUNDS)]
+        trials = [
+            EngineTrial(
+                name,
+                max(r[k].tokens_per_s_1 or 0.0 for r in rounds),
+                max(r[k].tokens_per_s_full or 0.0 for r in rounds),
+            )
+            for k, name in enumerate(engines)
+        ]
+        best = max(trials, key=lambda trial: trial.score)
+        for name, engine in engines.items():
+            if name != best.engine:
+                _close(engine)
+        trials += failed
+        best_engine = engines[best.engine]
+        choice = EngineChoice(best.engine, trials, True, "the fastest measured here")
+        _write(cache_dir, key, choice)
+        logger.info("engine auto for %s: %s (%s)", config.model, best.engine, trials)
+        return best_engine, choice
+
+
+def _signature(device: str) -> str:
+    """What a measured choice depends on: the processor, the cores this process may use and
+    the engines' versions (not torch's current thread count, which engines change)."""
+    processor = precision.device_signature(device).rsplit(":threads=", 1)[0]
+    versions = []
+    for package in ("torch", "transformers", "llama_cpp_python"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{package}={metadata.version(package)}")
+    return ":".join([processor, f"cores={len(os.sched_getaffinity(0))}", *versions])
+
+
+def _trial(name: str, engine: GenerationEngine, config: GeneratorConfig) -> EngineTrial:
+    """Greedy decoding rates of `engine`: one sequence, then a full batch of distinct prompts."""
+    full = max(1, min(config.batching.max_batch_size, engine.max_sequences or 8))
+    rates = []
+    for count in (1, full):
+        sequences = [
+            engine.sequence(
+                GenerationRequest(
+                    messages=[{"role": "user", "content": f"Count from {k} to {k + 40}."}],
+                    max_tokens=TRIAL_TOKENS,
+                )
+            )
+            for k in range(count)
+        ]
+        start = time.perf_counter()
+        engine.add(sequences)
+        while engine.in_flight():
+            engine.step()
+        tokens = sum(s.delta.completion_tokens for s in sequences if s.delta)
+        rates.append(tokens / (time.perf_counter() - start))
+    return EngineTrial(name, round(rates[0], 1), round(rates[1], 1))
+
+
+def _close(engine: GenerationEngine) -> None:
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
+
+
+def _annotate(engine: GenerationEngine, config: GeneratorConfig, choice: EngineChoice) -> None:
+    """Put how the engine was chosen into what its `info()` reports."""
+    extra = {
+        "engine": engine.name,
+        "engine_requested": config.engine,
+        "engine_reason": choice.reason,
+        "engine_measured": choice.measured,
+        "engine_trials": [asdict(t) for t in choice.trials],
+    }
+    info = engine.info
+
+    def annotated() -> dict:
+        return {**info(), **extra}
+
+    engine.info = annotated  # type: ignore[method-assign]
+
+
+def _choices_file(cache_dir: Path) -> Path:
+    return cache_dir / "engine-choices.json"
+
+
+def _read(cache_dir: Path, key: str) -> EngineChoice | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        entry = json.loads(_choices_file(cache_dir).read_text())[key]
+        trials = [EngineTrial(**t) for t in entry["trials"]]
+        return EngineChoice(entry["engine"], trials, False, entry["reason"] + " (earlier)")
+    return None
+
+
+def _write(cache_dir: Path, key: str, choice: EngineChoice) -> None:
+    path = _choices_file(cache_dir)
+    entries = {}
+    with contextlib.suppress(OSError, ValueError):
+        entries = json.loads(path.read_text())
+    entries[key] = {
+        "engine": choice.engine,
+        "reason": choice.reason,
+        "trials": [asdict(t) for t in choice.trials],
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    tmp.replace(path)

@@ -294,6 +294,7 @@ class Gate:
         if self.running < self.limits.max_running and not self.waiters:
             self.running += 1
             self._publish()
+            route_metrics().queue_wait_ms.observe(0.0, tags={"route": self.route})
             return
         waiter = Waiter(asyncio.get_running_loop().create_future(), self.clock())
         self.waiters.append(waiter)
@@ -301,6 +302,8 @@ class Gate:
         try:
             async with asyncio.timeout_at(deadline):
                 await waiter.future
+            waited_ms = (self.clock() - waiter.since) * 1000
+            route_metrics().queue_wait_ms.observe(waited_ms, tags={"route": self.route})
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release()  # a slot was handed over as the wait ended: pass it on

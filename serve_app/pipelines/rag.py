@@ -11,6 +11,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import AppConfig
 from serve_app.contracts import Delta, Generated, GenerationRequest, Sources
 from serve_app.errors import QuestionTooLong
+from serve_app.metrics import generated_tokens, record_stages
 from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import Citation, RagRequest
 from serve_app.store import open_store
@@ -78,6 +79,7 @@ class Rag:
             Citation(number=n, document_id=h.document_id, chunk_id=h.chunk_id, score=s, text=h.text)
             for n, (h, s) in enumerate(zip(hits, scores, strict=False), start=1)
         ]
+        record_stages("rag", retrieved.timings)
         yield Sources(citations, retrieved.timings)
         start = time.perf_counter()
         generation = GenerationRequest(
@@ -85,9 +87,15 @@ class Rag:
             max_tokens=request.max_tokens,
             no_repeat_ngram=self.settings.no_repeat_ngram,
         )
+        tokens = 0
         async for delta in self.generator.options(stream=True).generate.remote(generation):
+            tokens = delta.completion_tokens
             yield delta
-        yield Generated((time.perf_counter() - start) * 1000)
+        generate_ms = (time.perf_counter() - start) * 1000
+        record_stages("rag", {"generate_ms": generate_ms})
+        if tokens:
+            generated_tokens().inc(tokens, tags={"route": "rag"})
+        yield Generated(generate_ms)
 
     async def _fitting(self, request: RagRequest, texts: list[str]) -> int:
         """How many of `texts` (best first) fit the generator's context with the question."""

@@ -7,6 +7,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
+from serve_app.metrics import record_stages
 from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import (
     CacheInfo,
@@ -28,6 +29,7 @@ class Search:
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         retrieved = await self.retriever.retrieve(request)
+        record_stages("search", retrieved.timings)
         rerank_scores = retrieved.rerank_scores or [None] * len(retrieved.hits)
         results = [
             SearchResult(

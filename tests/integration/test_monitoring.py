@@ -89,14 +89,33 @@ def chat(tokens: int, i: int) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": tokens}
 
 
+COLLECTION = "monitored"
+DOCUMENTS = [
+    {
+        "id": "keeper",
+        "text": "The lighthouse keeper climbs the stairs each night to light the lamp.",
+    },
+    {"id": "baker", "text": "The baker rises before dawn to bake bread for the village."},
+    {"id": "sea", "text": "Storms on the sea wreck ships that miss the lighthouse's beam."},
+]
+
+
 def send_load(server: str, client: httpx.Client) -> None:
     """Every kind of event a panel charts: admitted, rejected and timed-out requests, model
-    batches, cache hits and misses, and first tokens."""
+    batches, cache hits and misses, search and RAG stages, first and later tokens."""
     for i in range(6):  # the same text twice: a miss, then a hit
         for text in (f"monitored {i}", f"monitored {i}"):
             assert client.post("/v1/embeddings", json={"input": text}).status_code == 200
     rerank = {"query": "lighthouse", "documents": ["a lighthouse keeper", "a baker", "the sea"]}
     assert client.post("/v1/rerank", json=rerank).status_code == 200
+    # Retrieval stages (embed, search, rerank) and a RAG answer's generation.
+    documents = {"collection": COLLECTION, "documents": DOCUMENTS}
+    assert client.post("/v1/documents", json=documents).status_code == 200
+    for i in range(3):  # a new query each time: the response cache would skip the stages
+        search = {"collection": COLLECTION, "query": f"who lights the lamp ({i})", "rerank": True}
+        assert client.post("/v1/search", json=search).status_code == 200
+    rag = {"collection": COLLECTION, "query": f"What does the keeper do? ({time.time()})"}
+    assert client.post("/v1/rag/query", json={**rag, "max_tokens": 4}).status_code == 200
     # One slot, no queue, a one-second deadline: a burst gets 503s (queue_full), long
     # generations get 504s, short ones answer 200 and record their time to first token.
     configure_ingress(
@@ -105,8 +124,8 @@ def send_load(server: str, client: httpx.Client) -> None:
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda i: post(server, CHAT, chat(64, i)), range(6)))
     assert 503 in statuses and 504 in statuses, statuses
-    for i in range(3):
-        assert post(server, CHAT, chat(2, i)) == 200
+    for i in range(3):  # first tokens and, after them, the time per output token
+        assert post(server, CHAT, chat(3, i)) == 200
 
 
 def charted(result: list[dict], promql: str) -> bool:
@@ -139,6 +158,7 @@ def loaded(server, prometheus):
         send_load(server, client)
         yield prometheus
         configure_ingress(client, ingress_config())
+        client.delete(f"/v1/collections/{COLLECTION}")
 
 
 def test_prometheus_listens_on_loopback_only(prometheus):

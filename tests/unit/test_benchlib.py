@@ -1,4 +1,4 @@
-"""scripts/lib: percentiles, texts that never repeat, the report writer and output options, the
+"""scripts/benchkit: percentiles, texts that never repeat, the report writer and output options, the
 localhost guard, and the closed-loop load generator against a tiny local aiohttp server."""
 
 import argparse
@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))  # as when a script runs as a file: `lib` beside it
+sys.path.insert(0, str(ROOT / "scripts"))  # as when a script runs as a file: `benchkit` beside it
 
-from lib import child, cluster, corpus, loadgen, report  # noqa: E402
+from benchkit import child, cluster, corpus, loadgen, report  # noqa: E402
 
 
 def test_percentiles_in_milliseconds():

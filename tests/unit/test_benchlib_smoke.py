@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))  # as when a script runs as a file: `lib` beside it
+sys.path.insert(0, str(SCRIPTS))  # as when a script runs as a file: `benchkit` beside it
 
 import smoke  # noqa: E402
 
@@ -39,5 +39,5 @@ def test_every_step_takes_smoke_and_out():
 def test_user_tools_do_not_import_benchmark_code():
     for tool in ("ingest.py", "monitor.py"):
         text = (SCRIPTS / tool).read_text()
-        assert "import lib" not in text and "from lib" not in text, tool
+        assert "import benchkit" not in text and "from benchkit" not in text, tool
         assert "bench" not in text.replace("benchmarks", ""), tool

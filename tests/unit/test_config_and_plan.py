@@ -68,7 +68,7 @@ def overrides(path: str) -> dict[str, dict]:
     return {d["name"]: d for d in app.get("deployments", [])}
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/gpu.yaml", "configs/test.yaml"])
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/gpu.yaml"])
 def test_config_files_name_real_deployments(path):
     """Overrides in `deployments[]` name deployments that build_app creates, with valid configs."""
     models = {deployment_options(m)["name"] for m in AppConfig().models().values()}
@@ -148,7 +148,7 @@ def test_chunking_overlap_must_be_smaller():
 
 def test_admission_overrides_merge_over_route_defaults():
     admission = overlay(Admission(), {"routes": {"chat": {"max_queued": 1}}})
-    assert admission.routes["chat"].max_running == 5  # the default, kept
+    assert admission.routes["chat"].max_running == 8  # the default, kept
     assert admission.routes["chat"].max_queued == 1
     assert admission.routes["chat"].shed and not admission.routes["embeddings"].shed
     assert set(admission.routes) == {
@@ -199,3 +199,16 @@ def test_overlay_keeps_what_args_set_and_merges_field_by_field():
     assert overlay(defaults, None) == defaults
     with pytest.raises(ValidationError):
         overlay(defaults, {"max_batch_size": 0})
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/gpu.yaml"])
+def test_the_chat_route_runs_as_many_answers_as_the_generator_decodes_at_once(path):
+    """Fewer would queue chats in front of free decode slots; more would queue them inside the
+    generator, where the route cannot count or shed them."""
+    defaults = AppConfig().generator.batching.max_batch_size
+    assert IngressLive().routes["chat"].max_running == defaults
+    served = yaml.safe_load((ROOT / path).read_text())
+    deployments = {d["name"]: d for d in served["applications"][0]["deployments"]}
+    generator = deployments["Generator"].get("user_config", {}).get("max_batch_size", defaults)
+    routes = deployments["Ingress"].get("user_config", {}).get("routes", {})
+    assert routes.get("chat", {}).get("max_running", defaults) == generator

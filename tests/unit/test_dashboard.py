@@ -206,3 +206,27 @@ def test_kuberay_pod_monitors_scrape_every_ray_pod_and_the_alerts_follow_their_j
     pattern = re.search(r'job=~"([^"]+)"', down["expr"]).group(1)
     for job in ["ray", *(m["spec"]["jobLabel"] for m in monitors)]:
         assert re.fullmatch(pattern, job), job
+
+
+def test_kuberay_configmap_and_rules_are_generated_from_the_files():
+    """The manifest is what `monitor.py kuberay` writes now: a dashboard or rule changed
+    without regenerating it fails here instead of drifting on the cluster."""
+    text = (MONITORING / "kuberay-dashboard.yaml").read_text()
+    assert text == monitor.kuberay_manifest(), "run: python scripts/monitor.py kuberay"
+    configmap, rule = yaml.safe_load_all(text)
+    assert configmap["kind"] == "ConfigMap"
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    ((name, carried),) = configmap["data"].items()
+    assert name == DASHBOARD.name and json.loads(carried) == load_dashboard()
+    assert rule["kind"] == "PrometheusRule"
+    assert (
+        rule["spec"]["groups"] == yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    )
+    # The Prometheus that the PodMonitors feed selects these too.
+    pod_monitor = next(yaml.safe_load_all((MONITORING / "kuberay.yaml").read_text()))
+    release = pod_monitor["metadata"]["labels"]["release"]
+    assert (
+        configmap["metadata"]["labels"]["release"]
+        == rule["metadata"]["labels"]["release"]
+        == release
+    )

@@ -15,12 +15,12 @@ import uvicorn
 from fastapi import FastAPI, Response
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))  # as when run as a file: `lib` beside it
+sys.path.insert(0, str(ROOT / "scripts"))  # as when run as a file: `benchkit` beside it
 spec = importlib.util.spec_from_file_location("loadtest", ROOT / "scripts" / "loadtest.py")
 loadtest = importlib.util.module_from_spec(spec)
 sys.modules["loadtest"] = loadtest  # dataclasses resolve their module by name
 spec.loader.exec_module(loadtest)
-from lib import loadgen, routeload  # noqa: E402
+from benchkit import loadgen, routeload  # noqa: E402
 
 STATUS = {
     "routes": {"embeddings": {"max_running": 4, "max_queued": 8, "running": 2, "queued": 1}},

@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from serve_app.contracts import Delta, GenerationRequest
 from serve_app.http import sse
 from serve_app.http.replica import Replica, ReplicaDep
-from serve_app.metrics import chat_ttft_ms
+from serve_app.metrics import chat_tpot_ms, chat_ttft_ms, generated_tokens
 from serve_app.protocol import limits
 from serve_app.protocol.openai import (
     ChatCompletion,
@@ -73,14 +73,32 @@ async def chat(request: ChatCompletionRequest, replica: ReplicaDep):
         deltas = ticket.track(generator.options(stream=True).generate.remote(asked))
         # Wait for the first token before answering: overload or failure still gets a status.
         first = await ticket.wait(anext(deltas))
-        chat_ttft_ms().observe((time.perf_counter() - arrived) * 1000)
+        first_at = time.perf_counter()
+        chat_ttft_ms().observe((first_at - arrived) * 1000)
+        rest = measured(first, first_at, deltas)
         completion_id, created = new_id("chatcmpl"), int(time.time())
         if request.stream:
             usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = sse.chat_chunks(first, deltas, completion_id, created, model, usage)
+            events = sse.chat_chunks(first, rest, completion_id, created, model, usage)
             return StreamingResponse(ticket.stream(events), media_type="text/event-stream")
-        text, last = await ticket.wait(join(first, deltas))
+        text, last = await ticket.wait(join(first, rest))
     return ChatCompletion.of(completion_id, created, model, text, last)
+
+
+async def measured(
+    first: Delta, first_at: float, rest: AsyncIterator[Delta]
+) -> AsyncIterator[Delta]:
+    """`rest` as it comes; once it ends, the completion's time per output token after the
+    first (`first_at`, when the first arrived) and its tokens into the metrics."""
+    last = first
+    async for delta in rest:
+        last = delta
+        yield delta
+    after_first = last.completion_tokens - first.completion_tokens
+    if after_first > 0:
+        chat_tpot_ms().observe((time.perf_counter() - first_at) * 1000 / after_first)
+    if last.completion_tokens:
+        generated_tokens().inc(last.completion_tokens, tags={"route": "chat"})
 
 
 async def join(first: Delta, rest: AsyncIterator[Delta]) -> tuple[str, Delta]:

@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from lib import loadgen
-from lib.corpus import Texts, license_sentences
-from lib.loadgen import Record, StepWindow, local_url, retry_after_s
-from lib.report import percentiles_ms
+from benchkit import loadgen
+from benchkit.corpus import Texts, license_sentences
+from benchkit.loadgen import Record, StepWindow, local_url, retry_after_s
+from benchkit.report import percentiles_ms
 
 ROUTES: dict[str, str] = {
     "embeddings": "/v1/embeddings",

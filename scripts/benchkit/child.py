@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from lib.report import ROOT
+from benchkit.report import ROOT
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 WORKER_FLAG = "--worker"

@@ -18,7 +18,6 @@
   sentence-transformers model.
 
 Scripts are run as files (`python scripts/bench_x.py`), which puts `scripts/` first on the
-import path: they import this package as `lib` (a regular package, it wins over the `lib`
-folder llama-cpp-python puts in site-packages), and never import each other. `smoke.py` runs
+import path: they import this package as `benchkit`, and never import each other. `smoke.py` runs
 every benchmark and load script with `--smoke` (`make bench-smoke`).
 """

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from lib.report import BIN, ROOT
+from benchkit.report import BIN, ROOT
 
 
 def config_url(config: dict[str, Any]) -> str:
