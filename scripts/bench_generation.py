@@ -1,30 +1,52 @@
-"""Generation engines in-process, no Ray: tokens/s, time to first token and time per output
-token, for each engine at each concurrency, in one sitting.
+"""Generation in one sitting: each engine in-process (no Ray), then the served chat route
+against llama.cpp's own `llama-server`, then RAG; tokens/s, time to first token (TTFT) and time
+per output token (TPOT).
 
-Every engine is driven through the engine contract (deployments/engines/base.py) as the
-Generator deployment drives it: the sequences of a round are added together (one prefill),
-then one step at a time until all are done. Each round runs every engine and concurrency in
-turn (interleaved, so drift on a shared machine falls on all alike), with prompts no round
-has seen, greedy; the report gives medians over rounds.
+In-process, every engine is driven through the engine contract (deployments/engines/base.py)
+as the Generator deployment drives it: the sequences of a round are added together (one
+prefill), then one step at a time until all are done. Each round runs every engine and
+concurrency in turn (interleaved, so drift on a shared machine falls on all alike), with
+prompts no round has seen, greedy; the report gives medians over rounds.
 
-    .venv/bin/python scripts/bench_generation.py                 # docs/benchmarks/generation.md
+Served, the app runs from the serve config (its generator's `engine: auto` picks the engine by
+measurement; /v1/status says which and why) beside `llama-server` on the same GGUF, both kept
+up while closed-loop streaming clients load one at a time, alternating rounds. Then a few docs
+are ingested and RAG answers are streamed one at a time.
+
+    .venv/bin/python scripts/bench_generation.py \\
+        --llama-server /work/peer/build/bin/llama-server   # docs/benchmarks/generation.md
     .venv/bin/python scripts/bench_generation.py --smoke --out /tmp/gen-smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib.util
+import itertools
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from benchkit import report
-from benchkit.measure import model_cache_dir
+import aiohttp
+import httpx
+from benchkit import loadgen, report
+from benchkit.child import Children, free_port, wait_healthy
+from benchkit.cluster import in_process, with_args
+from benchkit.corpus import Texts
+from benchkit.measure import fmt, model_cache_dir
 
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import GenerationRequest
+from serve_app.launch import load_config
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOPICS = (
@@ -267,10 +289,421 @@ def measure(options: argparse.Namespace) -> dict:
     }
 
 
+# --- served: the chat route against llama-server, and RAG ---------------------------------------
+QUESTION_FORMS = (
+    "What is {t} like?", "Why do people like {t}?", "How would you describe {t} to a child?",
+    "What is one fact about {t}?", "Where can I find {t}?", "What colour is {t}?",
+    "Is {t} useful?", "What sound does {t} make?", "Who cares for {t}?", "When is {t} best?",
+)  # fmt: skip
+RAG_QUESTIONS = (
+    "How does admission control decide which requests to refuse?",
+    "What happens when a replica crashes during a request?",
+    "How does the service decide how many replicas to run?",
+    "Which metrics does the service export?",
+    "How are the answers of popular queries computed ahead of time?",
+    "What does load shedding look at before refusing a request?",
+    "How does a request travel from the HTTP route to the model?",
+    "What limits apply to the size of a request body?",
+    "How are documents split into chunks before embedding?",
+    "What does the service do when memory runs low?",
+    "Which settings can change without restarting replicas?",
+)
+RAG_COLLECTION = "bench-generation-docs"
+PEER_ALIAS = "SmolLM2-135M-Instruct"
+CHAT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One streamed answer: its status, seconds to its first text and to its end, the
+    seconds between its first and last text, its completion tokens and where that count came
+    from (the usage chunk, else the text events counted), and a RAG answer's stage timings
+    (its `done` event)."""
+
+    status: str
+    ttft: float | None
+    total: float
+    decode: float
+    tokens: int
+    from_usage: bool
+    timings: dict[str, float] | None = None
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON `data:` events of an SSE stream, until `[DONE]`."""
+    buffer = b""
+    async for piece in response.content.iter_any():
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            yield json.loads(data)
+
+
+def event_text(event: dict) -> str:
+    """The new text of a chat chunk (OpenAI's shape) or a RAG `delta` event."""
+    if event.get("type") == "delta":
+        return event.get("text") or ""
+    return "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+
+
+async def stream_once(session: aiohttp.ClientSession, path: str, body: dict) -> Streamed:
+    """POST a streaming request and time its text events as they arrive."""
+    start = time.perf_counter()
+    first = last = None
+    texts, usage, timings = 0, None, None
+    try:
+        async with session.post(path, json=body) as response:
+            if response.status != 200:
+                await response.read()
+                return Streamed(
+                    str(response.status), None, time.perf_counter() - start, 0, 0, False
+                )
+            async for event in sse_events(response):
+                if "error" in event:
+                    return Streamed("error", None, time.perf_counter() - start, 0, 0, False)
+                if event.get("type") == "done":
+                    timings = event.get("timings")
+                if event.get("usage"):
+                    usage = event["usage"].get("completion_tokens")
+                if event_text(event):
+                    last = time.perf_counter()
+                    first = first or last
+                    texts += 1
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return Streamed("error", None, time.perf_counter() - start, 0, 0, False)
+    total = time.perf_counter() - start
+    ttft = None if first is None else first - start
+    decode = 0.0 if first is None else last - first
+    tokens = usage if usage is not None else texts
+    return Streamed("200", ttft, total, decode, tokens, usage is not None, timings)
+
+
+def chat_bodies(questions: Texts, start: int, max_tokens: int) -> Iterator[dict]:
+    """Endless streaming chat bodies, greedy, asking the questions from index `start` on."""
+    for k in itertools.count(start):
+        yield {
+            "messages": [{"role": "user", "content": questions.at(k)}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+
+async def streaming_loop(
+    base_url: str, bodies: Iterator[dict], streams: int, seconds: float
+) -> tuple[list[Streamed], float]:
+    """`streams` closed-loop clients streaming chat for `seconds` (answers in flight then are
+    awaited); every answer, and the wall time until the last ended.
+
+    Each request opens a fresh connection: llama-server closes it after every stream, so both
+    servers are loaded alike."""
+    connector = aiohttp.TCPConnector(limit=streams, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=300)
+    answers: list[Streamed] = []
+    async with aiohttp.ClientSession(
+        base_url=loadgen.local_url(base_url), connector=connector, timeout=timeout
+    ) as session:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                answers.append(await stream_once(session, CHAT, next(bodies)))
+
+        await asyncio.gather(*(client() for _ in range(streams)))
+        return answers, time.perf_counter() - start
+
+
+def summarize(answers: list[Streamed], wall: float, streams: int) -> dict:
+    """One load run: completion tok/s of all streams, TTFT p50/p99, TPOT p50 (ms)."""
+    ok = [a for a in answers if a.status == "200" and a.ttft is not None]
+    tokens = sum(a.tokens for a in ok)
+    tpot = [a.decode / (a.tokens - 1) for a in ok if a.tokens > 1]
+    ttft = report.percentiles_ms([a.ttft for a in ok])
+    return {
+        "tok_s": round(tokens / wall, 1),
+        "tok_s_per_stream": round(tokens / wall / streams, 1),
+        "ttft_p50_ms": ttft["p50"],
+        "ttft_p99_ms": ttft["p99"],
+        "tpot_p50_ms": round(statistics.median(tpot) * 1000, 1) if tpot else None,
+        "requests": len(ok),
+        "failed": len(answers) - len(ok),
+        "tokens_per_answer": round(tokens / len(ok), 1) if ok else None,
+        "tokens_from_usage": all(a.from_usage for a in ok),
+        "wall_s": round(wall, 2),
+    }
+
+
+def generator_engine(base_url: str) -> dict:
+    """How the Generator's engine was chosen, as /v1/status reports it."""
+    info = httpx.get(f"{base_url}/v1/status", timeout=60, trust_env=False).json()
+    generator = info["models"]["generator"]
+    keys = ("engine", "engine_requested", "engine_reason", "engine_measured", "engine_trials")
+    return {k: generator.get(k) for k in keys}
+
+
+def peer_command(binary: Path, port: int, slots: int, threads: int) -> list[str]:
+    return [
+        str(binary), "-m", str(gguf_path()), "--alias", PEER_ALIAS, "--host", "127.0.0.1",
+        "--port", str(port), "-t", str(threads), "--no-webui", "-np", str(slots), "-c", "16384",
+    ]  # fmt: skip
+
+
+def start_peer(options: argparse.Namespace, children: Children, work: Path) -> dict | None:
+    """llama-server on a free port, healthy; None (with a printed line) without a binary."""
+    binary = options.llama_server
+    if binary is None or not binary.exists():
+        why = "no --llama-server given" if binary is None else f"{binary} does not exist"
+        print(f"peer skipped: {why}", flush=True)
+        return None
+    port = free_port()
+    command = peer_command(binary, port, max(options.streams), options.peer_threads)
+    log = work / "llama-server.log"
+    proc = children.start(command, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url + "/health", log)
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    print(f"peer: llama-server at {url}", flush=True)
+    return {
+        "url": url,
+        "command": " ".join([binary.name, *command[1:]]),
+        "version": (version.stdout + version.stderr).strip().splitlines()[:1],
+    }
+
+
+async def rag_query(base_url: str, question: str, max_tokens: int) -> Streamed:
+    """One streamed RAG answer over the ingested docs, alone on the route."""
+    body = {"collection": RAG_COLLECTION, "query": question, "stream": True}
+    body["max_tokens"] = max_tokens
+    async with aiohttp.ClientSession(
+        base_url=loadgen.local_url(base_url), timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
+        return await stream_once(session, "/v1/rag/query", body)
+
+
+def measure_rag(base_url: str, docs: list[Path], questions: int, max_tokens: int) -> dict:
+    """Ingest `docs`, warm the route with one question, then ask `questions` unique ones one at
+    a time: RAG TTFT (first `delta` event) and total latency, p50."""
+    documents = [{"id": p.name, "text": p.read_text()} for p in docs]
+    began = time.perf_counter()
+    response = httpx.post(
+        f"{base_url}/v1/documents",
+        json={"collection": RAG_COLLECTION, "documents": documents},
+        timeout=600,
+        trust_env=False,
+    )
+    response.raise_for_status()
+    ingest_s = round(time.perf_counter() - began, 2)
+    asked = list(RAG_QUESTIONS[1 : questions + 1])
+    asyncio.run(rag_query(base_url, RAG_QUESTIONS[0], max_tokens))  # warm-up, not counted
+    answers = [asyncio.run(rag_query(base_url, q, max_tokens)) for q in asked]
+    ok = [a for a in answers if a.status == "200" and a.ttft is not None]
+    stages: dict[str, list[float]] = {}
+    for answer in ok:
+        for stage, ms in (answer.timings or {}).items():
+            stages.setdefault(stage, []).append(ms)
+    return {
+        "documents": [p.name for p in docs],
+        "ingest_s": ingest_s,
+        "questions": len(asked),
+        "answered": len(ok),
+        "max_tokens": max_tokens,
+        "ttft_p50_ms": report.percentiles_ms([a.ttft for a in ok])["p50"],
+        "total_p50_ms": report.percentiles_ms([a.total for a in ok])["p50"],
+        "tokens_per_answer": round(statistics.mean(a.tokens for a in ok), 1) if ok else None,
+        "stages_p50_ms": {k: round(statistics.median(v), 1) for k, v in stages.items()},
+    }
+
+
+def measure_served(options: argparse.Namespace) -> dict:
+    """The chat route of the app launched from the serve config, and llama-server, under the
+    same streaming load in alternating rounds; then RAG on the app alone."""
+    questions = Texts([f.format(t=t) for f in QUESTION_FORMS for t in TOPICS])
+    docs = sorted((report.ROOT / "docs").glob("*.md"))[: 2 if options.smoke else None]
+    runs: dict[str, list[dict]] = {}
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-generation-")))
+        children = Children()
+        stack.callback(children.stop_all)
+        config = with_args(load_config(options.config), store={"data_dir": str(work / "pgdata")})
+        threads = GeneratorConfig(**config["applications"][0]["args"]["generator"]).threads
+        options.peer_threads = options.peer_threads or threads
+        peer = start_peer(options, children, work)
+        print(f"launching the app from {options.config} ...", flush=True)
+        project = stack.enter_context(in_process(config, num_cpus=os.cpu_count()))
+        engine = generator_engine(project)
+        print(f"generator engine: {engine['engine']} ({engine['engine_reason']})", flush=True)
+        servers = {"project": project} | ({"llama-server": peer["url"]} if peer else {})
+        issued = 10**6  # the warm-up's questions: none of the measured ones
+        for url in servers.values():
+            bodies = chat_bodies(questions, issued, options.max_tokens)
+            asyncio.run(streaming_loop(url, bodies, max(options.streams), options.warmup))
+        issued = 0
+        for round_ in range(options.rounds):
+            order = list(servers.items())
+            order = order if round_ % 2 == 0 else order[::-1]
+            for streams in options.streams:
+                used = 0
+                for name, url in order:  # one server decodes at a time, the same questions
+                    bodies = chat_bodies(questions, issued, options.max_tokens)
+                    answers, wall = asyncio.run(
+                        streaming_loop(url, bodies, streams, options.seconds)
+                    )
+                    used = max(used, len(answers))
+                    result = summarize(answers, wall, streams)
+                    runs.setdefault(f"{name}|{streams}", []).append(result)
+                    print(f"round {round_ + 1} {name} x{streams}: {result}", flush=True)
+                issued += used
+        if peer:
+            children.stop_all()  # RAG runs on the app alone
+        rag = measure_rag(project, docs, options.rag_questions, options.max_tokens)
+        print(f"rag: {rag}", flush=True)
+    return {
+        "settings": {
+            "config": str(options.config),
+            "rounds": options.rounds,
+            "seconds": options.seconds,
+            "streams": options.streams,
+            "max_tokens": options.max_tokens,
+            "peer_threads": options.peer_threads,
+        },
+        "generator": engine,
+        "peer": peer,
+        "rows": served_rows(runs, options.streams),
+        "rag": rag,
+        "runs": runs,
+    }
+
+
+def served_rows(runs: dict[str, list[dict]], streams: list[int]) -> list[dict]:
+    """Per concurrency, the medians over rounds of each server, and project / peer tok/s."""
+
+    def median(results: list[dict], key: str) -> float | None:
+        values = [r[key] for r in results if r[key] is not None]
+        return round(statistics.median(values), 1) if values else None
+
+    rows = []
+    for n in streams:
+        row: dict[str, Any] = {"streams": n}
+        for name in ("project", "llama-server"):
+            results = runs.get(f"{name}|{n}")
+            if results:
+                keys = ("tok_s", "tok_s_per_stream", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")
+                row[name] = {k: median(results, k) for k in keys}
+                row[name]["failed"] = sum(r["failed"] for r in results)
+        peer = row.get("llama-server")
+        if peer and peer["tok_s"] and row.get("project"):
+            row["ratio"] = round(row["project"]["tok_s"] / peer["tok_s"], 2)
+        rows.append(row)
+    return rows
+
+
+def targets(served: dict) -> list[dict]:
+    """The issue's targets against what this run measured (`met` None: not measured)."""
+    rows = {r["streams"]: r for r in served["rows"]}
+
+    def project(n: int, key: str) -> float | None:
+        return (rows.get(n) or {}).get("project", {}).get(key)
+
+    measured = [
+        ("served tok/s / llama-server's, 1 stream", ">=", 1.0, (rows.get(1) or {}).get("ratio")),
+        ("served tok/s / llama-server's, 8 streams", ">=", 1.0, (rows.get(8) or {}).get("ratio")),
+        ("TTFT p50 at 8 streams (ms)", "<=", 500.0, project(8, "ttft_p50_ms")),
+        ("RAG TTFT p50 (ms)", "<=", 1000.0, served["rag"]["ttft_p50_ms"]),
+        ("tok/s per stream at 4 streams", ">=", 20.0, project(4, "tok_s_per_stream")),
+    ]
+    return [
+        {
+            "target": name,
+            "goal": f"{sign} {goal:g}",
+            "value": value,
+            "met": None if value is None else (value >= goal if sign == ">=" else value <= goal),
+        }
+        for name, sign, goal, value in measured
+    ]
+
+
+def served_markdown(served: dict) -> list[str]:
+    """The served section of the report: chat per concurrency, RAG, the engine, targets."""
+    s, g, peer = served["settings"], served["generator"], served["peer"]
+    against = (
+        f"`{peer['command']}` ({', '.join(peer['version'])}), the same GGUF"
+        if peer
+        else "no peer (no llama-server given)"
+    )
+    lines = [
+        "",
+        "## Served: the chat route against llama-server",
+        "",
+        f"The app from `{s['config']}` on a local Ray cluster, against {against}. Closed-loop "
+        f"streaming clients (a fresh connection per request), one short unique question each, "
+        f"greedy, {s['max_tokens']} tokens at most; both servers get the same questions. "
+        f"Rounds of {s['seconds']} s per server and concurrency alternate project and peer (one "
+        f"decoding at a time, the order reversed every round); medians of {s['rounds']} rounds. "
+        "TTFT: to the first text chunk; TPOT: (last - first text) / (tokens - 1); tokens from "
+        "the final usage chunk.",
+        "",
+        f"Generator engine in effect: **{g['engine']}** (asked: {g['engine_requested']}; "
+        f"{g['engine_reason']}). Trials (tok/s at 1 sequence / all slots):",
+        "",
+        *(
+            f"- {t['engine']}: {t['tokens_per_s_1']} / {t['tokens_per_s_full']}"
+            + (f" ({t['error']})" if t.get("error") else "")
+            for t in g.get("engine_trials") or []
+        ),
+        "",
+        "| streams | project tok/s | llama-server tok/s | ratio | project tok/s per stream | "
+        "TTFT p50 / p99 (ms) project | TTFT p50 / p99 (ms) llama-server | TPOT p50 (ms) project "
+        "/ llama-server |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    dash: dict[str, Any] = {}
+    for row in served["rows"]:
+        p, q = row.get("project", dash), row.get("llama-server", dash)
+        lines.append(
+            f"| {row['streams']} | {fmt(p.get('tok_s'))} | {fmt(q.get('tok_s'))} | "
+            f"{fmt(row.get('ratio'), 2)} | {fmt(p.get('tok_s_per_stream'))} | "
+            f"{fmt(p.get('ttft_p50_ms'))} / {fmt(p.get('ttft_p99_ms'))} | "
+            f"{fmt(q.get('ttft_p50_ms'))} / {fmt(q.get('ttft_p99_ms'))} | "
+            f"{fmt(p.get('tpot_p50_ms'))} / {fmt(q.get('tpot_p50_ms'))} |"
+        )
+    rag = served["rag"]
+    lines += [
+        "",
+        f"RAG over this repository's {len(rag['documents'])} docs/*.md (ingested in "
+        f"{rag['ingest_s']} s), {rag['answered']} of {rag['questions']} unique questions "
+        f"answered one at a time, streamed, {rag['max_tokens']} tokens at most: TTFT p50 "
+        f"**{fmt(rag['ttft_p50_ms'])} ms** (to the first `delta` event), total p50 "
+        f"**{fmt(rag['total_p50_ms'])} ms**. Where the time went, p50 of the stage timings the "
+        "answers report (ms): "
+        + (", ".join(f"{k} {v}" for k, v in rag["stages_p50_ms"].items()) or "none reported")
+        + ".",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+        *(
+            f"| {t['target']} | {t['goal']} | {fmt(t['value'], 2)} | "
+            f"{ {True: 'yes', False: 'no', None: '—'}[t['met']] } |"
+            for t in served["targets"]
+        ),
+    ]
+    return lines
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        "# Generation engines in-process",
+        "# Generation: engines in-process, the served chat route, RAG",
+        "",
+        "## Engines in-process",
         "",
         f"SmolLM2-135M-Instruct (`{s['model']}`; the transformers engine loads it converted to "
         f"its own precision), greedy, {s['max_tokens']} new tokens at most, unique prompts, "
@@ -312,6 +745,8 @@ def markdown(result: dict) -> str:
                 for r in design["prefix_reuse"]
             ),
         ]
+    if result.get("served"):
+        lines += served_markdown(result["served"])
     loads = ", ".join(f"{k} {v} s" for k, v in result["load_s"].items())
     lines += [
         "",
@@ -331,22 +766,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", nargs="+", default=None, help="llama.cpp, transformers")
     parser.add_argument("--concurrency", nargs="+", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="both phases (default 3)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="default: the cores (1 with --smoke)"
     )
-    report.add_output_options(parser, "llama.cpp only, 1 round, 8 tokens at 1 and 2 sequences")
+    parser.add_argument("--config", type=Path, default=report.ROOT / "serve_config.yaml")
+    parser.add_argument(
+        "--streams", nargs="+", type=int, default=None, help="served concurrency (1 4 8)"
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="per server and round (20)")
+    parser.add_argument(
+        "--llama-server", type=Path, default=None, help="the peer's binary (none: no peer)"
+    )
+    parser.add_argument(
+        "--peer-threads", type=int, default=None, help="default: the generator's threads"
+    )
+    parser.add_argument("--rag-questions", type=int, default=None, help="default 10")
+    parser.add_argument(
+        "--no-served", action="store_true", help="the in-process phase only (no Ray)"
+    )
+    report.add_output_options(
+        parser,
+        "llama.cpp only in-process, 1 round, 8 tokens at 1 and 2 sequences; served: 1 round of "
+        "3 s at 1 stream, no peer unless given, 2 RAG questions",
+    )
     options = parser.parse_args()
     smoke = options.smoke
     options.engines = options.engines or (["llama.cpp"] if smoke else ["llama.cpp", "transformers"])
     options.concurrency = options.concurrency or ([1, 2] if smoke else [1, 8])
-    options.rounds = options.rounds or (1 if smoke else 5)
+    options.rounds = options.rounds or (1 if smoke else 3)
     options.max_tokens = options.max_tokens or (8 if smoke else 64)
     # One thread in a smoke run: llama.cpp's threads spin at every barrier, and two of them on
     # cores other processes are using wait far longer than one thread computes.
     options.threads = options.threads or (1 if smoke else len(os.sched_getaffinity(0)))
-    result = measure(options)
+    options.streams = options.streams or ([1] if smoke else [1, 4, 8])
+    options.seconds = options.seconds or (3.0 if smoke else 20.0)
+    options.warmup = 1.0 if smoke else 5.0
+    options.rag_questions = min(
+        options.rag_questions or (2 if smoke else 10), len(RAG_QUESTIONS) - 1
+    )
+    result = measure(options)  # the engines it loaded are released before the app starts
+    if not options.no_served:
+        result["served"] = measure_served(options)
+        result["served"]["targets"] = targets(result["served"])
     report.write_report(result, "generation", markdown, report.output_dir(options))
 
 

@@ -87,6 +87,11 @@ def candidates(config: GeneratorConfig) -> dict[str, str | None]:
     why_not_llama = None
     if gguf_file(config.model) is None:
         why_not_llama = "the model is not a GGUF file"
+    elif config.precision != "auto":
+        why_not_llama = (
+            f"precision {config.precision} was asked, and llama.cpp runs the GGUF's own "
+            "quantization (precision auto lets it)"
+        )
     else:
         try:
             import llama_cpp  # noqa: F401

@@ -174,7 +174,9 @@ class LlamaCppEngine:
         return {
             "engine": self.name,
             "model_file": str(self.path),
-            "precision": desc.value.decode(errors="replace"),  # e.g. "llama 135M Q4_1"
+            # The GGUF's own quantization, as llama.cpp describes the model ("llama 256M Q4_1").
+            "precision": desc.value.decode(errors="replace").rsplit(" ", 1)[-1],
+            "model_description": desc.value.decode(errors="replace"),
             "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "cpu+gpu",
             "threads": self.threads,
             "context_tokens": self.context_tokens,

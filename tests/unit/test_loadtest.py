@@ -256,3 +256,111 @@ def test_cache_summary_counts_hits_by_source():
     assert summary["hit_rate"] == 0.75
     assert summary["by_source"]["precomputed"]["count"] == 2
     assert summary["by_source"]["none"]["latency_ms"]["p50"] == 1500.0
+
+
+def fake_prometheus() -> FastAPI:
+    """Answers as Prometheus's HTTP API does: ready, an instant `up` timestamp in the future
+    (scraped after the load), and one range series per query."""
+    app = FastAPI()
+    asked: list[str] = []
+    app.state.asked = asked
+
+    @app.get("/-/ready")
+    async def ready() -> Response:
+        return Response("Prometheus Server is Ready.")
+
+    @app.get("/api/v1/query")
+    async def instant(query: str) -> dict:
+        return {
+            "status": "success",
+            "data": {
+                "resultType": "vector",
+                "result": [{"metric": {}, "value": [time.time(), str(time.time() + 60)]}],
+            },
+        }
+
+    @app.get("/api/v1/query_range")
+    async def range_(query: str, start: float, end: float, step: float) -> dict:
+        asked.append(query)
+        metric = {"deployment": "Embedder"} if "replica_healthy" in query else {}
+        values = [[start, "12.5"], [start + step, "NaN"], [end, "15"]]
+        if "replica_healthy" in query:
+            values = [[start, "1"], [end, "2"]]
+        return {
+            "status": "success",
+            "data": {"resultType": "matrix", "result": [{"metric": metric, "values": values}]},
+        }
+
+    return app
+
+
+@pytest.fixture
+def prometheus_url():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    app = fake_prometheus()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "fake Prometheus did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.asked
+    server.should_exit = True
+    thread.join(timeout=5)
+    sock.close()
+
+
+def test_server_series_from_prometheus_go_into_the_report(server_url, prometheus_url, tmp_path):
+    url, asked = prometheus_url
+    cfg = routeload.LoadConfig(
+        url=server_url,
+        route="embeddings",
+        steps=[2],
+        duration=0.5,
+        out=tmp_path,
+        name="prom",
+        poll=0.2,
+        timeout=5.0,
+        wait_retry_after=False,
+        command="loadtest test",
+    )
+    report = loadtest.execute(cfg, sentences=["one two three four five six."], prometheus=url)
+    server = report["server"]
+    assert server["prometheus"] == url
+    series = server["series"]
+    # Serve's latency of the route's path, the route's queue wait, replicas by deployment.
+    assert 'route="/v1/embeddings"' in server["queries"]["latency_p99_ms"]
+    assert 'route="embeddings"' in server["queries"]["queue_wait_p99_ms"]
+    assert set(asked) == set(server["queries"].values())
+    (points,) = series["latency_p50_ms"].values()
+    assert [v for _, v in points] == [12.5, 15.0]  # NaN (no requests in the window) dropped
+    assert points[0][0] == pytest.approx(0.0)  # seconds since the run's start
+    assert series["replicas"] == {"Embedder": [(0.0, 1.0), (points[-1][0], 2.0)]}
+    saved = json.loads((tmp_path / "loadtest-prom.json").read_text())
+    assert saved["server"]["series"]["replicas"]["Embedder"][1][1] == 2.0
+    assert (tmp_path / "loadtest-prom.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_without_prometheus_the_report_is_as_before(server_url, tmp_path):
+    cfg = routeload.LoadConfig(
+        url=server_url,
+        route="embeddings",
+        steps=[1],
+        duration=0.3,
+        out=tmp_path,
+        name="none",
+        poll=0.2,
+        timeout=5.0,
+        command="loadtest test",
+    )
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
+    report = loadtest.execute(cfg, sentences=["one two three four."], prometheus=nobody)
+    closed.close()
+    assert "server" not in report
+    assert loadtest.parse(["--route", "chat", "--smoke", "--prometheus", "off"])[1] is None
+    with pytest.raises(SystemExit):
+        loadtest.parse(["--route", "chat", "--smoke", "--prometheus", "http://example.com:9090"])
