@@ -566,7 +566,7 @@ def measure_served(options: argparse.Namespace) -> dict:
         print(f"rag: {rag}", flush=True)
     return {
         "settings": {
-            "config": str(options.config),
+            "config": os.path.relpath(options.config, report.ROOT),
             "rounds": options.rounds,
             "seconds": options.seconds,
             "streams": options.streams,
