@@ -201,14 +201,7 @@ def sweep_embedder(spec: dict, data: dict, torch, loading) -> dict:
     sentences = data["sentences"]
 
     def encode(texts: list[str], per_forward: int):
-        with torch.inference_mode():
-            return model.encode(
-                texts,
-                batch_size=per_forward,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+        return embedding.encode(model, texts, per_forward)
 
     def padded_tokens(texts: list[str]) -> int:
         lengths = [min(len(ids), model.max_seq_length) for ids in tokenize(texts)]

@@ -206,15 +206,7 @@ def run_embedder(data, mode, device, cache_dir, budget, torch, loading, precisio
     meter = Meter(device, model, precision_, time.perf_counter() - start)
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        with torch.inference_mode():
-            vectors = model.encode(
-                texts,
-                batch_size=batch_size,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+        return embedding.encode(model, texts, batch_size)
 
     sentences = data["sentences"]
     encode(sentences[:EMBED_BATCH], EMBED_BATCH)  # warm-up
@@ -233,14 +225,11 @@ def run_embedder(data, mode, device, cache_dir, budget, torch, loading, precisio
 
 
 def causal_probe(model, tokenizer, device, precision_, torch) -> np.ndarray:
-    """deployments/loading.py's auto check: next-token argmax on the calibration text."""
-    batch = tokenizer(
-        precision_.calibration_sentences()[:16], return_tensors="pt", padding=True
-    ).to(device)
-    real = batch["attention_mask"].bool()
-    with torch.inference_mode():
-        logits = model(**batch).logits
-    return logits[real].float().argmax(-1).cpu().numpy()
+    """auto's own check (deployments/engines/loading.py): next-token argmax on the
+    calibration text."""
+    from deployments.engines import loading
+
+    return loading.next_token_probe(tokenizer, device)(model).argmax(-1).cpu().numpy()
 
 
 def run_reranker(data, mode, device, cache_dir, budget, torch, loading, precision_) -> dict:

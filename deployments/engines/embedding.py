@@ -54,16 +54,7 @@ class EmbeddingModel:
         """Unit vectors (float32, one row per text). sentence-transformers sorts the texts by
         length and runs them in forward passes of `budget.items(longest)` texts, `longest`
         being the longest text's tokens (default: `max_tokens`)."""
-        with torch.inference_mode():
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.budget.items(longest or self.max_tokens),
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        # Re-normalize in fp32: unit length must hold whatever precision the model ran in.
-        return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
+        return encode(self.model, texts, self.budget.items(longest or self.max_tokens))
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.budget.device)
@@ -109,6 +100,21 @@ def load_model(path: str, mode: str, device: str):
     else:
         model = SentenceTransformer(path, device=device)
     return precision.finish(model, mode, device)
+
+
+def encode(model, texts: list[str], per_forward: int) -> np.ndarray:
+    """Unit vectors (float32) of `texts` from a SentenceTransformer, `per_forward` texts per
+    forward pass (sentence-transformers sorts them by length first)."""
+    with torch.inference_mode():
+        vectors = model.encode(
+            texts,
+            batch_size=per_forward,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+    # Re-normalize in fp32: unit length must hold whatever precision the model ran in.
+    return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
 
 
 def probe(model) -> torch.Tensor:

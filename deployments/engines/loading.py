@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,11 +177,9 @@ def load_causal_lm(config: ModelDeployment, cache_dir: Path, device: str, precis
     return precision_.finish(model, precision, device)
 
 
-def causal_lm_precision(
-    config: ModelDeployment, cache_dir: Path, device: str, tokenizer
-) -> precision_.Choice:
-    """The precision of a causal LM: as configured, or `auto`'s fastest that keeps fp32's
-    next-token predictions on the calibration text."""
+def next_token_probe(tokenizer, device: str) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """`auto`'s check of a causal LM: its logits at every real token of the calibration text
+    (the agreement is on their argmax, the next-token predictions)."""
     batch = tokenizer(
         precision_.calibration_sentences()[:16], return_tensors="pt", padding=True
     ).to(device)
@@ -191,6 +190,15 @@ def causal_lm_precision(
             logits = model(**batch).logits
         return logits[real].float()
 
+    return probe
+
+
+def causal_lm_precision(
+    config: ModelDeployment, cache_dir: Path, device: str, tokenizer
+) -> precision_.Choice:
+    """The precision of a causal LM: as configured, or `auto`'s fastest that keeps fp32's
+    next-token predictions on the calibration text."""
+    probe = next_token_probe(tokenizer, device)
     key = f"causal-lm|{config.model}|{precision_.device_signature(device)}"
     return precision_.resolve(
         config.precision,
