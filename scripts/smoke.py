@@ -30,6 +30,8 @@ from benchkit.child import OFFLINE, log_tail
 from benchkit.cluster import config_url, serve_run, with_args
 from benchkit.report import ROOT
 
+from serve_app.store.embedded import stop_embedded
+
 SCRIPTS = Path(__file__).resolve().parent
 SERVICE_CONFIG = ROOT / "configs" / "test.yaml"
 SHEDDING_CONFIG = ROOT / "serve_config.yaml"
@@ -132,6 +134,14 @@ def run(steps: list[Step], out: Path) -> list[Outcome]:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="smoke-configs-"))
+    try:
+        return run_in(steps, out, logs, work)
+    finally:  # the embedded PostgreSQL servers outlive their apps: end the ones made here
+        for data_dir in work.glob("*-pgdata"):
+            stop_embedded(data_dir)
+
+
+def run_in(steps: list[Step], out: Path, logs: Path, work: Path) -> list[Outcome]:
     values = {"shedding_config": str(temp_config(SHEDDING_CONFIG, work, "serve_config"))}
     outcomes = [run_step(s, out, logs, values) for s in steps if not s.service]
     service = [s for s in steps if s.service]
