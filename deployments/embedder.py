@@ -172,7 +172,7 @@ class Embedder(BatchedModel):
         return Embeddings(
             vectors=vectors,
             tokens=[min(t, current.max_tokens) for t in tokens],
-            truncated=sum(t > current.max_tokens for t in tokens),
+            cut=[t > current.max_tokens for t in tokens],
             model=current.source,
             precision=current.precision,
         )

@@ -477,6 +477,18 @@ class Uploads(Section):
 HOST_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?"
 
 
+class Coalescing(Section):
+    """Concurrent /v1/embeddings requests of one ingress replica go to the Embedder as one
+    call (serve_app/http/coalesce.py); a request of `max_inputs` or more goes alone.
+    scripts/bench_peers.py measures it (docs/benchmarks/peers.md)."""
+
+    enabled: bool = True
+    max_inputs: int = Field(default=64, ge=1)
+    # How long the first request of a call waits for company; 0: only the requests that
+    # queued while the previous calls were in flight.
+    wait_ms: float = Field(default=0.0, ge=0.0, le=100.0)
+
+
 class IngressLive(Section):
     """The Ingress's `user_config`, all applied in place: route limits and shedding, input
     limits, API keys, uploads and the Host names it answers to."""
@@ -486,6 +498,7 @@ class IngressLive(Section):
     inputs: InputLimits = InputLimits()
     auth: AuthConfig = AuthConfig()
     uploads: Uploads = Uploads()
+    coalescing: Coalescing = Coalescing()
     # None: the host Serve binds (http_options.host) and the loopback names, any port; a
     # wildcard bind answers any Host. `*` answers any Host; `name:port` only that port.
     allowed_hosts: list[Annotated[str, Field(pattern=rf"^(\*|{HOST_PATTERN})$")]] | None = None

@@ -59,9 +59,28 @@ class Choice:
 class Embeddings:
     vectors: np.ndarray  # (n, dim) float32, unit length
     tokens: list[int]  # tokens per input, after truncation
-    truncated: int  # inputs cut at the model's max_seq_length
+    cut: list[bool]  # per input: cut at the model's max_seq_length
     model: str  # the model that made them (a collection's vectors must all share one)
     precision: str
+
+    @property
+    def truncated(self) -> int:
+        """Inputs cut at the model's max_seq_length."""
+        return sum(self.cut)
+
+    def split(self, sizes: list[int]) -> list[Embeddings]:
+        """One `Embeddings` per consecutive run of `sizes` inputs."""
+        ends = np.cumsum(sizes).tolist()
+        return [
+            Embeddings(
+                self.vectors[start:end],
+                self.tokens[start:end],
+                self.cut[start:end],
+                self.model,
+                self.precision,
+            )
+            for start, end in zip([0, *ends[:-1]], ends, strict=True)
+        ]
 
 
 class RerankScore(NamedTuple):

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import AppConfig, overlay
 from serve_app.http import api
 from serve_app.http.admission import AdmissionControl
+from serve_app.http.coalesce import EmbeddingCalls
 from serve_app.http.guard import apply_settings, bind_host
 from serve_app.http.precompute import compute_popular
 from serve_app.http.replica import Handles, Replica
@@ -57,7 +58,8 @@ class Ingress:
             PopularStore(store), store.url, config.precompute, models, store.timeout_s
         )
         admission = AdmissionControl(settings.admission)
-        self.replica = Replica(handles, config, settings, admission, popular, store)
+        embeddings = EmbeddingCalls(embedder, settings.coalescing)
+        self.replica = Replica(handles, config, settings, admission, embeddings, popular, store)
         # `api.app`, not a name imported from api: Serve copies the globals of this class.
         api.app.state.replica = self.replica  # what every route reads
         # Serve calls reconfigure only when the deployment has a user_config: apply the
@@ -68,9 +70,11 @@ class Ingress:
         self.precomputing = asyncio.get_running_loop().create_task(compute_popular(self.replica))
 
     def reconfigure(self, user_config: dict) -> None:
-        """Route limits, shedding, input limits, uploads, allowed hosts and API keys from the
-        deployment's user_config, in place (a key file that cannot be read fails the update)."""
+        """Route limits, shedding, input limits, uploads, coalescing, allowed hosts and API keys
+        from the deployment's user_config, in place (a key file that cannot be read fails the
+        update)."""
         settings = overlay(self.config.ingress.live, user_config)
         apply_settings(api.app.state, settings, self.bind_host)  # read by the Guard
         self.replica.admission.configure(settings.admission)
+        self.replica.embeddings.configure(settings.coalescing)
         self.replica.settings = settings

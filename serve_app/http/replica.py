@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig, IngressLive
 from serve_app.http.admission import AdmissionControl
+from serve_app.http.coalesce import EmbeddingCalls
 from serve_app.precompute.popular import Popular
 from serve_app.protocol import errors
 from serve_app.store.vector_store import VectorStore
@@ -41,12 +42,14 @@ class Handles:
 @dataclass
 class Replica:
     """Handles, the config, the live settings (replaced on every reconfigure), admission,
-    the popular-query state and the store pool of one ingress replica."""
+    the coalesced embedding calls, the popular-query state and the store pool of one ingress
+    replica."""
 
     handles: Handles
     config: AppConfig
     settings: IngressLive
     admission: AdmissionControl
+    embeddings: EmbeddingCalls  # /v1/embeddings' calls to the Embedder, coalesced
     popular: Popular
     store: VectorStore  # /ready's `SELECT 1`
 

@@ -35,9 +35,9 @@ async def models(replica: ReplicaDep) -> ModelList:
 async def embeddings(request: EmbeddingRequest, replica: ReplicaDep) -> Response:
     model = replica.served_name("embedder", request.model)
     limits.check_embeddings(request, replica.settings.inputs)
-    embedder = replica.handles.embedder
+    embeddings = replica.embeddings
     async with replica.admission.admit("embeddings") as ticket:
-        result = await ticket.call(lambda: embedder.embed.remote(request.texts), request)
+        result = await ticket.call(lambda: embeddings.embed(request.texts), request)
     limits.check_dimensions(request.dimensions, result.vectors.shape[1], model)
     body = EmbeddingResponse.body(result, request, model)
     return Response(body, media_type="application/json")
