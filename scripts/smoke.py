@@ -62,6 +62,8 @@ STEPS = (
     Step("bench_peers.py", ("--servers", "project,infinity,naive,raw"), ("peers",)),
     Step("bench_coldstart.py", ("--config", "{shedding_config}"), ("coldstart",)),
     Step("bench_shedding.py", ("--config", "{shedding_config}"), ("shedding",)),
+    Step("bench_fastpath.py", ("--config", "{shedding_config}"), ("fastpath",)),
+    Step("bench_hops.py", ("--config", "{shedding_config}"), ("hops",)),
     Step("loadtest.py", ("--route", "search", "--url", "{url}"), ("loadtest-search",), True),
     Step("fuzz.py", ("--url", "{url}"), ("fuzz",), True),
     Step(

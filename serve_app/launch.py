@@ -12,6 +12,19 @@ from typing import Any
 import httpx
 import yaml
 
+FAST_PATH_FILE = Path(__file__).resolve().parents[1] / "configs" / "fastpath.env"
+
+
+def fast_path_env(path: Path = FAST_PATH_FILE) -> dict[str, str]:
+    """Ray Serve's fast-path flags (configs/fastpath.env: `NAME=value` lines, `#` comments),
+    for the environment of whatever starts a Ray cluster."""
+    flags = {}
+    for line in path.read_text().splitlines():
+        name, equals, value = line.partition("=")
+        if equals and not name.lstrip().startswith("#"):
+            flags[name.strip()] = value.strip()
+    return flags
+
 
 def load_config(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from benchkit.report import BIN, ROOT
+from serve_app.launch import fast_path_env
 
 
 def config_url(config: dict[str, Any]) -> str:
@@ -57,11 +58,13 @@ def in_process(
     import ray
     from ray import serve
 
-    from serve_app.launch import deploy, wait_ready
+    from serve_app.launch import deploy, fast_path_env, wait_ready
 
     url = config_url(config)
     if answers(url + "/healthz"):
         raise SystemExit(f"something already answers at {url}: stop it first")
+    for name, value in fast_path_env().items():  # `make run`'s, unless the environment says
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         base = deploy(config, overrides)
@@ -91,13 +94,14 @@ def serve_run(
     config: Path, url: str, log: Path, env: dict[str, str] | None = None, timeout_s: float = 600.0
 ) -> Iterator[float]:
     """`serve run config` (its output in `log`) until the block ends; yields the seconds until
-    /ready answered 200. The cluster it started is stopped afterwards."""
+    /ready answered 200. The cluster it started is stopped afterwards. `env` (default: this
+    one, over `make run`'s fast-path flags) is the whole environment of `serve run`."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(
             [BIN / "serve", "run", str(config)],
             cwd=ROOT,
-            env=env if env is not None else dict(os.environ),
+            env=env if env is not None else {**fast_path_env(), **os.environ},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -483,6 +483,20 @@ class Ticket:
             self.gate.release()
 
 
+# The route each POST path is admitted on: a request to a full route is refused from its head
+# alone (AdmissionControl.refuse_early), before its body is read or parsed.
+POST_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/rag/query": "rag",
+    "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
+    "/rerank": "rerank",
+    "/v1/classify": "classify",
+    "/v1/search": "search",
+    "/v1/documents": "ingest",
+}
+
+
 class AdmissionControl:
     """The gates of every route and the host pressure monitor, configured by `Admission`."""
 
@@ -533,6 +547,18 @@ class AdmissionControl:
             raise deadline_exceeded(route, gate.limits.deadline_s) from None
         gate.count("admitted")
         return Ticket(gate, deadline)
+
+    def refuse_early(self, method: str, path: str) -> APIError | None:
+        """503 `queue_full` for a POST to a route with every slot and queue place taken and no
+        background work to give way, or None. The Guard asks before reading the body, so a
+        burst against a full route costs each refused request its head only; `enter` makes
+        the same decision for the requests that get past this."""
+        route = POST_ROUTES.get(path) if method == "POST" else None
+        gate = self.gates.get(route) if route is not None else None
+        if gate is None or gate.background or not gate.full():
+            return None
+        gate.count("rejected", "queue_full")
+        return overloaded(gate.route, "queue_full", gate.limits.retry_after_s)
 
     def _refusal(self, gate: Gate) -> str | None:
         """Why a request arriving at `gate` now is refused, or None to admit or queue it.

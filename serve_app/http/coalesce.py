@@ -45,9 +45,9 @@ class EmbeddingCalls:
             return self.embedder.embed.remote(texts)
         return asyncio.ensure_future(self._batch(texts))
 
-    # Two calls in flight: the next one gathers while the Embedder answers the last. The
+    # Up to 8 calls in flight: the next ones gather while the Embedder answers. The
     # queue is the process's: one ingress replica, one EmbeddingCalls.
-    @serve.batch(max_batch_size=64, max_concurrent_batches=2, batch_size_fn=texts_in)
+    @serve.batch(max_batch_size=64, max_concurrent_batches=8, batch_size_fn=texts_in)
     async def _batch(self, requests: list[list[str]]) -> list[Embeddings | Exception]:
         if len(requests) == 1:
             return [await self.embedder.embed.remote(requests[0])]

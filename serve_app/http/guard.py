@@ -265,7 +265,8 @@ def check(scope: Scope) -> APIError | None:
 
 class Guard:
     """Refuses a connection whose Host is not allowed (400), without a valid key where keys
-    are set (401), or with a header meant for Serve (400); then reads an HTTP body whole,
+    are set (401), or with a header meant for Serve (400), and a request to a full route (503,
+    before its body is read: admission.py's `refuse_early`); then reads an HTTP body whole,
     within `max_body_bytes` (413), `body_timeout_s` (408) and the replica's
     `max_bytes_in_flight` (503), before the route parses any of it."""
 
@@ -285,9 +286,13 @@ class Guard:
                 close = WebSocketClose(code=1008, reason=refused.body.code or "refused")
                 return await close(scope, receive, send)
             return await self.app(scope, receive, send)
+        state = scope["app"].state
+        replica = getattr(state, "replica", None)
+        if refused is None and replica is not None:
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            refused = replica.admission.refuse_early(scope["method"], path)
         if refused is not None:
             return await error_response(refused)(scope, receive, send)
-        state = scope["app"].state
         limits: InputLimits = getattr(state, "input_limits", InputLimits())
         uploads: Uploads = getattr(state, "uploads", Uploads())
         declared = dict(scope["headers"]).get(b"content-length")

@@ -39,9 +39,10 @@ def _running(server) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    # A killed server that nobody reaps lingers as a zombie: not running.
+    # A killed server that nobody reaps lingers as a zombie: not running. A negative pid is a
+    # single-user backend's (initdb's bootstrap, another replica setting the folder up).
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(abs(pid)).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

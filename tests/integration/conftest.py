@@ -1,5 +1,6 @@
 """One Ray cluster and one Serve app, with the real bundled models, for the whole session."""
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.launch import deploy, load_config, wait_ready
+from serve_app.launch import deploy, fast_path_env, load_config, wait_ready
 from serve_app.store.embedded import stop_embedded
 
 TEST_CONFIG = load_config(Path(__file__).resolve().parents[2] / "configs" / "test.yaml")
@@ -31,6 +32,9 @@ def server():
     import ray
     from ray import serve
 
+    # The fast path `make run` takes (configs/fastpath.env), unless the environment says.
+    for name, value in fast_path_env().items():
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     base_url = deploy(test_config())
     wait_ready(base_url)

@@ -247,3 +247,33 @@ async def test_background_work_never_jumps_the_queue(tmp_path):
     assert ticket is not None
     ticket.release()
     assert admission.gates["rag"].running == 0 and admission.gates["rag"].background_ended > 0
+
+
+async def test_a_full_route_is_refused_from_the_head_and_only_then(tmp_path):
+    admission = control(tmp_path, max_running=1, max_queued=1)
+    assert admission.refuse_early("POST", "/v1/rag/query") is None  # free
+    ticket = await admission.enter("rag")
+    assert admission.refuse_early("POST", "/v1/rag/query") is None  # a queue place left
+    waiting = asyncio.ensure_future(admission.enter("rag"))
+    await asyncio.sleep(0)
+    refused = admission.refuse_early("POST", "/v1/rag/query")
+    assert refused is not None and refused.status == 503
+    assert refused.body.code == "queue_full" and "Retry-After" in refused.headers
+    assert admission.gates["rag"].report()["rejected"] == {"queue_full": 1}
+    # Other methods, paths and routes are left to the route.
+    assert admission.refuse_early("GET", "/v1/rag/query") is None
+    assert admission.refuse_early("POST", "/v1/search") is None
+    assert admission.refuse_early("POST", "/v1/unknown") is None
+    ticket.release()
+    (await waiting).release()
+    assert admission.refuse_early("POST", "/v1/rag/query") is None
+
+
+async def test_background_work_gives_way_instead_of_an_early_refusal(tmp_path):
+    admission = control(tmp_path, max_running=1, max_queued=0)
+    background = admission.background("rag")
+    assert background is not None and admission.gates["rag"].full()
+    assert admission.refuse_early("POST", "/v1/rag/query") is None  # enter() preempts it
+    ticket = await admission.enter("rag")
+    assert background.preempted
+    ticket.release()

@@ -10,6 +10,7 @@ import yaml
 
 from serve_app.app import deployment_options
 from serve_app.config import AppConfig, Batching, IngressLive, overlay
+from serve_app.launch import fast_path_env
 from tests.unit.test_config_and_plan import ROUTE_DEPLOYMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +203,7 @@ def test_model_replicas_fit_the_gpu_workers_by_their_shares():
     assert manifest()["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
-def test_versions_and_secrets():
+def test_versions_secrets_and_the_fast_path():
     cluster = manifest()["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
     dockerfile = (MANIFEST.parent / "Dockerfile").read_text()
@@ -215,6 +216,10 @@ def test_versions_and_secrets():
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
         g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]
     ]
+    flags = fast_path_env()  # the same fast path as `make run`, on every node
     for container in containers:
+        plain = {v["name"]: v["value"] for v in container["env"] if "value" in v}
+        assert plain == flags
         for variable in container["env"]:
-            assert "value" not in variable and "secretKeyRef" in variable["valueFrom"]
+            if "value" not in variable:
+                assert "secretKeyRef" in variable["valueFrom"]
