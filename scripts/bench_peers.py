@@ -103,16 +103,33 @@ REQUEST_TIMEOUT_S = 120.0
 @dataclass(frozen=True)
 class Shape:
     name: str
-    inputs: int  # sentences per request
+    inputs: int  # inputs per request
     concurrency: int
+    # Sentences joined into each input, in turn (one each when empty): short and long inputs
+    # mixed in every request, so a batch that pads to its longest input wastes the most.
+    joined: tuple[int, ...] = ()
 
     @property
     def title(self) -> str:
+        if self.joined:
+            sizes = "-".join(str(n) for n in sorted(set(self.joined)))
+            return (
+                f"{self.name}: {self.inputs} inputs of {sizes} sentences each (mixed) per "
+                f"request, concurrency {self.concurrency}"
+            )
         sentences = "1 sentence" if self.inputs == 1 else f"{self.inputs} sentences"
         return f"{self.name}: {sentences} per request, concurrency {self.concurrency}"
 
+    def take(self, texts: Texts) -> list[str]:
+        """The inputs of one request, every one new."""
+        if not self.joined:
+            return texts.take(self.inputs)
+        sizes = [self.joined[i % len(self.joined)] for i in range(self.inputs)]
+        return [" ".join(texts.take(n)) for n in sizes]
 
-SHAPES = (Shape("A", 1, 64), Shape("B", 32, 8))
+
+# M: 8 inputs a request of 1, 1, 1, 2, 1, 4, 1 and 6 sentences (about 19 to 115 words).
+SHAPES = (Shape("A", 1, 64), Shape("B", 32, 8), Shape("M", 8, 16, (1, 1, 1, 2, 1, 4, 1, 6)))
 
 
 # --- sentences ------------------------------------------------------------------------------
@@ -394,7 +411,7 @@ def measure_http(
 ) -> dict:
     def bodies():
         while True:
-            payload = {"input": texts.take(shape.inputs)}
+            payload = {"input": shape.take(texts)}
             yield {**payload, "model": server.model} if server.model else payload
 
     return asyncio.run(
@@ -535,8 +552,11 @@ class Bench:
                 self.options.duration,
             )
             self.cursors[name] += result.pop("taken")
-            for shape in SHAPES:
-                self.record(round_, name, shape, {**result, "background_cpu_percent": background})
+            for shape in SHAPES:  # the model's limit on single sentences: not shape M
+                if not shape.joined:
+                    self.record(
+                        round_, name, shape, {**result, "background_cpu_percent": background}
+                    )
             return
         logs = BENCH / "logs"
         extra: dict[str, Any] = {}
@@ -815,7 +835,8 @@ def markdown(report: dict) -> str:
             "",
             f"## Shape {shape.title}",
             "",
-            "| server | precision | torch threads | sentences/s | requests/s | p50 ms | p95 ms "
+            f"| server | precision | torch threads | {'inputs' if shape.joined else 'sentences'}/s "
+            "| requests/s | p50 ms | p95 ms "
             "| p99 ms | errors | CPU busy % (before) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -855,12 +876,19 @@ def markdown(report: dict) -> str:
             "the model and the answer's serialization.",
         ]
     if summary["ratios"]:
-        lines += ["", "## Ratios (sentences/s, medians)", "", "| ratio | A | B |", "|---|---|---|"]
+        names = [shape.name for shape in SHAPES]
+        lines += [
+            "",
+            "## Ratios (inputs/s, medians)",
+            "",
+            "| ratio | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for peer in ("infinity", "naive", "raw"):
-            a = summary["ratios"].get(f"project/{peer} A")
-            b = summary["ratios"].get(f"project/{peer} B")
-            if a is not None or b is not None:
-                lines.append(f"| this project / {LABELS[peer]} | {fmt(a, 2)} | {fmt(b, 2)} |")
+            cells = [summary["ratios"].get(f"project/{peer} {n}") for n in names]
+            if any(c is not None for c in cells):
+                row = " | ".join(fmt(c, 2) for c in cells)
+                lines.append(f"| this project / {LABELS[peer]} | {row} |")
     hits = [
         e["at_end"]["cache"]["hits"]
         for e in report["rounds"]
@@ -905,7 +933,7 @@ def plot(report: dict, path: Path) -> None:
         bars = right.bar(xs, p50, width, color=f"C{i}")
         right.bar_label(bars, fmt="%.0f", fontsize=8)
     labels = [LABELS[n].replace(", ", "\n") for n in servers]
-    titles = ("sentences/s (higher is better)", "p50 latency per request, ms")
+    titles = ("inputs/s (higher is better)", "p50 latency per request, ms")
     for ax, title in zip((left, right), titles, strict=True):
         ax.set_xticks(np.arange(len(servers)), labels, fontsize=8)
         ax.set_title(title, fontsize=10)

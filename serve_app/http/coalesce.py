@@ -30,6 +30,11 @@ class EmbeddingCalls:
 
     def __init__(self, embedder: DeploymentHandle, settings: Coalescing) -> None:
         self.embedder = embedder
+        # A queue of this object's own (a decorated method would share one per process). Up
+        # to 8 calls in flight: the next ones gather while the Embedder answers.
+        self._batch = serve.batch(
+            max_batch_size=settings.max_inputs, max_concurrent_batches=8, batch_size_fn=texts_in
+        )(self._call)
         self.configure(settings)
 
     def configure(self, settings: Coalescing) -> None:
@@ -45,10 +50,7 @@ class EmbeddingCalls:
             return self.embedder.embed.remote(texts)
         return asyncio.ensure_future(self._batch(texts))
 
-    # Up to 8 calls in flight: the next ones gather while the Embedder answers. The
-    # queue is the process's: one ingress replica, one EmbeddingCalls.
-    @serve.batch(max_batch_size=64, max_concurrent_batches=8, batch_size_fn=texts_in)
-    async def _batch(self, requests: list[list[str]]) -> list[Embeddings | Exception]:
+    async def _call(self, requests: list[list[str]]) -> list[Embeddings | Exception]:
         if len(requests) == 1:
             return [await self.embedder.embed.remote(requests[0])]
         try:
