@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from filelock import FileLock
 
 from deployments.engines import loading, precision
 from deployments.engines.base import GenerationEngine
+from deployments.engines.measured import MeasuredChoices
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import GenerationRequest
 
@@ -236,28 +236,23 @@ def _annotate(engine: GenerationEngine, config: GeneratorConfig, choice: EngineC
     engine.info = annotated  # type: ignore[method-assign]
 
 
-def _choices_file(cache_dir: Path) -> Path:
-    return cache_dir / "engine-choices.json"
+def _choices(cache_dir: Path) -> MeasuredChoices:
+    return MeasuredChoices(cache_dir / "engine-choices.json")
 
 
 def _read(cache_dir: Path, key: str) -> EngineChoice | None:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        entry = json.loads(_choices_file(cache_dir).read_text())[key]
-        trials = [EngineTrial(**t) for t in entry["trials"]]
-        return EngineChoice(entry["engine"], trials, False, entry["reason"] + " (earlier)")
+    entry = _choices(cache_dir).read(key)
+    with contextlib.suppress(KeyError, TypeError):
+        if entry is not None:
+            trials = [EngineTrial(**t) for t in entry["trials"]]
+            return EngineChoice(entry["engine"], trials, False, entry["reason"] + " (earlier)")
     return None
 
 
 def _write(cache_dir: Path, key: str, choice: EngineChoice) -> None:
-    path = _choices_file(cache_dir)
-    entries = {}
-    with contextlib.suppress(OSError, ValueError):
-        entries = json.loads(path.read_text())
-    entries[key] = {
+    entry = {
         "engine": choice.engine,
         "reason": choice.reason,
         "trials": [asdict(t) for t in choice.trials],
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    tmp.replace(path)
+    _choices(cache_dir).write(key, entry)

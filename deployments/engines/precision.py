@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import platform
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+
+from deployments.engines.measured import MeasuredChoices
 
 logger = logging.getLogger("ray.serve")
 
@@ -288,25 +289,18 @@ def _timed(probe: Callable[[object], torch.Tensor], model: object) -> float:
     return time.perf_counter() - start
 
 
-def _choices_file(cache_dir: Path) -> Path:
-    return cache_dir / "precision-choices.json"
+def _choices(cache_dir: Path) -> MeasuredChoices:
+    return MeasuredChoices(cache_dir / "precision-choices.json")
 
 
 def _read_choice(cache_dir: Path, key: str) -> Choice | None:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        entry = json.loads(_choices_file(cache_dir).read_text())[key]
-        return Choice(entry["precision"], [Trial(**t) for t in entry["trials"]], measured=False)
+    entry = _choices(cache_dir).read(key)
+    with contextlib.suppress(KeyError, TypeError):
+        if entry is not None:
+            return Choice(entry["precision"], [Trial(**t) for t in entry["trials"]], measured=False)
     return None
 
 
 def _write_choice(cache_dir: Path, key: str, choice: Choice) -> None:
-    path = _choices_file(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        entries = {}
-        with contextlib.suppress(OSError, ValueError):
-            entries = json.loads(path.read_text())
-        entries[key] = {"precision": choice.precision, "trials": [asdict(t) for t in choice.trials]}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        tmp.replace(path)
+    entry = {"precision": choice.precision, "trials": [asdict(t) for t in choice.trials]}
+    _choices(cache_dir).write(key, entry)
