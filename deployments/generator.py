@@ -55,8 +55,10 @@ class Generator(BatchedModel):
 
     def __init__(self, config: GeneratorConfig, cache_dir: Path) -> None:
         super().__init__(config.batching)
-        self._drive(load_engine(config, cache_dir))
+        engine, chosen = load_engine(config, cache_dir)
+        self._drive(engine)
         self.info.update(
+            **chosen.report(config.engine),
             role="generation",
             model=config.name,
             source=config.model,

@@ -60,17 +60,24 @@ class EngineChoice:
     measured: bool  # False: read from an earlier measurement on this machine
     reason: str
 
+    def report(self, requested: str) -> dict:
+        """How the engine was chosen, as the Generator's `model_info` reports it."""
+        return {
+            "engine": self.engine,
+            "engine_requested": requested,
+            "engine_reason": self.reason,
+            "engine_measured": self.measured,
+            "engine_trials": [asdict(t) for t in self.trials],
+        }
 
-def load_engine(config: GeneratorConfig, cache_dir: Path) -> GenerationEngine:
-    """The generation engine `config.engine` names, loaded and warm, with how it was chosen in
-    its `info()` (`engine`, `engine_requested`, `engine_reason`, `engine_trials`)."""
+
+def load_engine(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, EngineChoice]:
+    """The generation engine `config.engine` names (`auto`: the fastest measured here), loaded
+    and warm, and how it was chosen."""
     if config.engine != "auto":
         engine = _load(config.engine, config, cache_dir)
-        choice = EngineChoice(config.engine, [], False, "named in the configuration")
-    else:
-        engine, choice = _auto(config, cache_dir)
-    _annotate(engine, config, choice)
-    return engine
+        return engine, EngineChoice(engine.name, [], False, "named in the configuration")
+    return _auto(config, cache_dir)
 
 
 def gguf_file(model: str) -> Path | None:
@@ -217,23 +224,6 @@ def _close(engine: GenerationEngine) -> None:
     close = getattr(engine, "close", None)
     if callable(close):
         close()
-
-
-def _annotate(engine: GenerationEngine, config: GeneratorConfig, choice: EngineChoice) -> None:
-    """Put how the engine was chosen into what its `info()` reports."""
-    extra = {
-        "engine": engine.name,
-        "engine_requested": config.engine,
-        "engine_reason": choice.reason,
-        "engine_measured": choice.measured,
-        "engine_trials": [asdict(t) for t in choice.trials],
-    }
-    info = engine.info
-
-    def annotated() -> dict:
-        return {**info(), **extra}
-
-    engine.info = annotated  # type: ignore[method-assign]
 
 
 def _choices(cache_dir: Path) -> MeasuredChoices:

@@ -42,7 +42,7 @@ def generation_engine(config: GeneratorConfig, cache_dir: Path):
     """The Generator's engine (`deployments.engines.load_engine`), warm."""
     from deployments.engines import load_engine
 
-    return load_engine(config, cache_dir)
+    return load_engine(config, cache_dir)[0]
 
 
 def decode(engine, requests: list) -> tuple[list, list[str]]:

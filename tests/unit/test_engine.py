@@ -55,18 +55,18 @@ def test_the_registry_loads_the_named_engine_and_says_why_it_cannot(monkeypatch,
         TransformersEngine, "__init__", lambda self, config, cache_dir: loaded.append(config)
     )
     monkeypatch.setattr(TransformersEngine, "info", lambda self: {}, raising=False)
-    engine = engines.load_engine(GeneratorConfig(engine="transformers"), tmp_path)
+    engine, chosen = engines.load_engine(GeneratorConfig(engine="transformers"), tmp_path)
     assert isinstance(engine, TransformersEngine) and [c.engine for c in loaded] == ["transformers"]
-    assert engine.info()["engine_reason"] == "named in the configuration"
+    assert chosen.report("transformers")["engine_reason"] == "named in the configuration"
     with pytest.raises(engines.EngineUnavailable, match="not a GGUF"):
         engines.load_engine(GeneratorConfig(engine="llama.cpp", model="gpt2"), tmp_path)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the binding does not import
     with pytest.raises(engines.EngineUnavailable, match="llama-cpp-python"):
         engines.load_engine(GeneratorConfig(engine="llama.cpp"), tmp_path)
     # auto with only transformers able to run: no measurement, and the reason says why.
-    engine = engines.load_engine(GeneratorConfig(engine="auto"), tmp_path)
+    engine, chosen = engines.load_engine(GeneratorConfig(engine="auto"), tmp_path)
     assert isinstance(engine, TransformersEngine)
-    assert "llama-cpp-python is not installed" in engine.info()["engine_reason"]
+    assert "llama-cpp-python is not installed" in chosen.reason
 
 
 def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tmp_path):
@@ -87,19 +87,24 @@ def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tm
     monkeypatch.setattr(
         engines, "candidates", lambda config: {"llama.cpp": None, "transformers": None}
     )
-    first = engines.load_engine(GeneratorConfig(), tmp_path)
+    first, chosen = engines.load_engine(GeneratorConfig(), tmp_path)
     # Geometric means 116 against 67: both shapes count, not the batch alone.
     assert first.name == "llama.cpp" and closed == ["transformers"]
     assert measured == ["llama.cpp", "transformers"] * engines.TRIAL_ROUNDS
-    info = first.info()
-    assert info["engine_measured"] and [t["engine"] for t in info["engine_trials"]] == [
-        "llama.cpp",
-        "transformers",
-    ]
+    info = chosen.report("auto")
+    assert (
+        info["engine"] == "llama.cpp"
+        and info["engine_measured"]
+        and [t["engine"] for t in info["engine_trials"]]
+        == [
+            "llama.cpp",
+            "transformers",
+        ]
+    )
     measured.clear()
-    again = engines.load_engine(GeneratorConfig(), tmp_path)
+    again, chosen = engines.load_engine(GeneratorConfig(), tmp_path)
     assert again.name == "llama.cpp" and measured == []  # read from the earlier measurement
-    assert not again.info()["engine_measured"] and "(earlier)" in again.info()["engine_reason"]
+    assert not chosen.measured and "(earlier)" in chosen.reason
 
 
 @pytest.fixture(scope="module")
