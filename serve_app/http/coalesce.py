@@ -48,7 +48,13 @@ class EmbeddingCalls:
         leaves the coalesced call to the others)."""
         if not self.settings.enabled or len(texts) >= self.settings.max_inputs:
             return self.embedder.embed.remote(texts)
-        return asyncio.ensure_future(self._batch(texts))
+        return asyncio.ensure_future(self._coalesced(texts))
+
+    async def _coalesced(self, texts: list[str]) -> Embeddings:
+        result = await self._batch(texts)
+        if isinstance(result, Exception):  # `@serve.batch` hands a failure back as a result
+            raise result
+        return result
 
     async def _call(self, requests: list[list[str]]) -> list[Embeddings | Exception]:
         if len(requests) == 1:

@@ -51,8 +51,16 @@ class Embedder:
         return Embeddings(vectors, [len(t) for t in texts], [t == "99" for t in texts], "m", "fp32")
 
 
+async def raised(awaitable):
+    """What `awaitable` returns; what it raises, wrapped in a tuple to tell the two apart."""
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError) as exc:
+        return ("raised", exc)
+
+
 async def burst(calls: EmbeddingCalls, requests: list[list[str]]) -> list:
-    return await asyncio.gather(*(calls.embed(r) for r in requests), return_exceptions=True)
+    return await asyncio.gather(*(raised(calls.embed(r)) for r in requests))
 
 
 def test_concurrent_requests_share_calls_and_each_gets_its_own_rows(run):
@@ -80,8 +88,9 @@ def test_a_failing_request_fails_alone(run):
         return await burst(EmbeddingCalls(embedder, Coalescing()), [[str(i)] for i in range(12)])
 
     results = run(scenario())
-    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    failed = [i for i, r in enumerate(results) if isinstance(r, tuple)]
     assert failed == [7], results
+    assert isinstance(results[7][1], ValueError)
     assert all(r.vectors[0, 0] == i for i, r in enumerate(results) if i != 7)
 
 
@@ -92,7 +101,7 @@ def test_a_dead_replica_fails_each_request_as_its_own_call_would(run):
         return embedder, results
 
     embedder, results = run(scenario())
-    assert all(isinstance(r, RayActorError) for r in results)
+    assert all(r[0] == "raised" and isinstance(r[1], RayActorError) for r in results), results
     assert len(embedder.calls) < 3  # not called again here: each caller's ticket does that
 
 
@@ -117,8 +126,8 @@ def test_a_cancelled_request_leaves_the_others_their_answers(run):
         calls = EmbeddingCalls(Embedder(), Coalescing())
         tasks = [calls.embed([str(i)]) for i in range(6)]
         tasks[2].cancel()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        return await asyncio.gather(*(raised(t) for t in tasks))
 
     results = run(scenario())
-    assert isinstance(results[2], asyncio.CancelledError)
+    assert isinstance(results[2][1], asyncio.CancelledError)
     assert [r.vectors[0, 0] for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4, 5]
