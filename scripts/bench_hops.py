@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "target32": {"embedder_target": 32},
     "target4": {"embedder_target": 4},
     "target2": {"embedder_target": 2},
+    "target1": {"embedder_target": 1},
     "target2-small": {"coalescing": {"max_inputs": 8}, "embedder_target": 2},
     "uncoalesced-target4": {"coalescing": {"enabled": False}, "embedder_target": 4},
 }
