@@ -5,16 +5,15 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
-from ray import serve
 
 from deployments.embedder import Embedder
 from deployments.engines.precision import UnsupportedPrecision
 from serve_app.config import CacheConfig, EmbedderConfig
+from tests.conftest import replica_loop
 from tests.integration.conftest import TEST_CONFIG, redeploy
 from tests.integration.test_documents import ingest, search
 
@@ -30,15 +29,10 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def run():
-    """Run coroutines on one event loop for the whole module, as in a replica: `@serve.batch`
-    keeps one queue per method (per process), bound to the loop that first used it. It also asks
-    the replica context for max_ongoing_requests; outside Serve that is 128 here."""
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=128))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve, "get_replica_context", lambda: context)
-        loop = asyncio.new_event_loop()
-        yield loop.run_until_complete
-        loop.close()
+    """Run coroutines on one event loop for the whole module, as in a replica (`@serve.batch`
+    keeps one queue per method, per process)."""
+    with replica_loop(128) as run:
+        yield run
 
 
 def embedder(tmp_path, precision: str, caches: CacheConfig | None = None, **batching) -> Embedder:

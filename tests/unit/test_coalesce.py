@@ -3,29 +3,21 @@ that answers like the Embedder deployment's `embed`: one row per text, the row i
 number, after a few milliseconds of "model time"."""
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from ray import serve
 from ray.exceptions import RayActorError
 
 from serve_app.config import Coalescing
 from serve_app.contracts import Embeddings
 from serve_app.http.coalesce import EmbeddingCalls
+from tests.conftest import replica_loop
 
 
 @pytest.fixture(scope="module")
 def run():
-    """One event loop for the module, as in a replica: `@serve.batch` keeps one queue per
-    method, bound to the loop that first used it, and asks the replica context for
-    max_ongoing_requests."""
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=1024))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve, "get_replica_context", lambda: context)
-        loop = asyncio.new_event_loop()
-        yield loop.run_until_complete
-        loop.close()
+    with replica_loop(1024) as run:
+        yield run
 
 
 class Embedder:
