@@ -31,6 +31,7 @@ from deployments.engines.base import GenerationEngine, Sequence
 from deployments.lane import Lane
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import Choice, Delta, GenerationRequest
+from serve_app.metrics import DecodeSteps
 
 # Admission batches that may be in flight at once; they share the one decode loop.
 CONCURRENT_BATCHES = 4
@@ -77,6 +78,7 @@ class Generator(BatchedModel):
         self.waiting: list[_Admission] = []
         self.running: list[_Admission] = []
         self.loop_task: asyncio.Task | None = None
+        self.steps = DecodeSteps()  # tokens per step, time per output token
 
     def memory(self) -> dict[str, int]:
         return self.engine.memory()
@@ -158,9 +160,10 @@ class Generator(BatchedModel):
         admitted = self._take_admissions()
         if admitted:
             await self._join(admitted)
-        if self.engine.in_flight():
+        if stepping := self.engine.in_flight():
             # Each forward pass runs off the event loop, so requests keep arriving.
             await asyncio.to_thread(self.engine.step)
+            self.steps.stepped(stepping)
             self._publish()
 
     async def _join(self, admitted: list[_Admission]) -> None:

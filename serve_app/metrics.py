@@ -7,10 +7,16 @@ creates its metrics once, on first use, inside the replica that records them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING
 
 from ray.util import metrics
+
+if TYPE_CHECKING:
+    from deployments.engines.base import Sequence
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 TOKEN_BOUNDARIES = [16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -194,6 +200,66 @@ def generated_tokens() -> metrics.Counter:
     return metrics.Counter(
         "rag_generated_tokens", "Generated tokens delivered, by route.", tag_keys=("route",)
     )
+
+
+@cache
+def generator_tpot_ms() -> metrics.Histogram:
+    """Time per output token after the first of every answer the generator decodes (chat and
+    RAG), at the generator: what its decode loop gives each sequence, batch mates included,
+    without the handle and the ingress's streaming."""
+    return metrics.Histogram(
+        "rag_generator_tpot_ms",
+        "Generator time per output token after the first, per finished answer.",
+        boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000],
+    )
+
+
+@cache
+def generator_step_tokens() -> metrics.Histogram:
+    """Tokens each decode step of the generator produced: one per sequence that got a token
+    (a cancelled one gets none). Its `_sum`'s rate is the generator's decoded tokens/s."""
+    return metrics.Histogram(
+        "rag_generator_step_tokens",
+        "Tokens generated in each decode step of the generator.",
+        boundaries=BATCH_BOUNDARIES,
+    )
+
+
+@dataclass
+class DecodeSteps:
+    """The generator's decode steps into `generator_step_tokens` and `generator_tpot_ms`.
+
+    `stepped` is called after each step with the sequences that were in it. A sequence's time
+    per output token runs from the end of the step that gave its first token to the end of the
+    one that finished it, over the tokens in between; a failed or cancelled sequence records
+    none. Only sequences of the last step are kept, so those lost to a failed step (which
+    never reach `stepped`) are forgotten at the next one."""
+
+    clock: Callable[[], float] = time.perf_counter
+    # id of a sequence -> (the sequence, when its first token came, its tokens then); the
+    # sequence is held so that its id cannot be reused while it is here.
+    first: dict[int, tuple[Sequence, float, int]] = field(default_factory=dict)
+
+    def stepped(self, sequences: Iterable[Sequence]) -> None:
+        now = self.clock()
+        tokens = 0
+        first = {}
+        for sequence in sequences:
+            delta = sequence.delta
+            if sequence.error is not None or delta is None or delta.finish_reason == "cancelled":
+                continue
+            tokens += 1
+            _, since, before = self.first.get(
+                id(sequence), (sequence, now, delta.completion_tokens)
+            )
+            if not sequence.done:
+                first[id(sequence)] = (sequence, since, before)
+            elif delta.completion_tokens > before:
+                tpot = (now - since) * 1000 / (delta.completion_tokens - before)
+                generator_tpot_ms().observe(tpot)
+        self.first = first
+        if tokens:
+            generator_step_tokens().observe(tokens)
 
 
 @cache
