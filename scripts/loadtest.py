@@ -26,8 +26,9 @@ OUT/loadtest-NAME.png (offered load and answers/s, latency per request, replicas
 
 With a Prometheus scraping the cluster (`make monitor`; --prometheus, default
 http://127.0.0.1:9090, used when it answers, `off` to skip), the server's own series for the
-run's time are read from it after the load: Serve's HTTP latency p50/p99 for the route, the
-route's queue wait p99 (`ray_rag_route_queue_wait_ms`) and the healthy replicas per deployment.
+run's time are read from it after the load: the route's latency p50/p99 in the Ingress replica
+(`ray_serve_deployment_processing_latency_ms`), the route's queue wait p99
+(`ray_rag_route_queue_wait_ms`) and the healthy replicas per deployment.
 They go into the JSON under `server` and are drawn beside the client's figures: what the server
 saw next to what the client saw. Without one, nothing changes.
 
@@ -126,8 +127,12 @@ Series = dict[str, list[tuple[float, float]]]  # label -> [(seconds since the ru
 
 
 def server_queries(route: str) -> dict[str, str]:
-    """PromQL per server-side series: Serve's latency of the route's path (Serve tags it with
-    the FastAPI route), the route's queue wait at admission, replicas per deployment."""
+    """PromQL per server-side series: the Ingress replica's latency of the route's path, the
+    route's queue wait at admission, replicas per deployment.
+
+    The latency is Serve's processing time in the Ingress replica, which Serve tags with the
+    FastAPI route whichever proxy runs; its HTTP latency at the proxy carries only the
+    application's prefix ("/") on the fast path (HAProxy)."""
     path, window = ROUTES[route], RATE_WINDOW
 
     def quantile(q: float, metric: str, selector: str) -> str:
@@ -135,10 +140,13 @@ def server_queries(route: str) -> dict[str, str]:
             f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{selector}}}[{window}])))"
         )
 
-    serve_latency = "ray_serve_http_request_latency_ms"
+    latency, at_route = (
+        "ray_serve_deployment_processing_latency_ms",
+        f'deployment="Ingress",route="{path}"',
+    )
     return {
-        "latency_p50_ms": quantile(0.5, serve_latency, f'route="{path}"'),
-        "latency_p99_ms": quantile(0.99, serve_latency, f'route="{path}"'),
+        "latency_p50_ms": quantile(0.5, latency, at_route),
+        "latency_p99_ms": quantile(0.99, latency, at_route),
         "queue_wait_p99_ms": quantile(0.99, "ray_rag_route_queue_wait_ms", f'route="{route}"'),
         "replicas": "sum by (deployment) (ray_serve_deployment_replica_healthy)",
     }

@@ -1,6 +1,8 @@
-"""A real Prometheus scrapes the test cluster; every query of the Grafana dashboard returns data.
+"""A real Prometheus scrapes the test cluster; every query of the Grafana dashboard returns data,
+and scripts/loadtest.py reads the server's series of its load from it.
 
-A renamed or missing metric fails here instead of leaving a dashboard panel empty.
+A renamed or missing metric fails here instead of leaving a dashboard panel or a load test's
+server-side figures empty.
 """
 
 import importlib.util
@@ -22,10 +24,21 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "configs" / "monitoring" / "grafana" / "dashboards" / "rag-serve.json"
-spec = importlib.util.spec_from_file_location("monitor", ROOT / "scripts" / "monitor.py")
-monitor = importlib.util.module_from_spec(spec)
-sys.modules["monitor"] = monitor
-spec.loader.exec_module(monitor)
+
+
+def script(name: str):
+    """scripts/NAME.py as a module, as when run as a file (`benchkit` beside it)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+monitor = script("monitor")
+loadtest = script("loadtest")
 
 CHAT = "/v1/chat/completions"
 # What Grafana puts in for $__rate_interval: wide enough to hold several of Ray's reports.
@@ -197,3 +210,37 @@ def test_every_dashboard_query_returns_data(loaded):
     assert not empty, {"not charted": empty, "exported": exported}
     # The check can fail: the name as recorded, without Ray's prefix and suffix, has no data.
     assert not query(url, "rag_route_admitted") and not query(url, "ray_rag_route_admitted")
+
+
+def test_loadtest_plots_what_the_server_saw(prometheus, server, tmp_path):
+    """scripts/loadtest.py against the test cluster with this Prometheus: Serve's latency of the
+    route's path and the healthy replicas over the load's window come back from
+    /api/v1/query_range into the report and its PNG. A renamed metric or route label, or a
+    query Prometheus refuses, fails here."""
+    url, _ = prometheus
+    cfg = loadtest.LoadConfig(
+        url=server,
+        route="embeddings",
+        steps=[2],
+        duration=20.0,  # beyond Ray's metrics report interval: the window holds the load
+        out=tmp_path,
+        name="prometheus",
+        poll=0.5,
+        timeout=60.0,
+        ramp=0.5,
+        command="test_monitoring",
+    )
+    report = loadtest.execute(cfg, sentences=["The keeper lights the lamp."], prometheus=url)
+    assert report["overall"]["status"].get("200", 0) > 10, report["overall"]["status"]
+    series = report["server"]["series"]
+    latencies = [v for points in series["latency_p99_ms"].values() for _, v in points]
+    assert latencies and all(0 < v < 60_000 for v in latencies), series["latency_p99_ms"]
+    # Points are seconds since the load's start, within its window.
+    times = [t for points in series["latency_p99_ms"].values() for t, _ in points]
+    assert min(times) >= 0 and max(times) <= report["duration"] * len(report["steps"]) + 30
+    replicas = series["replicas"]
+    assert {"Ingress", "Embedder"} <= set(replicas), replicas
+    assert all(v >= 1 for _, v in replicas["Embedder"])
+    saved = json.loads((tmp_path / "loadtest-prometheus.json").read_text())
+    assert saved["server"]["series"]["replicas"]["Embedder"]
+    assert (tmp_path / "loadtest-prometheus.png").read_bytes().startswith(b"\x89PNG")

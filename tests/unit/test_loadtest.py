@@ -330,8 +330,9 @@ def test_server_series_from_prometheus_go_into_the_report(server_url, prometheus
     server = report["server"]
     assert server["prometheus"] == url
     series = server["series"]
-    # Serve's latency of the route's path, the route's queue wait, replicas by deployment.
-    assert 'route="/v1/embeddings"' in server["queries"]["latency_p99_ms"]
+    # The Ingress's latency of the route's path (the one series that carries the path on the
+    # fast path too), the route's queue wait, replicas by deployment.
+    assert 'deployment="Ingress",route="/v1/embeddings"' in server["queries"]["latency_p99_ms"]
     assert 'route="embeddings"' in server["queries"]["queue_wait_p99_ms"]
     assert set(asked) == set(server["queries"].values())
     (points,) = series["latency_p50_ms"].values()
