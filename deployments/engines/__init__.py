@@ -4,7 +4,8 @@ call it directly.
 
 `load_engine` loads the generation engine a `GeneratorConfig` names. `auto` measures, once per
 machine and model (like `precision: auto`), every engine that can run the model here, and
-keeps the fastest: llama.cpp only for a GGUF model with llama-cpp-python installed, and
+keeps the fastest: llama.cpp only for a GGUF model with llama-cpp-python installed (its weights
+as shipped or re-quantized, `gguf.py`), vllm only on CUDA with vllm installed, and
 transformers for any model. The trials are kept in the model cache folder and shown in
 `/v1/status`."""
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from deployments.engines import loading, precision
+from deployments.engines import gguf, loading, precision
 from deployments.engines.base import GenerationEngine
 from deployments.engines.measured import MeasuredChoices
 from serve_app.config import GeneratorConfig
@@ -97,14 +99,22 @@ def candidates(config: GeneratorConfig) -> dict[str, str | None]:
     elif config.precision != "auto":
         why_not_llama = (
             f"precision {config.precision} was asked, and llama.cpp runs the GGUF's own "
-            "quantization (precision auto lets it)"
+            "quantization or a measured re-quantization of it (precision auto lets it)"
         )
     else:
         try:
             import llama_cpp  # noqa: F401
         except ImportError as exc:
             why_not_llama = f"llama-cpp-python is not installed ({exc})"
-    return {"llama.cpp": why_not_llama, "transformers": None}
+    return {"llama.cpp": why_not_llama, "vllm": _why_not_vllm(config), "transformers": None}
+
+
+def _why_not_vllm(config: GeneratorConfig) -> str | None:
+    if loading.pick_device(config) != "cuda":
+        return "vllm runs on CUDA, and this replica has no GPU"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install .[vllm])"
+    return None
 
 
 def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngine:
@@ -112,6 +122,12 @@ def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngi
         from deployments.engines.hf import TransformersEngine
 
         return TransformersEngine(config, cache_dir)
+    if name == "vllm":
+        if (why_not := _why_not_vllm(config)) is not None:
+            raise EngineUnavailable(f"engine 'vllm' cannot run here: {why_not}")
+        from deployments.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(config, cache_dir)
     why_not = candidates(config)["llama.cpp"]
     if why_not is not None:
         raise EngineUnavailable(
@@ -121,14 +137,22 @@ def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngi
         )
     from deployments.engines.llamacpp import LlamaCppEngine
 
+    source: Path = gguf_file(config.model)  # type: ignore[assignment]
+    device = loading.pick_device(config)
+    weights = gguf.choose(source, cache_dir, config.threads, _signature(device))
     batching = config.batching
     return LlamaCppEngine(
-        gguf_file(config.model),  # type: ignore[arg-type]
+        gguf.weights_file(source, weights.precision, cache_dir),
         max_sequences=batching.max_batch_size,
         # Each sequence's slot holds its share of the token bound: prompt and answer.
         slot_tokens=max(batching.max_batch_tokens // batching.max_batch_size, 256),
         threads=config.threads,
-        gpu_layers=-1 if loading.pick_device(config) == "cuda" else 0,
+        gpu_layers=-1 if device == "cuda" else 0,
+        weights={
+            "weights": weights.precision,
+            "precision_trials": [asdict(t) for t in weights.trials],
+            "precision_measured": weights.measured,
+        },
     )
 
 

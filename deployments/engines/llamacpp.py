@@ -90,8 +90,11 @@ class LlamaCppEngine:
         threads: int | None = None,
         prefix_cache: bool = True,
         gpu_layers: int = 0,
+        weights: dict[str, Any] | None = None,
     ) -> None:
+        """`weights`: how the GGUF file was chosen (deployments/engines/gguf.py), reported."""
         _init_backend()
+        self.weights = weights or {}
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF model at {self.path}")
@@ -161,7 +164,7 @@ class LlamaCppEngine:
         """One short answer through every path (prefill, step, leave), so the first request
         pays no first-call costs."""
         warm = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-        self.add([self.sequence(warm), self.sequence(warm)])
+        self.add([self.sequence(warm) for _ in range(min(2, self.max_sequences))])
         while self.flight:
             self.step()
         self._forget_prefix()
@@ -177,6 +180,7 @@ class LlamaCppEngine:
             # The GGUF's own quantization, as llama.cpp describes the model ("llama 256M Q4_1").
             "precision": desc.value.decode(errors="replace").rsplit(" ", 1)[-1],
             "model_description": desc.value.decode(errors="replace"),
+            **self.weights,
             "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "cpu+gpu",
             "threads": self.threads,
             "context_tokens": self.context_tokens,
@@ -295,10 +299,25 @@ class LlamaCppEngine:
         self.flight, self.free, self.prefix = [], list(range(self.max_sequences)), []
 
     def logprobs(self, rows: list[list[int]], tails: list[int]) -> list[list[float]]:
-        """Rows go through the free slots, as many at a time as are free (the spare slot, and
-        its prefix, when none is), and leave the cache when scored."""
         for row, tail in zip(rows, tails, strict=True):
-            if not 0 < tail < len(row) or len(row) > self.slot_tokens:
+            if not 0 < tail < len(row):
+                raise ValueError(f"a row of {len(row)} tokens cannot score its last {tail}")
+        out: list[list[float]] = []
+        scored = self.logits(rows, [tail + 1 for tail in tails])
+        for row, tail, row_logits in zip(rows, tails, scored, strict=True):
+            scores = torch.log_softmax(torch.from_numpy(row_logits[:-1]), dim=-1)
+            targets = torch.tensor(row[-tail:])
+            out.append(scores.gather(-1, targets[:, None]).squeeze(-1).tolist())
+        return out
+
+    def logits(self, rows: list[list[int]], tails: list[int] | None = None) -> list[np.ndarray]:
+        """Each row's next-token logits after each of its last `tails[k]` tokens (all of them
+        by default), as a (tail, vocab) array. Rows go through the free slots, as many at a
+        time as are free (the spare slot, and its prefix, when none is), and leave the cache
+        when scored."""
+        tails = tails or [len(row) for row in rows]
+        for row, tail in zip(rows, tails, strict=True):
+            if not 0 < tail <= len(row) or len(row) > self.slot_tokens:
                 raise ValueError(
                     f"a row of {len(row)} tokens cannot score its last {tail} "
                     f"(a slot holds {self.slot_tokens})"
@@ -307,19 +326,15 @@ class LlamaCppEngine:
         if not seq_ids:
             seq_ids = [self.prefix_slot]
             self._forget_prefix()
-        out: list[list[float]] = []
+        out: list[np.ndarray] = []
         for first in range(0, len(rows), len(seq_ids)):
-            group = list(zip(rows[first : first + len(seq_ids)], tails[first:], strict=False))
-            spans = [(seq_ids[k], row, 0) for k, (row, _) in enumerate(group)]
+            group = rows[first : first + len(seq_ids)]
+            spans = [(seq_ids[k], row, 0) for k, row in enumerate(group)]
             try:
-                logits = self._decode(spans, tails=[tail + 1 for _, tail in group])
+                out += self._decode(spans, tails=tails[first : first + len(group)])
             finally:
                 for seq_id, _, _ in spans:
                     llama_cpp.llama_memory_seq_rm(self.memory_handle, seq_id, -1, -1)
-            for (row, tail), rows_logits in zip(group, logits, strict=True):
-                scores = torch.log_softmax(torch.from_numpy(rows_logits[:-1]), dim=-1)
-                targets = torch.tensor(row[-tail:])
-                out.append(scores.gather(-1, targets[:, None]).squeeze(-1).tolist())
         return out
 
     # Internals.
