@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from deployments.batching import BatchedModel
 from deployments.engines import choice, load_engine
 from deployments.engines.base import GenerationEngine, Sequence
 from deployments.lane import Lane
+from deployments.streaming import merged
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import Choice, Delta, GenerationRequest
 from serve_app.metrics import DecodeSteps
@@ -56,6 +58,7 @@ class Generator(BatchedModel):
 
     def __init__(self, config: GeneratorConfig, cache_dir: Path) -> None:
         super().__init__(config.batching)
+        self.stream_interval_s = config.stream_interval_ms / 1000
         engine, chosen = load_engine(config, cache_dir)
         self._drive(engine)
         self.info.update(
@@ -94,13 +97,18 @@ class Generator(BatchedModel):
         # in a thread, as templating and tokenizing a long conversation takes a while.
         sequence = await asyncio.to_thread(self.engine.sequence, request)
         try:
-            async for delta in self._generate_batch(sequence):
-                if isinstance(delta, Exception):  # this sequence alone failed in a step
-                    raise delta
-                if delta.text or delta.finish_reason:
+            async with aclosing(merged(self._deltas(sequence), self.stream_interval_s)) as out:
+                async for delta in out:
                     yield delta
         finally:  # done, or the caller cancelled (deadline, disconnect): stop decoding for it
             sequence.abandoned = True
+
+    async def _deltas(self, sequence: Sequence) -> AsyncIterator[Delta]:
+        async for delta in self._generate_batch(sequence):
+            if isinstance(delta, Exception):  # this sequence alone failed in a step
+                raise delta
+            if delta.text or delta.finish_reason:
+                yield delta
 
     async def choose(
         self, messages: list[dict[str, str]], options: list[str], max_prompt_tokens: int

@@ -9,7 +9,7 @@ concurrency in turn (interleaved, so drift on a shared machine falls on all alik
 prompts no round has seen, greedy; the report gives medians over rounds.
 
 Served, the app runs from the serve config (its generator's `engine: auto` picks the engine by
-measurement; /v1/status says which and why) beside `llama-server` on the same GGUF, both kept
+measurement; /v1/status says which and why) beside `llama-server` on the same weights, both kept
 up while closed-loop streaming clients load one at a time, alternating rounds. Then a few docs
 are ingested and RAG answers are streamed one at a time.
 
@@ -64,11 +64,15 @@ def gguf_path() -> Path:
 
 
 def load(name: str, threads: int, slots: int):
-    """An engine as the Generator would load it, warm."""
-    if name == "llama.cpp":
+    """An engine as the Generator would load it, warm. `llama.cpp` runs the GGUF as shipped,
+    `llama.cpp:q8_0` (any type in `gguf.REQUANTIZE`) re-quantized, as `precision: auto` may."""
+    if name.startswith("llama.cpp"):
+        from deployments.engines import gguf
         from deployments.engines.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(gguf_path(), max_sequences=slots, threads=threads)
+        kind = name.partition(":")[2] or gguf.SHIPPED
+        weights = gguf.weights_file(gguf_path(), kind, model_cache_dir())
+        return LlamaCppEngine(weights, max_sequences=slots, threads=threads)
     from deployments.engines.hf import TransformersEngine
 
     config = GeneratorConfig(threads=threads)
@@ -248,10 +252,16 @@ def measure(options: argparse.Namespace) -> dict:
                 issued += n
                 runs.setdefault(f"{name}|{n}", []).append(result)
                 print(f"round {round_ + 1} {name} x{n}: {result}", flush=True)
-    design = {}
-    if "llama.cpp" in engines:
-        design["sampling_us"] = sampling_cost(engines["llama.cpp"], 20 if options.smoke else 200)
-        design["prefix_reuse"] = prefix_reuse(engines["llama.cpp"], options.rounds, options.smoke)
+    design: dict = {}
+    llama = {name: engine for name, engine in engines.items() if name.startswith("llama.cpp")}
+    if llama:
+        first = next(iter(llama.values()))
+        design["sampling_us"] = sampling_cost(first, 20 if options.smoke else 200)
+        design["prefix_reuse"] = [
+            {"engine": name, **row}
+            for name, engine in llama.items()
+            for row in prefix_reuse(engine, options.rounds, options.smoke)
+        ]
         print(design, flush=True)
     rows = []
     for key, results in runs.items():
@@ -444,18 +454,23 @@ def generator_engine(base_url: str) -> dict:
     """How the Generator's engine was chosen, as /v1/status reports it."""
     info = httpx.get(f"{base_url}/v1/status", timeout=60, trust_env=False).json()
     generator = info["models"]["generator"]
-    keys = ("engine", "engine_requested", "engine_reason", "engine_measured", "engine_trials")
+    keys = (
+        "engine", "engine_requested", "engine_reason", "engine_measured", "engine_trials",
+        "model_file", "precision", "weights", "precision_trials",
+    )  # fmt: skip
     return {k: generator.get(k) for k in keys}
 
 
-def peer_command(binary: Path, port: int, slots: int, threads: int) -> list[str]:
+def peer_command(binary: Path, weights: Path, port: int, slots: int, threads: int) -> list[str]:
     return [
-        str(binary), "-m", str(gguf_path()), "--alias", PEER_ALIAS, "--host", "127.0.0.1",
+        str(binary), "-m", str(weights), "--alias", PEER_ALIAS, "--host", "127.0.0.1",
         "--port", str(port), "-t", str(threads), "--no-webui", "-np", str(slots), "-c", "16384",
     ]  # fmt: skip
 
 
-def start_peer(options: argparse.Namespace, children: Children, work: Path) -> dict | None:
+def start_peer(
+    options: argparse.Namespace, children: Children, work: Path, weights: Path
+) -> dict | None:
     """llama-server on a free port, healthy; None (with a printed line) without a binary."""
     binary = options.llama_server
     if binary is None or not binary.exists():
@@ -463,7 +478,7 @@ def start_peer(options: argparse.Namespace, children: Children, work: Path) -> d
         print(f"peer skipped: {why}", flush=True)
         return None
     port = free_port()
-    command = peer_command(binary, port, max(options.streams), options.peer_threads)
+    command = peer_command(binary, weights, port, max(options.streams), options.peer_threads)
     log = work / "llama-server.log"
     proc = children.start(command, log)
     url = f"http://127.0.0.1:{port}"
@@ -534,11 +549,14 @@ def measure_served(options: argparse.Namespace) -> dict:
         config = with_args(load_config(options.config), store={"data_dir": str(work / "pgdata")})
         threads = GeneratorConfig(**config["applications"][0]["args"]["generator"]).threads
         options.peer_threads = options.peer_threads or threads
-        peer = start_peer(options, children, work)
         print(f"launching the app from {options.config} ...", flush=True)
         project = stack.enter_context(in_process(config, num_cpus=os.cpu_count()))
         engine = generator_engine(project)
         print(f"generator engine: {engine['engine']} ({engine['engine_reason']})", flush=True)
+        # The peer runs the weights the Generator runs (equal precision); the GGUF as shipped
+        # when the Generator is not on llama.cpp.
+        weights = Path(engine.get("model_file") or gguf_path())
+        peer = start_peer(options, children, work, weights)
         servers = {"project": project} | ({"llama-server": peer["url"]} if peer else {})
         issued = 10**6  # the warm-up's questions: none of the measured ones
         for url in servers.values():
@@ -633,7 +651,8 @@ def served_markdown(served: dict) -> list[str]:
     """The served section of the report: chat per concurrency, RAG, the engine, targets."""
     s, g, peer = served["settings"], served["generator"], served["peer"]
     against = (
-        f"`{peer['command']}` ({', '.join(peer['version'])}), the same GGUF"
+        f"`{peer['command']}` ({', '.join(peer['version'])}), on the weights the Generator "
+        "runs (the GGUF as shipped where it is not on llama.cpp)"
         if peer
         else "no peer (no llama-server given)"
     )
@@ -650,7 +669,9 @@ def served_markdown(served: dict) -> list[str]:
         "the final usage chunk.",
         "",
         f"Generator engine in effect: **{g['engine']}** (asked: {g['engine_requested']}; "
-        f"{g['engine_reason']}). Trials (tok/s at 1 sequence / all slots):",
+        f"{g['engine_reason']}); weights: {g.get('precision') or '-'} "
+        f"(`{Path(g.get('model_file') or '-').name}`). Trials (tok/s at 1 sequence / all "
+        "slots):",
         "",
         *(
             f"- {t['engine']}: {t['tokens_per_s_1']} / {t['tokens_per_s_full']}"
@@ -735,12 +756,15 @@ def markdown(result: dict) -> str:
             *(f"| {k} | {v} |" for k, v in design["sampling_us"].items()),
             "",
             "Time to first token of one RAG-shaped prompt, with the prefix it shares with the "
-            "previous prompt copied from the spare slot, and with all of it prefilled:",
+            "previous prompt copied from the spare slot, and with all of it prefilled, on each "
+            "llama.cpp weights (`llama.cpp`: the GGUF as shipped; `llama.cpp:q8_0`: re-quantized "
+            "once, as `precision: auto` may choose, deployments/engines/gguf.py):",
             "",
-            "| prompt | prefix copied | prompt tokens | tokens copied | TTFT p50 (ms) |",
-            "|---|---|---|---|---|",
+            "| engine | prompt | prefix copied | prompt tokens | tokens copied | TTFT p50 (ms) |",
+            "|---|---|---|---|---|---|",
             *(
-                f"| {r['prompt']} | {'yes' if r['prefix_copied'] else 'no'} | "
+                f"| {r.get('engine', 'llama.cpp')} | {r['prompt']} | "
+                f"{'yes' if r['prefix_copied'] else 'no'} | "
                 f"{r['prompt_tokens']} | {r['tokens_copied']} | {r['ttft_ms']} |"
                 for r in design["prefix_reuse"]
             ),
@@ -764,7 +788,9 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", nargs="+", default=None, help="llama.cpp, transformers")
+    parser.add_argument(
+        "--engines", nargs="+", default=None, help="llama.cpp, llama.cpp:q8_0, transformers"
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="both phases (default 3)")
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -793,7 +819,9 @@ def main() -> None:
     )
     options = parser.parse_args()
     smoke = options.smoke
-    options.engines = options.engines or (["llama.cpp"] if smoke else ["llama.cpp", "transformers"])
+    options.engines = options.engines or (
+        ["llama.cpp:q8_0"] if smoke else ["llama.cpp", "llama.cpp:q8_0", "transformers"]
+    )
     options.concurrency = options.concurrency or ([1, 2] if smoke else [1, 8])
     options.rounds = options.rounds or (1 if smoke else 3)
     options.max_tokens = options.max_tokens or (8 if smoke else 64)

@@ -126,17 +126,25 @@ class RerankerConfig(ModelDeployment):
 
 
 class GeneratorConfig(ModelDeployment):
-    engine: Literal["auto", "transformers", "llama.cpp"] = Field(
+    engine: Literal["auto", "transformers", "llama.cpp", "vllm"] = Field(
         default="auto",
-        description="What decodes: transformers (any causal LM), llama.cpp (a GGUF as it "
-        "ships, needs llama-cpp-python); auto measures those that can run the model here, "
-        "once per machine, and keeps the fastest (deployments/engines/__init__.py).",
+        description="What decodes: transformers (any causal LM), llama.cpp (a GGUF, needs "
+        "llama-cpp-python), vllm (CUDA, needs the vllm extra); auto measures those that can "
+        "run the model here, once per machine, and keeps the fastest "
+        "(deployments/engines/__init__.py).",
     )
     model: str = DEFAULT_GENERATION_MODEL
     num_gpus: float = Field(default=0.5, ge=0.0, le=8.0)
     max_new_tokens: int = Field(default=512, ge=1, le=32768, description="Cap on max_tokens.")
     default_temperature: float = Field(
         default=0.0, ge=0.0, le=2.0, description="Used when a request sets none; 0 is greedy."
+    )
+    stream_interval_ms: float = Field(
+        default=50.0,
+        ge=0.0,
+        le=1000.0,
+        description="After an answer's first text, at most one streamed message per interval: "
+        "tokens decoded meanwhile go out together (deployments/streaming.py). 0: one per step.",
     )
     # Tokens: KV cache of every sequence in flight at its full max_tokens.
     batching: Batching = Batching(

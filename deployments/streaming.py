@@ -1,0 +1,46 @@
+"""Streaming answers out of a deployment: fewer, larger messages when tokens come fast.
+
+Every item a Serve deployment yields crosses to its caller as a message of its own (serialized,
+sent, deserialized, framed as an SSE event, written to the socket). At ~100 tokens/s for one
+stream that per-message work costs as much CPU as decoding does. So deltas are merged: the first
+goes out at once (time to first token is untouched), then at most one merged delta per interval,
+and the last (the one with the finish reason) at once. Ray Serve LLM does the same
+(`stream_batching_interval_ms`, 50 ms by default); docs/benchmarks/generation.md has this
+project's measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from serve_app.contracts import Delta
+
+
+def merge(first: Delta, later: Delta) -> Delta:
+    """`first` then `later` as one delta: the text of both, the counts and ending of `later`."""
+    return Delta(
+        text=first.text + later.text,
+        finish_reason=later.finish_reason,
+        prompt_tokens=later.prompt_tokens,
+        completion_tokens=later.completion_tokens,
+        truncated_prompt_tokens=later.truncated_prompt_tokens,
+    )
+
+
+async def merged(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:
+    """`deltas`, merged so that after the first at most one goes out per `interval_s`.
+
+    A delta is held only while the next one arrives within the interval: text waits at most
+    the interval plus one decode step. `interval_s` 0 passes every delta through."""
+    held: Delta | None = None
+    sent_at = 0.0
+    first = True
+    async for delta in deltas:
+        held = delta if held is None else merge(held, delta)
+        now = time.monotonic()
+        if first or held.finish_reason is not None or now - sent_at >= interval_s:
+            yield held
+            held, sent_at, first = None, now, False
+    if held is not None:  # a stream that ended without a finish reason
+        yield held
