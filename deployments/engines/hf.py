@@ -46,6 +46,27 @@ class DecodeState:
     logits: torch.Tensor  # (rows, vocab) next-token logits, not yet sampled
 
 
+@dataclass
+class _Decoding:
+    """A sequence's random generator and its text, decoded incrementally: each step decodes a
+    short window of the newest tokens, not the whole answer again (as TGI and vLLM do). The
+    window starts a few tokens back, so a token whose text depends on the one before it (a
+    leading space, a multi-byte character split across tokens) decodes as it would in full."""
+
+    rng: torch.Generator | None
+    settled: str = ""  # text of ids[:read], complete characters only
+    prefix: int = 0  # the window's first id
+    read: int = 0  # ids whose text is in `settled`
+
+    def text(self, engine: TransformersEngine, ids: list[int]) -> str:
+        before = engine._decode(ids[self.prefix : self.read])
+        after = engine._decode(ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.settled += after[len(before) :]
+            self.prefix, self.read = self.read, len(ids)
+        return self.settled
+
+
 class TransformersEngine:
     """`GenerationEngine` over a transformers causal LM (deployments/engines/base.py)."""
 
@@ -134,7 +155,7 @@ class TransformersEngine:
             request=request,
             prompt=prompt,
             dropped=len(ids) - len(prompt),
-            engine=new_rng(request, self.device),
+            engine=_Decoding(new_rng(request, self.device)),
         )
 
     def in_flight(self) -> list[Sequence]:
@@ -176,8 +197,11 @@ class TransformersEngine:
         chosen = []
         for k, sequence in enumerate(state.sequences):
             try:
-                token = sample_row(logits[k], sequence.request, sequence.ids, sequence.engine)
-                sequence.delta = advance(sequence, token, self.eos_ids, self._decode)
+                decoding: _Decoding = sequence.engine
+                token = sample_row(logits[k], sequence.request, sequence.ids, decoding.rng)
+                sequence.delta = advance(
+                    sequence, token, self.eos_ids, lambda ids, d=decoding: d.text(self, ids)
+                )
             except Exception as exc:
                 logger.warning("Generator: a sequence failed in a decode step (%r)", exc)
                 token, sequence.error = 0, exc
