@@ -98,7 +98,7 @@ def test_queries_name_only_exported_metric_names():
     assert names
     for name in names:
         assert name.startswith("ray_rag_"), name
-    counters = {"admitted", "rejected", "timed_out", "hits", "misses"}
+    counters = {"admitted", "rejected", "timed_out", "hits", "misses", "decoded_tokens"}
     for name in names:
         if any(name.endswith(f"_{c}") for c in counters):
             raise AssertionError(f"{name}: counters are exported with _total")

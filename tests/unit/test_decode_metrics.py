@@ -4,6 +4,7 @@ time per output token, by hand and through the Generator's decode loop."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.unit.test_decode import generator, request, tiny  # noqa: F401 (a fix
 
 
 class Recorded:
-    """A histogram that keeps what it observes."""
+    """A histogram or counter that keeps what it records."""
 
     def __init__(self) -> None:
         self.values: list[float] = []
@@ -23,14 +24,19 @@ class Recorded:
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self.values.append(value)
 
+    inc = observe
+
 
 @pytest.fixture
-def recorded(monkeypatch) -> tuple[Recorded, Recorded]:
-    """(tokens per step, time per output token) as the decode metrics record them."""
-    step_tokens, tpot = Recorded(), Recorded()
+def recorded(monkeypatch) -> Iterator[tuple[Recorded, Recorded]]:
+    """(tokens per step, time per output token) as the decode metrics record them; the
+    decoded-tokens counter must count what the histogram of tokens per step holds."""
+    step_tokens, tpot, decoded = Recorded(), Recorded(), Recorded()
     monkeypatch.setattr(metrics, "generator_step_tokens", lambda: step_tokens)
     monkeypatch.setattr(metrics, "generator_tpot_ms", lambda: tpot)
-    return step_tokens, tpot
+    monkeypatch.setattr(metrics, "generator_decoded_tokens", lambda: decoded)
+    yield step_tokens, tpot
+    assert decoded.values == step_tokens.values
 
 
 def sequence() -> Sequence:
