@@ -3,6 +3,7 @@
     python scripts/monitor.py start   # after `make run`; Prometheus on 127.0.0.1:9090
     python scripts/monitor.py stop    # ends what `start` started
     python scripts/monitor.py kuberay # rewrites configs/monitoring/kuberay-dashboard.yaml
+    python scripts/monitor.py screenshot  # docs/img/prometheus.png, of a load's minutes
 
 Prometheus scrapes every Ray node through the service-discovery file that Ray's dashboard keeps
 in its session folder, and loads configs/monitoring/alerts.yml. Grafana, when GRAFANA_HOME is
@@ -14,6 +15,10 @@ under --state-dir; their ids are kept there, and `stop` ends those and nothing e
 
 `kuberay` writes the same dashboard and rules as Kubernetes objects (a ConfigMap Grafana's
 sidecar loads, a PrometheusRule), generated from the files above so they cannot drift apart.
+
+`screenshot` renders Prometheus's own graph page of the route and batch metrics (--range of
+them, up to --end or now) with a headless Chromium (Debian: apt-get install chromium) into
+--out: the README's picture, taken during or after a load against the app.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import yaml
@@ -37,6 +45,23 @@ DEFAULT_SESSION = Path("/tmp/ray/session_latest")
 DEFAULT_STATE = Path("/tmp/rag-serve-monitor")
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "rag-serve.json"
 KUBERAY_DASHBOARD = MONITORING / "kuberay-dashboard.yaml"
+SCREENSHOT = ROOT / "docs" / "img" / "prometheus.png"
+# The README's picture: what the routes admitted and how fast they answered, and what the
+# models' batches held (items, tokens) and the generator decoded.
+SCREENSHOT_QUERIES = [
+    "sum by (route) (rate(ray_rag_route_admitted_total[1m]))",
+    "histogram_quantile(0.99, sum by (route, le) (rate("
+    'ray_serve_deployment_processing_latency_ms_bucket{deployment="Ingress",'
+    'route=~"/v1/(embeddings|chat/completions)"}[1m])))',
+    "sum by (deployment) (rate(ray_rag_batch_size_sum[1m]))"
+    " / sum by (deployment) (rate(ray_rag_batch_size_count[1m]))",
+    "sum by (deployment) (rate(ray_rag_batch_tokens_sum[1m]))"
+    " / sum by (deployment) (rate(ray_rag_batch_tokens_count[1m]))",
+    "sum(rate(ray_rag_generator_decoded_tokens_total[1m]))",
+]
+# Pixels of Prometheus's page per graph (query box, controls, chart, legend), and above them;
+# wide enough for the longest query on one line.
+GRAPH_HEIGHT_PX, PAGE_TOP_PX, SCREENSHOT_WIDTH_PX = 760, 100, 1920
 
 
 def prometheus_config(discovery: Path, scrape_interval_s: float | None = None) -> dict:
@@ -94,6 +119,50 @@ def kuberay_manifest() -> str:
     )
     body = yaml.dump_all(kuberay_objects(), Dumper=Dumper, sort_keys=False, width=120)
     return header + body
+
+
+def graph_url(
+    prometheus: str, queries: list[str], range_: str = "3m", end: str | None = None
+) -> str:
+    """Prometheus's graph page with one graph per query, each over `range_` up to `end`
+    ("YYYY-MM-DD HH:MM:SS", UTC; None: now)."""
+    params = {}
+    for k, query in enumerate(queries):
+        params |= {f"g{k}.expr": query, f"g{k}.tab": "0", f"g{k}.range_input": range_}
+        if end is not None:
+            params[f"g{k}.end_input"] = end
+    return f"{prometheus}/graph?{urlencode(params)}"
+
+
+def chromium_binary() -> str:
+    """Chromium's (or Chrome's) command on the PATH."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    raise SystemExit("no Chromium found (Debian: apt-get install chromium)")
+
+
+def screenshot(url: str, out: Path, width: int, height: int, wait_ms: int = 15_000) -> None:
+    """`url` as a headless Chromium renders it, `width` x `height` pixels, into the PNG `out`.
+    `wait_ms` of the page's virtual time pass first: its scripts query and draw the graphs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rag-serve-chromium-") as profile:
+        argv = [
+            chromium_binary(),
+            "--headless",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--virtual-time-budget={wait_ms}",
+            f"--screenshot={out}",
+            url,
+        ]
+        if os.geteuid() == 0:  # Chromium refuses to run as root inside its sandbox
+            argv.insert(1, "--no-sandbox")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or not out.exists():
+        raise SystemExit(f"chromium failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
 def start_prometheus(
@@ -213,12 +282,32 @@ def _alive(pid: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "kuberay"])
+    parser.add_argument("command", choices=["start", "stop", "kuberay", "screenshot"])
     parser.add_argument("--session", type=Path, default=DEFAULT_SESSION, help="Ray session")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument("--grafana-port", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=SCREENSHOT, help="screenshot: the PNG")
+    parser.add_argument("--range", default="3m", help="screenshot: the graphs' time range")
+    parser.add_argument("--end", help="screenshot: where the graphs end, UTC (default: now)")
     args = parser.parse_args()
+    if args.command == "screenshot":
+        end = None
+        if args.end is not None:  # any ISO form, written in UTC as Prometheus's page reads it
+            moment = datetime.fromisoformat(args.end)
+            if moment.tzinfo is not None:
+                moment = moment.astimezone(UTC)
+            end = moment.strftime("%Y-%m-%d %H:%M:%S")
+        prometheus = f"http://127.0.0.1:{args.prometheus_port}"
+        try:
+            httpx.get(f"{prometheus}/-/ready", timeout=5).raise_for_status()
+        except httpx.HTTPError as e:
+            sys.exit(f"no Prometheus ready at {prometheus} ({e}): make monitor first")
+        url = graph_url(prometheus, SCREENSHOT_QUERIES, args.range, end)
+        height = PAGE_TOP_PX + GRAPH_HEIGHT_PX * len(SCREENSHOT_QUERIES)
+        screenshot(url, args.out, SCREENSHOT_WIDTH_PX, height)
+        print(f"wrote {args.out}")
+        return
     if args.command == "kuberay":
         KUBERAY_DASHBOARD.write_text(kuberay_manifest())
         print(f"wrote {KUBERAY_DASHBOARD.relative_to(ROOT)}")

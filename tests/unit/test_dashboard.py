@@ -1,4 +1,5 @@
-"""configs/monitoring: the Grafana dashboard's structure, the alert rules, the Prometheus config."""
+"""configs/monitoring: the Grafana dashboard's structure, the alert rules, the Prometheus config;
+scripts/monitor.py's commands (start, stop, kuberay, screenshot)."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -191,6 +193,43 @@ def test_start_serves_the_rules_on_loopback_and_stop_ends_it(tmp_path):
         subprocess.run([*script, "stop", "--state-dir", str(state)], check=True, timeout=60)
     assert not monitor._alive(pid)
     assert not (state / "prometheus.pid").exists()
+
+
+def test_the_pictures_graph_page_asks_each_query_over_the_range():
+    end = "2026-01-02 03:04:05"
+    url = monitor.graph_url("http://127.0.0.1:9090", monitor.SCREENSHOT_QUERIES, "5m", end)
+    parts = urlsplit(url)
+    assert (parts.netloc, parts.path) == ("127.0.0.1:9090", "/graph")
+    params = parse_qs(parts.query)
+    for k, query in enumerate(monitor.SCREENSHOT_QUERIES):
+        assert params[f"g{k}.expr"] == [query]
+        assert params[f"g{k}.range_input"] == ["5m"] and params[f"g{k}.tab"] == ["0"]
+        assert params[f"g{k}.end_input"] == [end]
+    assert f"g{len(monitor.SCREENSHOT_QUERIES)}.expr" not in params
+    assert "end_input" not in monitor.graph_url("http://127.0.0.1:9090", ["up"])  # now
+    # The picture charts what the dashboard charts: the same exported names.
+    in_dashboard = " ".join(queries(load_dashboard()))
+    for query in monitor.SCREENSHOT_QUERIES:
+        for name in re.findall(r"\b(ray_\w+?)(?:_bucket|_sum|_count)?\b", query):
+            assert name in in_dashboard, name
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")),
+    reason="chromium is not installed (apt-get install chromium)",
+)
+def test_screenshot_waits_for_the_pages_scripts_and_has_the_size_asked(tmp_path):
+    """A page that paints itself red 3 s after loading, as Prometheus's graphs draw once their
+    queries answer: the picture is taken after that, at the size asked."""
+    import matplotlib.image
+
+    page = "data:text/html,<body style='margin:0'><script>setTimeout(() => "
+    page += "document.body.style.background = 'rgb(255,0,0)', 3000)</script></body>"
+    out = tmp_path / "img" / "page.png"
+    monitor.screenshot(page, out, 320, 240)
+    pixels = matplotlib.image.imread(out)
+    assert pixels.shape[:2] == (240, 320)
+    assert tuple(pixels[120, 160][:3]) == (1.0, 0.0, 0.0)
 
 
 def test_kuberay_pod_monitors_scrape_every_ray_pod_and_the_alerts_follow_their_jobs():
