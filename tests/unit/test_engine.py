@@ -69,8 +69,17 @@ def test_the_registry_loads_the_named_engine_and_says_why_it_cannot(monkeypatch,
     assert "llama-cpp-python is not installed" in chosen.reason
 
 
+def test_a_fast_prompt_reader_can_outscore_a_fast_decoder():
+    """What a RAG answer waits on first counts: 3x faster decoding alone does not win
+    against 12x faster prompt reading (a bf16 engine on matrix units against GGUF kernels)."""
+    decoder = engines.EngineTrial("llama.cpp", 42.0, 140.0, prefill_tokens_per_s=300.0)
+    reader = engines.EngineTrial("transformers", 15.0, 90.0, prefill_tokens_per_s=3600.0)
+    assert reader.score > decoder.score
+    assert engines.EngineTrial("x", 42.0, 140.0).score == 0.0  # a shape not measured
+
+
 def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tmp_path):
-    rates = {"llama.cpp": (90.0, 150.0), "transformers": (25.0, 180.0)}
+    rates = {"llama.cpp": (90.0, 150.0, 400.0), "transformers": (25.0, 180.0, 600.0)}
     closed, measured = [], []
 
     def load(name, config, cache_dir):
@@ -80,7 +89,8 @@ def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tm
 
     def trial(name, engine, config):
         measured.append(name)
-        return engines.EngineTrial(name, *rates[name])
+        one, full, prefill = rates[name]
+        return engines.EngineTrial(name, one, full, prefill_tokens_per_s=prefill)
 
     monkeypatch.setattr(engines, "_load", load)
     monkeypatch.setattr(engines, "_trial", trial)
@@ -88,7 +98,7 @@ def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tm
         engines, "candidates", lambda config: {"llama.cpp": None, "transformers": None}
     )
     first, chosen = engines.load_engine(GeneratorConfig(), tmp_path)
-    # Geometric means 116 against 67: both shapes count, not the batch alone.
+    # Geometric means 176 against 140: every shape counts, not the batch alone.
     assert first.name == "llama.cpp" and closed == ["transformers"]
     assert measured == ["llama.cpp", "transformers"] * engines.TRIAL_ROUNDS
     info = chosen.report("auto")
