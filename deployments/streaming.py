@@ -14,18 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from deployments.engines.base import merge
 from serve_app.contracts import Delta
-
-
-def merge(first: Delta, later: Delta) -> Delta:
-    """`first` then `later` as one delta: the text of both, the counts and ending of `later`."""
-    return Delta(
-        text=first.text + later.text,
-        finish_reason=later.finish_reason,
-        prompt_tokens=later.prompt_tokens,
-        completion_tokens=later.completion_tokens,
-        truncated_prompt_tokens=later.truncated_prompt_tokens,
-    )
 
 
 async def merged(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:

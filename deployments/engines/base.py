@@ -141,3 +141,14 @@ def advance(
     sequence.sent += len(new)
     completion = len(sequence.ids) + (token in eos_ids)
     return Delta(new, finish, len(sequence.prompt), completion, sequence.dropped)
+
+
+def merge(first: Delta, later: Delta) -> Delta:
+    """`first` then `later` as one delta: the text of both, the counts and ending of `later`."""
+    return Delta(
+        text=first.text + later.text,
+        finish_reason=later.finish_reason,
+        prompt_tokens=later.prompt_tokens,
+        completion_tokens=later.completion_tokens,
+        truncated_prompt_tokens=later.truncated_prompt_tokens,
+    )

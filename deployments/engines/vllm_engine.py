@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.engines import loading
-from deployments.engines.base import Sequence, advance
-from deployments.streaming import merge
+from deployments.engines.base import Sequence, advance, merge
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import Delta, GenerationRequest
 
