@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request
 from ray import serve
@@ -11,6 +12,8 @@ from serve_app.cascade import decision
 from serve_app.http.admission import Ticket, all_within
 from serve_app.http.replica import Replica, ReplicaDep
 from serve_app.protocol import errors
+
+logger = logging.getLogger("ray.serve")
 
 router = APIRouter()
 
@@ -78,9 +81,17 @@ async def model_infos(replica: Replica, ticket: Ticket) -> dict[str, dict]:
 
 
 def deployment_states() -> dict[str, dict]:
-    """Status and replicas by state of each deployment of this application (Serve's status)."""
+    """Status and replicas by state of each deployment of this application (Serve's status).
+
+    Serve's status call fails now and then inside a replica (Ray 2.60 cannot always unpickle
+    the autoscaling policy it carries); the rest of the report still answers, with the
+    deployments marked unavailable for this call."""
     app_name = serve.get_replica_context().app_name
-    deployments = serve.status().applications[app_name].deployments
+    try:
+        deployments = serve.status().applications[app_name].deployments
+    except Exception as exc:
+        logger.warning("/v1/status: Serve's status failed (%r)", exc)
+        return {"unavailable": {"error": f"{type(exc).__name__}: {exc}"}}
     return {
         name: {
             "status": str(d.status.value),
