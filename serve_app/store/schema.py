@@ -149,6 +149,68 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX chunks_tsv ON chunks USING gin (tsv);
         """,
     ),
+    (
+        6,
+        """
+        -- Term statistics for keyword ranking: each collection's chunk count and, per lexeme
+        -- of its chunks' tsvectors, how many chunks hold it. A query reads the counts of its
+        -- few words by primary key instead of counting matching chunks.
+        ALTER TABLE collections ADD COLUMN chunks bigint NOT NULL DEFAULT 0;
+        UPDATE collections c
+            SET chunks = (SELECT count(*) FROM chunks k WHERE k.collection_id = c.id);
+        CREATE TABLE term_stats (
+            collection_id bigint NOT NULL REFERENCES collections (id) ON DELETE CASCADE,
+            term text NOT NULL,
+            chunks bigint NOT NULL CHECK (chunks > 0),
+            PRIMARY KEY (collection_id, term)
+        );
+        INSERT INTO term_stats (collection_id, term, chunks)
+            SELECT collection_id, lexeme, count(*) FROM chunks, unnest(tsv) GROUP BY 1, 2;
+        -- Kept by the statement that changes `chunks`, in its transaction: the counts commit
+        -- or roll back with the rows they count, whoever writes them (an ingest, a cascaded
+        -- delete, SQL by hand). The collection's row is updated first, which locks it until
+        -- commit, so the changes to one collection's counts apply one transaction at a time
+        -- (no lost update, no deadlock between two writers of its terms); the app's writers
+        -- hold that lock already (the version bump). A collection being deleted is skipped:
+        -- its counts go with it.
+        CREATE FUNCTION rag_count_terms() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP IN ('DELETE', 'UPDATE') THEN
+                UPDATE collections c SET chunks = c.chunks - r.n
+                    FROM (SELECT collection_id, count(*) AS n FROM removed GROUP BY 1) r
+                    WHERE c.id = r.collection_id;
+                MERGE INTO term_stats t
+                USING (
+                    SELECT r.collection_id, l.lexeme AS term, count(*) AS n
+                    FROM removed r JOIN collections c ON c.id = r.collection_id,
+                        unnest(r.tsv) AS l
+                    GROUP BY 1, 2
+                ) d ON t.collection_id = d.collection_id AND t.term = d.term
+                WHEN MATCHED AND t.chunks <= d.n THEN DELETE
+                WHEN MATCHED THEN UPDATE SET chunks = t.chunks - d.n;
+            END IF;
+            IF TG_OP IN ('INSERT', 'UPDATE') THEN
+                UPDATE collections c SET chunks = c.chunks + a.n
+                    FROM (SELECT collection_id, count(*) AS n FROM added GROUP BY 1) a
+                    WHERE c.id = a.collection_id;
+                INSERT INTO term_stats (collection_id, term, chunks)
+                    SELECT a.collection_id, l.lexeme, count(*)
+                    FROM added a, unnest(a.tsv) AS l
+                    GROUP BY 1, 2
+                ON CONFLICT (collection_id, term)
+                    DO UPDATE SET chunks = term_stats.chunks + excluded.chunks;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER chunks_terms_added AFTER INSERT ON chunks
+            REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION rag_count_terms();
+        CREATE TRIGGER chunks_terms_removed AFTER DELETE ON chunks
+            REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION rag_count_terms();
+        CREATE TRIGGER chunks_terms_changed AFTER UPDATE ON chunks
+            REFERENCING OLD TABLE AS removed NEW TABLE AS added
+            FOR EACH STATEMENT EXECUTE FUNCTION rag_count_terms();
+        """,
+    ),
 ]
 
 

@@ -1,7 +1,9 @@
 """Keyword queries and their fusion with dense results (pure functions, no database).
 
 `terms` splits a parsed web-search query into the terms a passage may match (any of them),
-`cjk_bigrams` adds those of Korean, Chinese and Japanese text, `idf` weighs each, and
+`cjk_bigrams` adds those of Korean, Chinese and Japanese text, `lexemes` names each term's
+words in the store's term statistics, `candidate_terms` picks the terms whose chunks are
+scored, `idf` weighs each, and
 `reciprocal_rank_fusion` merges a dense and a keyword candidate list into one ranking
 (Cormack et al., 2009).
 """
@@ -102,6 +104,33 @@ def terms(parsed: str, also: list[str] | None = None) -> Terms:
 def any_term(parsed: str, also: list[str] | None = None) -> str:
     """`terms(parsed, also)` as one tsquery: any wanted term, no excluded one."""
     return terms(parsed, also).any_of()
+
+
+# A quoted lexeme in tsquery text; PostgreSQL doubles the quotes and backslashes inside.
+LEXEME = re.compile(r"'((?:[^'\\]|''|\\.)*)'")
+
+
+def lexemes(term: str) -> list[str]:
+    """The lexemes of a tsquery operand (one word, or the words of a phrase), unquoted: the
+    keys of the store's term statistics."""
+    return [re.sub(r"''|\\(.)", lambda m: m.group(1) or "'", m) for m in LEXEME.findall(term)]
+
+
+def candidate_terms(frequencies: dict[str, int], budget: int) -> list[str]:
+    """The terms whose chunks are scored: rarest first while their chunks together stay
+    within `budget`, and always the rarest one.
+
+    A chunk holding only commoner terms is left out. Its score (the idf of the terms it holds)
+    is low: the terms past the budget are the most common of the query. Scoring reads every
+    candidate's tsvector, so the budget bounds a query's cost whatever its words.
+    """
+    chosen, total = [], 0
+    for term in sorted(frequencies, key=lambda t: frequencies[t]):
+        total += frequencies[term]
+        if chosen and total > budget:
+            break
+        chosen.append(term)
+    return chosen
 
 
 def idf(df: int, n: int) -> float:

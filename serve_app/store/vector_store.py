@@ -6,6 +6,17 @@ its own HNSW index (cosine) over its own embedding dimension. Chunks are also se
 keyword (a generated tsvector in the collection's text-search configuration, GIN-indexed),
 and by both at once, fused by reciprocal rank (serve_app/store/text_search.py).
 
+Keyword ranking weighs words by their rarity, read from term statistics: per collection, its
+chunk count (`collections.chunks`) and each lexeme's chunks (`term_stats`), kept by a trigger
+on `chunks` in the transaction that writes them (serve_app/store/schema.py, migration 6). Chosen
+over counting a query's words in the GIN index (a cost that grows with the collection: the p50
+at 100k chunks in docs/benchmarks/retrieval.md) and over materializing `ts_stat` (a recount of
+the whole collection after each change, stale in between): the counts are exact at every
+commit, roll back with the rows they count, and need no refresh. Writers of one collection
+already take its row lock first, so keeping them adds no lock and cannot deadlock. A query
+reads the statistics and the chunks in two statements: a change committed between the two may
+shift an idf by that change, never what a result matched.
+
 Every query is parameterized. The only values written into SQL text are integers read back
 from the database (a collection's id and dimensions) and validated integers from the config.
 
@@ -27,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from cachetools import LRUCache
 from pgvector.psycopg import register_vector_async
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -53,7 +62,14 @@ from serve_app.errors import (
 )
 from serve_app.metrics import store_unavailable
 from serve_app.store.schema import connect_timeout, lock_timeout_ms, migrate
-from serve_app.store.text_search import cjk_bigrams, idf, reciprocal_rank_fusion, terms
+from serve_app.store.text_search import (
+    candidate_terms,
+    cjk_bigrams,
+    idf,
+    lexemes,
+    reciprocal_rank_fusion,
+    terms,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,16 +81,9 @@ _COLLECTION_COLUMNS = (
 _INDEX_PREFIX = "chunks_hnsw_"
 
 
-# Terms whose document frequency is kept in memory (about 100 bytes each).
-DF_CACHE_TERMS = 100_000
-
-
-def _common_cap(chunks: int) -> int:
-    """Where counting a term's chunks stops, and the term counts as common: in 30% of the
-    collection's chunks (where dropping such terms from the candidates cost nothing on the
-    manual-page set), at least 100 (small collections drop none), at most 2000 (a count
-    reads that many rows)."""
-    return min(max(math.ceil(0.3 * chunks), 100), 2000)
+# Chunks a keyword query scores at most, unless its rarest term alone is in more
+# (text_search.candidate_terms): the cost of a query grows with them (docs/benchmarks/retrieval.md).
+KEYWORD_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -93,13 +102,6 @@ class VectorStore:
         self.timeout_s = timeout_s
         self.migrated = False
         self._migrating = asyncio.Lock()
-        self._chunk_counts: LRUCache[tuple[int, int], int] = LRUCache(maxsize=1024)
-        # Document frequencies by (collection, version, term): queries share most of their
-        # words, and a count reads up to `_common_cap` index entries. Every change to a
-        # collection bumps its version, so an entry never outlives the data it counted.
-        self._document_frequencies: LRUCache[tuple[int, int, str], int] = LRUCache(
-            maxsize=DF_CACHE_TERMS
-        )
 
     @classmethod
     async def open(
@@ -449,13 +451,21 @@ class VectorStore:
         The query is parsed by `websearch_to_tsquery` in the collection's configuration
         ("quoted phrases", -excluded words, `or`); a chunk may then match any of its terms
         (Korean, Chinese and Japanese words also by their character bigrams). Its score is
-        the sum of the BM25 idf of the terms it holds, plus a tenth of `ts_rank_cd` (how often
-        and how close together) to order chunks holding the same terms.
+        the sum of the BM25 idf of the terms it holds, plus a tenth of `ts_rank_cd`
+        (normalized into [0, 1): how often and how close together) to order chunks holding
+        the same terms.
 
-        Document frequencies are counted per query, each up to `_common_cap`: a term at the
-        cap is common, scored with the cap's idf, and does not make chunks candidates while
-        a rarer term does, so "the" neither floods the candidates nor costs a count of every
-        chunk.
+        Each term's document frequency is read from the collection's term statistics
+        (`term_stats`, kept by a trigger in the transaction that changes the chunks: see
+        serve_app/store/schema.py), by primary key; a phrase counts as its rarest word (an
+        upper bound on the chunks holding the phrase). The statistics and the chunks are read
+        by two statements, so a change committed between them may show in one and not the
+        other: an idf then errs by that change, and no result is wrong about what matched.
+
+        Chunks become candidates by the rarest terms, within `KEYWORD_CANDIDATES` of their
+        chunks together (`candidate_terms`). Every candidate gets its idf weight; the costly
+        `ts_rank_cd` is computed only for those whose weight is within its 0.1 of the
+        `top_k`-th best weight, the only ones it can lift into the answer.
         """
         async with self.connection() as conn:
             parsed = await (
@@ -467,67 +477,57 @@ class VectorStore:
             wanted = terms(parsed[0] if parsed else "", cjk_bigrams(query))
             if not wanted.wanted:  # only stop words or punctuation: nothing to match
                 return []
-            total = await self._chunk_count(conn, collection)
-            cap = _common_cap(total)
-            df = await self._frequencies(conn, collection, wanted.wanted, cap)
-            present = [term for term in wanted.wanted if df[term] > 0]
+            total, df = await self._term_frequencies(conn, collection, wanted.wanted)
+            present = {term: n for term, n in df.items() if n > 0}
             if not present:
                 return []
-            rare = [term for term in present if df[term] < cap] or present
-            candidates, everything = wanted.any_of(rare), wanted.any_of(present)
+            candidates = wanted.any_of(candidate_terms(present, KEYWORD_CANDIDATES))
+            everything = wanted.any_of(list(present))
             weights = " + ".join(["%s * (tsv @@ %s::tsquery)::int"] * len(present))
-            where = f"collection_id = {collection.id} AND tsv @@ %s::tsquery"
             params: list[Any] = []
-            for term in present:
-                params += [idf(df[term], max(total, df[term])), term]
-            params += [everything, candidates]
+            for term, n in present.items():
+                params += [idf(n, max(total, n)), term]
+            where = f"collection_id = {collection.id} AND tsv @@ %s::tsquery"
+            params.append(candidates)
             if filters:
                 where += " AND metadata @> %s"
                 params.append(Jsonb(filters))
-            params.append(top_k)
+            params += [top_k, everything, top_k]
             rows = await (
                 await conn.execute(
-                    "SELECT id, document_id, text, metadata,"
-                    f" {weights} + 0.1 * ts_rank_cd(tsv, %s::tsquery) AS score"
-                    f" FROM chunks WHERE {where} ORDER BY score DESC, id LIMIT %s",
+                    "WITH matched AS MATERIALIZED ("
+                    f" SELECT id, document_id, text, metadata, tsv, {weights} AS weight"
+                    f" FROM chunks WHERE {where}),"
+                    " cutoff AS (SELECT min(weight) AS weight FROM"
+                    "  (SELECT weight FROM matched ORDER BY weight DESC LIMIT %s) best)"
+                    " SELECT id, document_id, text, metadata,"
+                    " weight + 0.1 * ts_rank_cd(tsv, %s::tsquery, 32) AS score"
+                    " FROM matched WHERE weight > (SELECT weight FROM cutoff) - 0.1"
+                    " ORDER BY score DESC, id LIMIT %s",
                     params,
                 )
             ).fetchall()
         return [Hit(*row, keyword_score=row[4]) for row in rows]
 
-    async def _frequencies(
-        self, conn, collection: Collection, wanted: list[str], cap: int
-    ) -> dict[str, int]:
-        """Each term's chunks, counted up to `cap` (a subquery with LIMIT stops there); terms
-        counted before at this version of the collection come from memory."""
-        known, version = self._document_frequencies, (collection.id, collection.version)
-        df = {t: known[(*version, t)] for t in wanted if (*version, t) in known}
-        missing = [t for t in wanted if t not in df]
-        if missing:
-            counts = await (
-                await conn.execute(
-                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM chunks"
-                    f" WHERE collection_id = {collection.id} AND tsv @@ term::tsquery"
-                    " LIMIT %s) hits) FROM unnest(%s::text[]) WITH ORDINALITY AS t (term, n)"
-                    " ORDER BY n",
-                    (cap, missing),
-                )
-            ).fetchall()
-            for term, row in zip(missing, counts, strict=True):
-                df[term] = known[(*version, term)] = int(row[0])
-        return df
-
-    async def _chunk_count(self, conn, collection: Collection) -> int:
-        """The collection's chunks, counted once per version (every change bumps it)."""
-        key = (collection.id, collection.version)
-        if (count := self._chunk_counts.get(key)) is None:
-            row = await (
-                await conn.execute(
-                    "SELECT count(*) FROM chunks WHERE collection_id = %s", (collection.id,)
-                )
-            ).fetchone()
-            count = self._chunk_counts[key] = int(row[0]) if row else 0
-        return count
+    async def _term_frequencies(
+        self, conn, collection: Collection, wanted: list[str]
+    ) -> tuple[int, dict[str, int]]:
+        """The collection's chunk count, and each wanted term's chunks by its statistics (a
+        phrase: its rarest word's; 0 for a word no chunk holds)."""
+        words = {term: lexemes(term) for term in wanted}
+        rows = await (
+            await conn.execute(
+                "SELECT term, chunks FROM term_stats"
+                " WHERE collection_id = %s AND term = ANY(%s)"
+                " UNION ALL SELECT NULL, chunks FROM collections WHERE id = %s",
+                (collection.id, sorted({w for ws in words.values() for w in ws}), collection.id),
+            )
+        ).fetchall()
+        counts = {term: int(n) for term, n in rows if term is not None}
+        total = next((int(n) for term, n in rows if term is None), 0)
+        return total, {
+            term: min((counts.get(w, 0) for w in ws), default=0) for term, ws in words.items()
+        }
 
     async def hybrid_search(
         self,

@@ -13,7 +13,7 @@ from serve_app.contracts import DocumentChunks
 from serve_app.errors import InvalidData, TextSearchMismatch
 from serve_app.store import open_store
 from serve_app.store.schema import MIGRATIONS, migrate
-from serve_app.store.text_search import any_term
+from serve_app.store.text_search import any_term, idf, quote
 from tests.postgres import external_postgres
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,20 @@ def test_the_migration_indexes_the_words_of_existing_chunks():
                 assert old.text_search_config == "simple"
                 hits = await store.keyword_search(old, "civil act 750", 5)
                 assert [h.document_id for h in hits] == ["a"]
+                async with store.connection() as conn:
+                    stats = await (
+                        await conn.execute(
+                            "SELECT (SELECT chunks FROM collections WHERE id = %s),"
+                            " (SELECT jsonb_object_agg(term, chunks) FROM term_stats"
+                            "  WHERE collection_id = %s)",
+                            (old.id, old.id),
+                        )
+                    ).fetchone()
+                # The statistics of chunks stored before they existed are filled in.
+                assert stats == (
+                    1,
+                    {"article": 1, "750": 1, "of": 1, "the": 1, "civil": 1, "act": 1},
+                )
                 assert hits[0].keyword_score > 0 and hits[0].dense_score is None
             finally:
                 await store.close()
@@ -362,30 +376,198 @@ def test_rag_takes_a_mode_and_unknown_modes_are_refused(codes):
     assert response.status_code == 400
 
 
-def test_counted_word_frequencies_follow_the_collection_version(external):
-    """Frequencies are kept per collection version: a term's new chunks count at once."""
+async def stats_and_truth(store, collection) -> tuple[tuple, tuple]:
+    """The collection's term statistics, and the same counted from its chunks."""
+    async with store.connection() as conn:
+        kept = await (
+            await conn.execute(
+                "SELECT (SELECT chunks FROM collections WHERE id = %s),"
+                " (SELECT coalesce(jsonb_object_agg(term, chunks), '{}') FROM term_stats"
+                "  WHERE collection_id = %s)",
+                (collection.id, collection.id),
+            )
+        ).fetchone()
+        counted = await (
+            await conn.execute(
+                "SELECT (SELECT count(*) FROM chunks WHERE collection_id = %s),"
+                " (SELECT coalesce(jsonb_object_agg(lexeme, n), '{}') FROM"
+                "  (SELECT lexeme, count(*) AS n FROM chunks, unnest(tsv)"
+                "   WHERE collection_id = %s GROUP BY lexeme) c)",
+                (collection.id, collection.id),
+            )
+        ).fetchone()
+    return tuple(kept), tuple(counted)
 
+
+def test_term_statistics_follow_ingest_replace_and_delete(external):
     async def check() -> None:
-        store, legal = await legal_store(external, "frequencies")
+        store, legal = await legal_store(external, "statistics")
         try:
-            first = await store.keyword_search(legal, "unlawful wages", 10)
-            known = dict(store._document_frequencies)
-            assert {key[2] for key in known} >= {"'unlawful'", "'wages'"}
-            again = await store.keyword_search(legal, "unlawful wages", 10)
-            assert again == first and dict(store._document_frequencies) == known
+            kept, counted = await stats_and_truth(store, legal)
+            assert kept == counted
+            assert kept[0] == 4 and kept[1]["unlawful"] == 2 and kept[1]["bread"] == 1
+            # A new version of a document replaces its words; a new document adds its own.
             await store.replace_documents(
                 legal,
                 [
-                    DocumentChunks(f"w{i}", {}, [f"wages note {i}"], unit(np.ones((1, 3))))
-                    for i in range(3)
+                    DocumentChunks(
+                        "recipe", {}, ["Knead the dough", "Bake the loaf"], unit(np.ones((2, 3)))
+                    ),
+                    DocumentChunks("extra", {}, ["Unlawful dough"], unit(np.ones((1, 3)))),
                 ],
             )
-            changed = await store.collection("frequencies")
-            assert changed.version != legal.version
-            hits = await store.keyword_search(changed, "unlawful wages", 10)
-            assert {h.document_id for h in hits} >= {"w0", "w1", "w2", "labor"}
-            assert store._document_frequencies[(changed.id, changed.version, "'wages'")] == 4
+            kept, counted = await stats_and_truth(store, legal)
+            assert kept == counted
+            assert kept[0] == 6 and kept[1]["unlawful"] == 3 and kept[1]["dough"] == 2
+            assert "bread" not in kept[1]  # its last chunk went: no row of 0
+            assert await store.delete_document(legal, "extra")
+            kept, counted = await stats_and_truth(store, legal)
+            assert kept == counted and kept[0] == 5 and kept[1]["dough"] == 1
+            await store.delete_collection("statistics")
+            async with store.connection() as conn:
+                left = await (
+                    await conn.execute(
+                        "SELECT count(*) FROM term_stats WHERE collection_id = %s", (legal.id,)
+                    )
+                ).fetchone()
+            assert left == (0,)
         finally:
             await store.close()
 
     run(check())
+
+
+def test_term_statistics_stay_exact_under_concurrent_ingests_and_deletes(external):
+    """Writers of one collection, at once on several connections: every count still matches
+    the chunks, and none failed (no deadlock, no lost update)."""
+
+    async def check() -> None:
+        store = await open_store(external.model_copy(update={"pool_size": 6}))
+        try:
+            busy = await store.ensure_collection("busy", "m", 3)
+            words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+
+            def doc(i: int, round_: int) -> DocumentChunks:
+                texts = [
+                    f"{words[(i + j + round_) % 5]} {words[(i * j) % 5]} note{i}" for j in range(3)
+                ]
+                return DocumentChunks(f"d{i}", {}, texts, unit(np.ones((3, 3))))
+
+            for round_ in range(3):
+                await asyncio.gather(
+                    *(store.replace_documents(busy, [doc(i, round_)]) for i in range(8)),
+                    *(store.delete_document(busy, f"d{i}") for i in range(0, 8, 3 + round_)),
+                )
+                kept, counted = await stats_and_truth(store, busy)
+                assert kept == counted
+        finally:
+            await store.close()
+
+    run(check())
+
+
+def test_ranking_reads_each_words_rarity_from_the_statistics(external):
+    """A chunk's keyword score is the idf of the words it holds, as the statistics give them
+    (plus less than 0.1 of ts_rank_cd); changing a count changes the ranking."""
+
+    async def check() -> None:
+        store = await open_store(external)
+        try:
+            rarity = await store.ensure_collection("idf", "m", 3)
+            texts = {
+                "both": "kernel module loader",
+                "kernel": "kernel panic",
+                "module": "module list",
+                **{f"m{i}": f"module note {i}" for i in range(6)},
+            }
+            vectors = unit(np.ones((len(texts), 3)))
+            await store.replace_documents(
+                rarity,
+                [
+                    DocumentChunks(name, {}, [text], vectors[i : i + 1])
+                    for i, (name, text) in enumerate(texts.items())
+                ],
+            )
+            hits = await store.keyword_search(rarity, "kernel module", 3)
+            assert [h.document_id for h in hits] == ["both", "kernel", "module"]
+            n = len(texts)
+            assert 0 <= hits[0].keyword_score - idf(2, n) - idf(8, n) < 0.1
+            assert 0 <= hits[1].keyword_score - idf(2, n) < 0.1
+            assert 0 <= hits[2].keyword_score - idf(8, n) < 0.1
+            # Say "module" is the rare word: the chunk holding only it now ranks second.
+            async with store.connection() as conn:
+                await conn.execute(
+                    "UPDATE term_stats SET chunks = 1 WHERE collection_id = %s AND term = 'module'",
+                    (rarity.id,),
+                )
+            hits = await store.keyword_search(rarity, "kernel module", 3)
+            assert hits[1].document_id in {"module", *(f"m{i}" for i in range(6))}
+            assert 0 <= hits[1].keyword_score - idf(1, n) < 0.1
+        finally:
+            await store.close()
+
+    run(check())
+
+
+def test_the_shortlist_ranks_as_scoring_every_match_would(external, monkeypatch):
+    """`ts_rank_cd` runs only where it can still lift a chunk into the answer: the top 10 are
+    those of scoring every matching chunk in full."""
+    import serve_app.store.vector_store as vector_store
+
+    monkeypatch.setattr(vector_store, "KEYWORD_CANDIDATES", 10**9)
+
+    async def check() -> None:
+        store = await open_store(external)
+        try:
+            many = await store.ensure_collection("shortlist", "m", 3)
+            rng = np.random.default_rng(3)
+            vocabulary = [f"w{i}" for i in range(30)]
+            weights = 1.0 / np.arange(1, 31)
+            texts = [
+                " ".join(
+                    rng.choice(vocabulary, size=rng.integers(3, 12), p=weights / weights.sum())
+                )
+                for _ in range(400)
+            ]
+            await store.replace_documents(
+                many,
+                [
+                    DocumentChunks(f"d{i}", {}, [t], unit(np.ones((1, 3))))
+                    for i, t in enumerate(texts)
+                ],
+            )
+            for query in ("w0 w3 w17", "w1 w2", "w29 w5 w0 w8"):
+                hits = await store.keyword_search(many, query, 10)
+                words = [quote(w) for w in query.split()]
+                anything = " | ".join(words)
+                async with store.connection() as conn:
+                    params: list = []
+                    for word in words:
+                        params += [await idf_of(conn, many, word), word]
+                    weights = " + ".join(["%s * (tsv @@ %s::tsquery)::int"] * len(words))
+                    full = await (
+                        await conn.execute(
+                            f"SELECT id, {weights} + 0.1 * ts_rank_cd(tsv, %s::tsquery, 32)"
+                            " AS score FROM chunks WHERE collection_id = %s"
+                            " AND tsv @@ %s::tsquery ORDER BY score DESC, id LIMIT 10",
+                            [*params, anything, many.id, anything],
+                        )
+                    ).fetchall()
+                assert [h.chunk_id for h in hits] == [row[0] for row in full]
+                assert [h.keyword_score for h in hits] == pytest.approx([row[1] for row in full])
+        finally:
+            await store.close()
+
+    run(check())
+
+
+async def idf_of(conn, collection, term: str) -> float:
+    """A term's idf counted from the chunks themselves."""
+    row = await (
+        await conn.execute(
+            "SELECT (SELECT count(*) FROM chunks WHERE collection_id = %s),"
+            " (SELECT count(*) FROM chunks WHERE collection_id = %s AND tsv @@ %s::tsquery)",
+            (collection.id, collection.id, term),
+        )
+    ).fetchone()
+    return idf(row[1], row[0])

@@ -4,7 +4,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serve_app.contracts import Hit
-from serve_app.store.text_search import any_term, cjk_bigrams, reciprocal_rank_fusion
+from serve_app.store.text_search import (
+    any_term,
+    candidate_terms,
+    cjk_bigrams,
+    lexemes,
+    quote,
+    reciprocal_rank_fusion,
+)
 
 
 def hit(chunk_id: int, dense: float | None = None, keyword: float | None = None) -> Hit:
@@ -41,6 +48,27 @@ def test_korean_runs_become_bigrams_and_join_the_alternatives():
     )
     assert any_term("", ["법"]) == "( '법' )"
     assert any_term("", ["it's"]) == "( 'it''s' )"
+
+
+def test_a_terms_lexemes_are_its_quoted_words_unescaped():
+    assert lexemes("'chmod'") == ["chmod"]
+    assert lexemes("'civil' <-> 'act'") == ["civil", "act"]
+    assert lexemes("'it''s' <2> 'a\\\\b'") == ["it's", "a\\b"]
+    assert lexemes("'손해'") == ["손해"]
+
+
+@given(st.text(min_size=1, max_size=12))
+def test_lexemes_undo_quote(word):
+    assert lexemes(quote(word)) == [word]
+
+
+def test_candidates_are_the_rarest_terms_within_the_budget():
+    frequencies = {"'the'": 900, "'chmod'": 3, "'mode'": 120, "'file'": 400}
+    assert candidate_terms(frequencies, 1000) == ["'chmod'", "'mode'", "'file'"]
+    assert candidate_terms(frequencies, 123) == ["'chmod'", "'mode'"]
+    assert candidate_terms(frequencies, 10**9) == ["'chmod'", "'mode'", "'file'", "'the'"]
+    # The rarest term always, even past the budget.
+    assert candidate_terms({"'a'": 5000, "'b'": 7000}, 1000) == ["'a'"]
 
 
 def test_fusion_ranks_a_chunk_both_lists_hold_first_and_reports_both_scores():
