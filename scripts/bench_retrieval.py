@@ -1,25 +1,31 @@
-"""Retrieval benchmark: ingestion, search latency and recall, and answer-source quality.
+"""Retrieval benchmark: ingestion, search latency and recall per mode, with and without rerank.
 
-    .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--queries 100] [--scale 100000]
-        [--modes dense,keyword,hybrid] [--no-rerank] [--out docs/benchmarks] [--smoke]
+    .venv/bin/python scripts/bench_retrieval.py [--docs 5000] [--packages 1000] [--queries 100]
+        [--rerank-queries 40] [--scale 100000] [--modes dense,keyword,hybrid] [--no-rerank]
+        [--out docs/benchmarks] [--smoke]
 
-Corpus: the manual pages under /usr/share/man (real technical English) of this machine.
-A page's NAME line ("ls - list directory contents") becomes a labelled query and the rest
-of the page its document, so the query text never appears verbatim in what is searched.
+Two labelled sets of real text from this machine, each query with one right document:
+- man pages (/usr/share/man): a page's NAME line ("ls - list directory contents") is the query,
+  the rest of the page its document, so the query text never appears verbatim in what is
+  searched;
+- Debian packages (the installed packages' descriptions in /var/lib/dpkg/status): a package's
+  one-line synopsis is the query, its long description the document.
 
 In one run it measures:
-1. ingest throughput end to end over HTTP (docs/s, chunks/s) against raw in-process embedding
-   of the same chunks with the replica's own code, precision and threads;
+1. ingest throughput end to end over HTTP (docs/s, chunks/s) per set, against raw in-process
+   embedding of the same chunks with the replica's own code, precision and threads;
 2. search latency p50/p99 at top_k=10, exact vs HNSW over several ef_search, and HNSW recall@10
-   against exact search, on the corpus and on `--scale` sentence chunks;
-3. retrieval quality on the labelled queries per search mode (dense, keyword, hybrid) and
-   text-search configuration (`simple`, the default, and `english`): recall@1, recall@10 and
-   MRR@10, with and without the reranker;
-4. per mode, search latency p50/p99 in process (the query's vector given), on the corpus and on
+   against exact search, on the man pages and on `--scale` sentence chunks;
+3. retrieval quality per set, search mode (dense, keyword, hybrid) and text-search configuration
+   (`simple` and `english`): recall@1, recall@10 and MRR@10 over HTTP; then, on the first
+   `--rerank-queries` queries, the same with the reranker reordering the top 10, against the
+   same queries without it (what rerank adds, and what it costs per query);
+4. per mode, search latency p50/p99 in process (the query's vector given), on each set and on
    the `--scale` chunks (`--scale 0` skips them).
 Writes OUT/retrieval.json and retrieval.md.
 
---smoke: 40 pages, 5 queries, 500 scale chunks with random vectors, dense search, no reranker.
+--smoke: 40 pages, 40 packages, 5 queries each, 500 scale chunks with random vectors, dense
+search, no reranker.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import httpx
 import numpy as np
 from benchkit import models
 from benchkit.cluster import in_process, with_args
-from benchkit.corpus import man_corpus
+from benchkit.corpus import man_corpus, package_corpus
 from benchkit.report import (
     ROOT,
     add_output_options,
@@ -56,6 +62,7 @@ from serve_app.store import open_store
 from serve_app.store.embedded import stop_embedded
 
 EF_SEARCH = (20, 40, 80, 160)
+TOP_K = 10
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -98,6 +105,8 @@ def raw_embedding(args: dict, texts: list[str]) -> float:
 
 
 def rank_metrics(ranked: list[list[str]], relevant: list[str]) -> dict:
+    """Document-level recall@1, recall@10 and MRR@10 (a document's chunks count once, at the
+    place of its best)."""
     r1 = r10 = mrr = 0.0
     for docs, target in zip(ranked, relevant, strict=True):
         unique = list(dict.fromkeys(docs))[:10]
@@ -110,41 +119,59 @@ def rank_metrics(ranked: list[list[str]], relevant: list[str]) -> dict:
     return {"recall@1": r1 / n, "recall@10": r10 / n, "mrr@10": mrr / n}
 
 
+def ask(base_url: str, collection: str, queries: list[dict], mode: str, rerank: bool) -> tuple:
+    """Each query's ranked document ids from POST /v1/search, and its latency in seconds."""
+    ranked, latencies = [], []
+    for q in queries:
+        body = {
+            "collection": collection,
+            "query": q["query"],
+            "top_k": TOP_K,
+            "rerank": rerank,
+            "mode": mode,
+        }
+        start = time.perf_counter()
+        response = httpx.post(f"{base_url}/v1/search", json=body, timeout=600)
+        latencies.append(time.perf_counter() - start)
+        response.raise_for_status()
+        ranked.append([r["document_id"] for r in response.json()["results"]])
+    return ranked, latencies
+
+
+def measured(ranked: list[list[str]], latencies: list[float], queries: list[dict]) -> dict:
+    metrics = rank_metrics(ranked, [q["id"] for q in queries])
+    return {**metrics, "queries": len(queries), "p50_ms": percentiles_ms(latencies)["p50"]}
+
+
 def quality(
     base_url: str,
     collections: dict[str, str],
     queries: list[dict],
     modes: list[str],
-    rerank: bool,
-) -> dict:
+    rerank_queries: int,
+) -> tuple[dict, dict]:
     """Document-level recall@1/@10 and MRR@10 of /v1/search per mode and text-search
-    configuration (`collections`: configuration -> collection), without and with rerank.
-    Dense results do not depend on the configuration: measured once."""
-    results = {}
+    configuration (`collections`: configuration -> collection) on every query; and on the first
+    `rerank_queries` (0: none), each pipeline without and with the reranker reordering its top
+    10. Dense results do not depend on the configuration: measured once."""
+    plain, reranked = {}, {}
+    subset = queries[:rerank_queries]
     for config, collection in collections.items():
         for mode in modes:
             if mode == "dense" and config != "simple":
                 continue
-            for reranked in (False, True) if rerank else (False,):
-                ranked, latencies = [], []
-                for q in queries:
-                    body = {
-                        "collection": collection,
-                        "query": q["query"],
-                        "top_k": 10,
-                        "rerank": reranked,
-                        "mode": mode,
-                    }
-                    start = time.perf_counter()
-                    response = httpx.post(f"{base_url}/v1/search", json=body, timeout=600)
-                    latencies.append(time.perf_counter() - start)
-                    response.raise_for_status()
-                    ranked.append([r["document_id"] for r in response.json()["results"]])
-                metrics = rank_metrics(ranked, [q["id"] for q in queries])
-                metrics["p50_ms"] = percentiles_ms(latencies)["p50"]
-                name = mode if mode == "dense" else f"{mode} ({config})"
-                results[name + (" + rerank" if reranked else "")] = metrics
-    return results
+            name = mode if mode == "dense" else f"{mode} ({config})"
+            ranked, latencies = ask(base_url, collection, queries, mode, rerank=False)
+            plain[name] = measured(ranked, latencies, queries)
+            if subset:
+                with_rerank = ask(base_url, collection, subset, mode, rerank=True)
+                n = len(subset)
+                reranked[name] = {
+                    "without": measured(ranked[:n], latencies[:n], subset),
+                    "with": measured(*with_rerank, subset),
+                }
+            print(f"quality {collection} {name}: {plain[name]}", flush=True)
+    return plain, reranked
 
 
 async def copy_collection(
@@ -274,21 +301,82 @@ def sentences_of(docs: list[dict], limit: int) -> list[str]:
 
 # --- report -------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
-    ingest, q = report["ingest"], report["quality"]
     lines = [
         "# Retrieval benchmark",
         "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}; {report['date']}. Corpus: {report['corpus']}.",
+        f"Machine: {report['machine']}; {report['date']}.",
         "One run on a shared, noisy machine: compare ratios within this report.",
         "",
+        "Labelled sets (each query has one right document):",
+        "",
+    ]
+    lines += [f"- **{name}**: {s['corpus']}." for name, s in report["sets"].items()]
+    lines += [
+        "",
+        "## Retrieval quality (document level)",
+        "",
+        f"Over HTTP (`POST /v1/search`, top_k={TOP_K}); `(simple)` and `(english)` name the",
+        "collection's text-search configuration. p50 includes embedding the query. Hybrid:",
+        f"{report['fusion']}.",
+        "",
+    ]
+    for name, s in report["sets"].items():
+        lines += [
+            f"**{name}** ({s['queries']} queries)",
+            "",
+            "| pipeline | recall@1 | recall@10 | MRR@10 | p50 ms |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {pipeline} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} | "
+            f"{m['p50_ms']:.0f} |"
+            for pipeline, m in s["quality"].items()
+        ]
+        lines.append("")
+    if any(s["rerank"] for s in report["sets"].values()):
+        lines += [
+            "## Rerank: what it adds, what it costs",
+            "",
+            f"The reranker ({report['reranker']}) reorders each pipeline's top {TOP_K}, as RAG's",
+            "rerank does before keeping its sources. Without and with it on the same queries (the",
+            "first of each set's); p50 is the whole request's.",
+            "",
+        ]
+        for name, s in report["sets"].items():
+            if not s["rerank"]:
+                continue
+            queries = next(iter(s["rerank"].values()))["with"]["queries"]
+            lines += [
+                f"**{name}** ({queries} queries)",
+                "",
+                "| pipeline | rerank | recall@1 | recall@10 | MRR@10 | p50 ms |",
+                "|---|---|---|---|---|---|",
+            ]
+            for pipeline, both in s["rerank"].items():
+                for label in ("without", "with"):
+                    m = both[label]
+                    lines.append(
+                        f"| {pipeline} | {label} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | "
+                        f"{m['mrr@10']:.3f} | {m['p50_ms']:.0f} |"
+                    )
+            lines.append("")
+    lines += [
         "## Ingestion (HTTP, end to end)",
         "",
-        "| documents | chunks | seconds | docs/s | chunks/s | raw in-process chunks/s | ratio |",
-        "|---|---|---|---|---|---|---|",
-        f"| {ingest['documents']} | {ingest['chunks']} | {ingest['seconds']:.1f} | "
-        f"{ingest['docs_per_s']:.1f} | {ingest['chunks_per_s']:.1f} | "
-        f"{report['raw_chunks_per_s']:.1f} | {report['ingest_ratio']:.2f} |",
+        "| set | documents | chunks | seconds | docs/s | chunks/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in report["sets"].items():
+        i = s["ingest"]
+        lines.append(
+            f"| {name} | {i['documents']} | {i['chunks']} | {i['seconds']:.1f} | "
+            f"{i['docs_per_s']:.1f} | {i['chunks_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Raw in-process embedding of the same chunks: {report['raw_chunks_per_s']:.1f} chunks/s "
+        f"(HTTP ingest of the man pages at {report['ingest_ratio']:.2f} of it).",
         "",
         "## Search latency (top_k=10, in process against PostgreSQL) and HNSW recall@10",
         "",
@@ -316,36 +404,61 @@ def markdown(report: dict) -> str:
     lines += [
         "## Search latency per mode (top_k=10, in process, the query's vector given)",
         "",
-        f"Hybrid: {report.get('fusion', '')}.",
+        f"Hybrid: {report['fusion']}.",
         "",
     ]
-    for name, rows in report.get("mode_latency", {}).items():
+    for name, rows in report["mode_latency"].items():
         lines += [f"**{name}**", "", "| mode | p50 ms | p99 ms |", "|---|---|---|"]
         lines += [f"| {r['search']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |" for r in rows]
         lines.append("")
-    lines += [
-        f"## Retrieval quality ({report['queries']} labelled queries, document level)",
-        "",
-        "Over HTTP (`POST /v1/search`, top_k=10); `(simple)` and `(english)` name the",
-        "collection's text-search configuration. p50 includes embedding the query.",
-        "",
-        "| pipeline | recall@1 | recall@10 | MRR@10 | p50 ms |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in q.items():
-        lines.append(
-            f"| {name} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | "
-            f"{m['mrr@10']:.3f} | {m['p50_ms']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def labelled_sets(options: argparse.Namespace) -> dict[str, dict]:
+    """The labelled sets, each with its documents, a fixed sample of its queries, its
+    collection's name and a line saying what it is (a set this machine lacks is left out)."""
+    man = man_corpus(options.docs, options.max_chars)
+    packages = package_corpus(options.packages)
+    sets = {
+        "man pages": {
+            "collection": "man",
+            "docs": man,
+            "corpus": f"{len(man)} pages of /usr/share/man "
+            f"({sum(d['labelled'] for d in man)} outside gcloud, the others distractors), "
+            f"first {options.max_chars} characters of each; query: the NAME line",
+        },
+        "debian packages": {
+            "collection": "packages",
+            "docs": packages,
+            "corpus": f"{len(packages)} installed packages' long descriptions from "
+            "/var/lib/dpkg/status; query: the package's one-line synopsis",
+        },
+    }
+    for labelled_set in sets.values():
+        random.seed(0)
+        labelled = [d for d in labelled_set["docs"] if d["labelled"]]
+        labelled_set["queries"] = random.sample(labelled, min(options.queries, len(labelled)))
+    return {name: s for name, s in sets.items() if s["queries"]}
+
+
+def embed_queries(base_url: str, texts: list[str]) -> np.ndarray:
+    data = httpx.post(f"{base_url}/v1/embeddings", json={"input": texts}, timeout=600).json()
+    return np.array([d["embedding"] for d in data["data"]], dtype=np.float32)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="serve_config.yaml")
-    parser.add_argument("--docs", type=int, default=5000)
+    parser.add_argument("--docs", type=int, default=5000, help="man pages")
+    parser.add_argument("--packages", type=int, default=1000, help="Debian packages")
     parser.add_argument("--max-chars", type=int, default=2000, help="characters kept per page")
-    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=100, help="labelled queries per set")
+    parser.add_argument(
+        "--rerank-queries",
+        type=int,
+        default=40,
+        help="queries per set asked again with rerank (~3 s each per pipeline)",
+    )
     parser.add_argument(
         "--scale", type=int, default=100_000, help="chunks in the scale test (0: none)"
     )
@@ -356,69 +469,65 @@ def main() -> None:
         "their latencies stand, their HNSW recall says nothing of real text",
     )
     parser.add_argument("--modes", default="dense,keyword,hybrid", help="search modes to measure")
-    parser.add_argument(
-        "--no-rerank", action="store_true", help="skip the reranked runs (~3 s a query)"
-    )
+    parser.add_argument("--no-rerank", action="store_true", help="skip the reranked runs")
     add_output_options(
-        parser, "40 pages, 5 queries, 500 random-vector scale chunks, dense only, no reranker"
+        parser,
+        "40 pages, 40 packages, 5 queries each, 500 random-vector scale chunks, dense only, "
+        "no reranker",
     )
     options = parser.parse_args()
     if options.smoke:
-        options.docs, options.queries, options.scale = 40, 5, 500
+        options.docs, options.packages, options.queries, options.scale = 40, 40, 5, 500
         options.random_vectors, options.no_rerank, options.modes = True, True, "dense"
+    rerank_queries = 0 if options.no_rerank else options.rerank_queries
 
-    docs = man_corpus(options.docs, options.max_chars)
-    print(f"corpus: {len(docs)} manual pages", flush=True)
-    random.seed(0)
-    labelled = [d for d in docs if d["labelled"]]
-    queries = random.sample(labelled, min(options.queries, len(labelled)))
+    sets = labelled_sets(options)
+    for name, labelled_set in sets.items():
+        print(f"{name}: {len(labelled_set['docs'])} documents", flush=True)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-retrieval-")) / "pgdata"
     config = with_args(load_config(ROOT / options.config), store={"data_dir": str(data_dir)})
     args = config["applications"][0]["args"]
-    store_config = AppConfig(**args).store
-    model = AppConfig(**args).embedder.model
-    retrieval = AppConfig(**args).retrieval
+    app_config = AppConfig(**args)
+    store_config, model = app_config.store, app_config.embedder.model
 
     with in_process(config) as base_url:
-        ingest = ingest_http(base_url, "man", docs)
-        print(f"ingest: {ingest}", flush=True)
+        for labelled_set in sets.values():
+            collection = labelled_set["collection"]
+            labelled_set["ingest"] = ingest_http(base_url, collection, labelled_set["docs"])
+            print(f"ingest {collection}: {labelled_set['ingest']}", flush=True)
+            asyncio.run(
+                copy_collection(store_config, collection, f"{collection}-english", "english")
+            )
+            labelled_set["quality"], labelled_set["rerank"] = quality(
+                base_url,
+                {"simple": collection, "english": f"{collection}-english"},
+                labelled_set["queries"],
+                options.modes.split(","),
+                rerank_queries,
+            )
+            labelled_set["vectors"] = embed_queries(
+                base_url, [q["query"] for q in labelled_set["queries"]]
+            )
         chunk_texts = asyncio.run(sample_chunks(store_config, 2000))
         raw = raw_embedding(args, chunk_texts)
         print(f"raw embedding: {raw:.1f} chunks/s", flush=True)
-        asyncio.run(copy_collection(store_config, "man", "man-english", "english"))
-        result_quality = quality(
-            base_url,
-            {"simple": "man", "english": "man-english"},
-            queries,
-            options.modes.split(","),
-            rerank=not options.no_rerank,
-        )
-        print(f"quality: {result_quality}", flush=True)
-        query_vectors = np.array(
-            httpx.post(
-                f"{base_url}/v1/embeddings",
-                json={"input": [q["query"] for q in queries]},
-                timeout=600,
-            ).json()["data"],
-            dtype=object,
-        )
-        query_vectors = np.array([d["embedding"] for d in query_vectors], dtype=np.float32)
-    latency = {
-        f"man pages ({ingest['chunks']} chunks)": asyncio.run(
-            latency_and_recall(store_config, "man", query_vectors)
-        )
-    }
-    query_texts = [q["query"] for q in queries]
+
+    man = sets["man pages"]
+    man_name = f"man pages ({man['ingest']['chunks']} chunks)"
+    latency = {man_name: asyncio.run(latency_and_recall(store_config, "man", man["vectors"]))}
     modes = {
-        f"man pages ({ingest['chunks']} chunks)": asyncio.run(
-            mode_latency(store_config, "man", query_texts, query_vectors)
+        f"{name} ({s['ingest']['chunks']} chunks)": asyncio.run(
+            mode_latency(
+                store_config, s["collection"], [q["query"] for q in s["queries"]], s["vectors"]
+            )
         )
+        for name, s in sets.items()
     }
     if options.scale:
-        sentences = sentences_of(docs, options.scale)
+        sentences = sentences_of(man["docs"], options.scale)
         if options.random_vectors:
             rng = np.random.default_rng(0)
-            vectors = rng.standard_normal((len(sentences), query_vectors.shape[1]))
+            vectors = rng.standard_normal((len(sentences), man["vectors"].shape[1]))
             vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
         else:
             vectors = scale_vectors(args, sentences)
@@ -426,29 +535,41 @@ def main() -> None:
         name = f"sentences ({len(sentences)} chunks)"
         if options.random_vectors:
             name += ", random vectors"
-        latency[name] = asyncio.run(latency_and_recall(store_config, "scale", query_vectors))
-        modes[name] = asyncio.run(mode_latency(store_config, "scale", query_texts, query_vectors))
+        latency[name] = asyncio.run(latency_and_recall(store_config, "scale", man["vectors"]))
+        modes[name] = asyncio.run(
+            mode_latency(
+                store_config, "scale", [q["query"] for q in man["queries"]], man["vectors"]
+            )
+        )
     stop_embedded(data_dir)
     for name, rows in latency.items():
         print(name, rows, flush=True)
 
+    retrieval, reranker = app_config.retrieval, app_config.reranker
     report = {
         "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, no GPU",
-        "corpus": f"{len(docs)} pages of /usr/share/man ({len(labelled)} outside gcloud), "
-        f"first {options.max_chars} characters of each",
-        "queries": len(queries),
+        "sets": {
+            name: {
+                "corpus": s["corpus"],
+                "documents": len(s["docs"]),
+                "queries": len(s["queries"]),
+                "ingest": s["ingest"],
+                "quality": s["quality"],
+                "rerank": s["rerank"],
+            }
+            for name, s in sets.items()
+        },
+        "reranker": f"{reranker.backend}, {reranker.model}",
         "index": f"HNSW per collection, vector_cosine_ops, m={store_config.hnsw_m}, "
         f"ef_construction={store_config.hnsw_ef_construction}",
-        "ingest": ingest,
         "raw_chunks_per_s": raw,
-        "ingest_ratio": ingest["chunks_per_s"] / raw,
+        "ingest_ratio": man["ingest"]["chunks_per_s"] / raw,
         "latency": latency,
         "fusion": f"reciprocal rank fusion, k={retrieval.rrf_k}, {retrieval.candidates} "
         "candidates from each side",
         "mode_latency": modes,
-        "quality": result_quality,
     }
     write_report(report, "retrieval", markdown, output_dir(options))
 

@@ -1,6 +1,7 @@
-"""Texts to send: English sentences from this machine's license texts and manual pages.
+"""Texts to send: English sentences from this machine's license texts and manual pages, and the
+descriptions of its installed Debian packages.
 
-Both ship with every Debian system, so every benchmark runs offline from a fresh clone. `Texts`
+All ship with every Debian system, so every benchmark runs offline from a fresh clone. `Texts`
 hands them out so that none repeats unless asked: a cache answering a repeated input would
 measure the cache, not the model.
 """
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 MAN = Path("/usr/share/man")
+DPKG_STATUS = Path("/var/lib/dpkg/status")
 LICENSES = Path("/usr/share/common-licenses")
 FALLBACK_SENTENCES = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
@@ -131,6 +133,45 @@ def man_corpus(limit: int, max_chars: int) -> list[dict]:
         if len(docs) == limit:
             break
     return docs
+
+
+# --- Debian package descriptions ---------------------------------------------------------------
+def package_corpus(limit: int, status: Path = DPKG_STATUS) -> list[dict]:
+    """The installed packages' descriptions (dpkg's status file), in package-name order: the
+    one-line synopsis ("command line tool for transferring data with URL syntax") becomes a
+    labelled query and the long description its document. Kept: synopses of 3 words or more,
+    long descriptions of 150 characters or more, and only where neither is shared with another
+    package (the many "This package contains the shared library" blurbs could not be told
+    apart by anyone)."""
+    packages = []
+    text = status.read_text(errors="replace") if status.exists() else ""
+    for stanza in text.split("\n\n"):
+        name = re.search(r"^Package: (\S+)", stanza, re.M)
+        described = re.search(r"^Description: (.*)\n((?: .*(?:\n|$))*)", stanza, re.M)
+        if not name or not described:
+            continue
+        # Continuation lines start with a space; " ." alone separates paragraphs.
+        lines = [line[1:].strip() for line in described.group(2).splitlines()]
+        body = " ".join("" if line == "." else line for line in lines)
+        packages.append((name.group(1), described.group(1).strip(), " ".join(body.split())))
+    synopses = Counter(synopsis.lower() for _, synopsis, _ in packages)
+    bodies = Counter(body for _, _, body in packages)
+    docs = [
+        {
+            "id": name,
+            "text": body,
+            "full": body,
+            "metadata": {"source": "dpkg"},
+            "query": synopsis,
+            "labelled": True,
+        }
+        for name, synopsis, body in sorted(dict.fromkeys(packages))
+        if len(synopsis.split()) >= 3
+        and len(body) >= 150
+        and synopses[synopsis.lower()] == 1
+        and bodies[body] == 1
+    ]
+    return docs[:limit]
 
 
 def man_docs(pages: int | None) -> list[dict]:

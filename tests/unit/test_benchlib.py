@@ -47,6 +47,43 @@ def test_troff_is_stripped():
     assert "Description" in body and "ls" in body and "\\" not in body
 
 
+STATUS = """Package: curl
+Status: install ok installed
+Description: command line tool for transferring data with URL syntax
+ curl is a command line tool for transferring data with URL syntax, supporting
+ DICT, FILE, FTP, FTPS, GOPHER, HTTP, HTTPS, IMAP, IMAPS, LDAP, LDAPS, POP3, POP3S.
+ .
+ curl supports SSL certificates, HTTP POST, HTTP PUT, FTP uploading and proxies.
+Homepage: https://curl.se/
+
+Package: libfoo1
+Description: shared library for foo
+ This package contains the shared library of foo, which nobody could tell apart
+ from the shared library of bar by its description alone, it is the same text.
+
+Package: libbar1
+Description: shared library for bar
+ This package contains the shared library of foo, which nobody could tell apart
+ from the shared library of bar by its description alone, it is the same text.
+
+Package: tiny
+Description: a package described too briefly
+ Short.
+"""
+
+
+def test_package_descriptions_become_labelled_queries(tmp_path):
+    status = tmp_path / "status"
+    status.write_text(STATUS)
+    docs = corpus.package_corpus(10, status)
+    assert [d["id"] for d in docs] == ["curl"]  # shared and too short descriptions left out
+    curl = docs[0]
+    assert curl["query"] == "command line tool for transferring data with URL syntax"
+    assert curl["text"].startswith("curl is a command line tool for transferring data")
+    assert "POP3S. curl supports SSL" in curl["text"] and "Homepage" not in curl["text"]
+    assert corpus.package_corpus(10, tmp_path / "missing") == []
+
+
 def test_write_report_writes_json_markdown_and_plot(tmp_path, capsys):
     def plot(data: dict, path: Path) -> None:
         path.write_bytes(b"png of " + str(data["n"]).encode())
