@@ -21,7 +21,9 @@ In one run it measures:
    `--rerank-queries` queries, the same with the reranker reordering the top 10, against the
    same queries without it (what rerank adds, and what it costs per query);
 4. per mode, search latency p50/p99 in process (the query's vector given), on each set and on
-   the `--scale` chunks (`--scale 0` skips them).
+   the `--scale` chunks (`--scale 0` skips them);
+5. per set, hybrid recall over a grid of the fusion constant k and the candidates per side, in
+   process: where the service's defaults come from.
 Writes OUT/retrieval.json and retrieval.md.
 
 --smoke: 40 pages, 40 packages, 5 queries each, 500 scale chunks with random vectors, dense
@@ -74,6 +76,7 @@ def ingest_http(base_url: str, collection: str, docs: list[dict], in_flight: int
         body = {
             "collection": collection,
             "documents": [{k: d[k] for k in ("id", "text", "metadata")} for d in batch],
+            "text_search_config": "simple",  # named: the service's default may differ
         }
         response = httpx.post(f"{base_url}/v1/documents", json=body, timeout=900)
         response.raise_for_status()
@@ -228,6 +231,43 @@ async def mode_latency(
     return rows
 
 
+FUSION_K = (1, 5, 20, 60)
+FUSION_CANDIDATES = (20, 40, 100)
+
+
+async def fusion_sweep(
+    store_config: StoreConfig, collections: dict[str, str], queries: list[dict], vectors
+) -> list[dict]:
+    """Hybrid recall@1/@10 and MRR@10 in process for each reciprocal-rank constant k and
+    candidates per side (FUSION_K x FUSION_CANDIDATES), per text-search configuration
+    (`collections`: configuration -> collection): the grid the service's defaults come from."""
+    store = await open_store(store_config)
+    rows = []
+    try:
+        found = {config: await store.collection(name) for config, name in collections.items()}
+        for k in FUSION_K:
+            for candidates in FUSION_CANDIDATES:
+                row: dict = {"k": k, "candidates": candidates}
+                for config, collection in found.items():
+                    ranked = []
+                    for q, v in zip(queries, vectors, strict=True):
+                        hits = await store.hybrid_search(
+                            collection,
+                            v,
+                            q["query"],
+                            TOP_K,
+                            ef_search=store_config.ef_search,
+                            rrf_k=k,
+                            candidates=candidates,
+                        )
+                        ranked.append([h.document_id for h in hits])
+                    row[config] = rank_metrics(ranked, [q["id"] for q in queries])
+                rows.append(row)
+    finally:
+        await store.close()
+    return rows
+
+
 async def latency_and_recall(
     store_config: StoreConfig, collection_name: str, queries: np.ndarray
 ) -> list[dict]:
@@ -360,6 +400,39 @@ def markdown(report: dict) -> str:
                         f"| {pipeline} | {label} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | "
                         f"{m['mrr@10']:.3f} | {m['p50_ms']:.0f} |"
                     )
+            lines.append("")
+    if any(s.get("fusion") for s in report["sets"].values()):
+        lines += [
+            "## Hybrid fusion: the constant k and the candidates per side",
+            "",
+            "In process (the query's vector given), the hybrid ranking for each reciprocal rank",
+            "constant k and number of candidates taken from each side; recall@1 / recall@10 /",
+            "MRR@10 per text-search configuration. The service's defaults are in bold.",
+            "",
+        ]
+        for name, s in report["sets"].items():
+            rows = s.get("fusion") or []
+            if not rows:
+                continue
+            configs = [c for c in rows[0] if c not in ("k", "candidates")]
+            lines += [
+                f"**{name}** ({s['queries']} queries)",
+                "",
+                "| k | candidates | " + " | ".join(configs) + " |",
+                "|---|---|" + "---|" * len(configs),
+            ]
+            for row in rows:
+                cells = [
+                    f"{row[c]['recall@1']:.2f} / {row[c]['recall@10']:.2f} / {row[c]['mrr@10']:.3f}"
+                    for c in configs
+                ]
+                default = (row["k"], row["candidates"]) == tuple(report["fusion_defaults"])
+                first = (
+                    f"**{row['k']}** | **{row['candidates']}**"
+                    if default
+                    else (f"{row['k']} | {row['candidates']}")
+                )
+                lines.append(f"| {first} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += [
         "## Ingestion (HTTP, end to end)",
@@ -523,6 +596,12 @@ def main() -> None:
         )
         for name, s in sets.items()
     }
+    if "hybrid" in options.modes.split(","):
+        for s in sets.values():
+            collections = {"simple": s["collection"], "english": f"{s['collection']}-english"}
+            s["fusion"] = asyncio.run(
+                fusion_sweep(store_config, collections, s["queries"], s["vectors"])
+            )
     if options.scale:
         sentences = sentences_of(man["docs"], options.scale)
         if options.random_vectors:
@@ -558,6 +637,7 @@ def main() -> None:
                 "ingest": s["ingest"],
                 "quality": s["quality"],
                 "rerank": s["rerank"],
+                "fusion": s.get("fusion", []),
             }
             for name, s in sets.items()
         },
@@ -569,6 +649,7 @@ def main() -> None:
         "latency": latency,
         "fusion": f"reciprocal rank fusion, k={retrieval.rrf_k}, {retrieval.candidates} "
         "candidates from each side",
+        "fusion_defaults": [retrieval.rrf_k, retrieval.candidates],
         "mode_latency": modes,
     }
     write_report(report, "retrieval", markdown, output_dir(options))

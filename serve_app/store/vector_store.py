@@ -537,7 +537,7 @@ class VectorStore:
         top_k: int,
         filters: dict[str, Any] | None = None,
         ef_search: int = 80,
-        rrf_k: int = 60,
+        rrf_k: int = 5,
         candidates: int = 40,
     ) -> list[Hit]:
         """Dense and keyword candidates (`candidates` of each, the same `filters`), fused by

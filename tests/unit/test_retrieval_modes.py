@@ -74,7 +74,7 @@ def test_each_mode_runs_its_search_and_keyword_embeds_nothing():
     assert ask(r, mode="dense").hits[0].document_id == "dense"
     answer = ask(r)  # the configured default
     assert answer.mode == "hybrid" and answer.hits[0].fused_rank == 1
-    assert store.ran == ["keyword", "dense", "hybrid k=60"]
+    assert store.ran == ["keyword", "dense", "hybrid k=5"]
 
 
 def test_cached_results_are_kept_apart_by_mode_and_rrf_k():
