@@ -83,6 +83,19 @@ class VllmEngine:
             "unsupported": ["no_repeat_ngram"],
         }
 
+    def close(self) -> None:
+        """Give the GPU memory back (`auto` closes the engines it does not keep)."""
+        import gc
+
+        import torch
+
+        engine_core = getattr(self.llm, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
     # What the deployment shows and sizes by.
 
     def info(self) -> dict[str, Any]:
