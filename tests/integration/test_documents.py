@@ -189,6 +189,7 @@ def test_rag_answers_with_citations(client, corpus):
             "collection": corpus,
             "query": "What is the capital of France?",
             "top_k": 4,
+            "rerank": True,
             "rerank_top_n": 2,
             "max_tokens": 48,
         },
@@ -227,6 +228,7 @@ def test_rag_streams_tokens_then_citations(client, corpus):
     parsed = [json.loads(e) for e in events[:-1]]
     assert parsed[-1]["type"] == "done"
     assert parsed[-1]["citations"][0]["document_id"] == "tides"
+    assert "rerank_ms" not in parsed[-1]["timings"]  # RAG reranks only when asked
     assert sum(1 for e in parsed if e["type"] == "delta") > 2
 
 
