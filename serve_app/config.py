@@ -194,6 +194,15 @@ class RetrievalConfig(Section):
     candidates: int = Field(
         default=40, ge=1, le=1000, description="Hybrid: chunks taken from each side to fuse."
     )
+    # english: stemming and English stop words measured better than simple on recall@1 on both
+    # labelled sets, keyword and hybrid alike (docs/benchmarks/retrieval.md). Korean, Chinese
+    # and Japanese keep their character bigrams under any configuration.
+    text_search_config: str = Field(
+        default="english",
+        pattern=TEXT_SEARCH_CONFIG_PATTERN,
+        description="Keyword search's configuration for a new collection whose first ingest "
+        "names none (`simple`: every word as written, for text in other languages).",
+    )
 
 
 class Chunking(Section):

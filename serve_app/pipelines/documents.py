@@ -18,6 +18,7 @@ class Documents:
         self.embedder = embedder
         self.store = await open_store(config.store, "Documents")
         self.chunking = config.chunking
+        self.text_search_config = config.retrieval.text_search_config  # of new collections
 
     async def ingest(
         self, request: IngestRequest, max_chunks: int = InputLimits().max_chunks
@@ -39,6 +40,7 @@ class Documents:
             embedded.model,
             embedded.vectors.shape[1],
             request.text_search_config,
+            self.text_search_config,
         )
         documents, start = [], 0
         for doc, doc_chunks in zip(request.documents, pieces, strict=True):

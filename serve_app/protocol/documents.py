@@ -87,7 +87,7 @@ class IngestRequest(Request):
         pattern=TEXT_SEARCH_CONFIG_PATTERN,
         description="PostgreSQL's text-search configuration for keyword search (`simple`, "
         "`english`, ...), fixed when the collection is created. Default: the collection's; "
-        "`simple` for a new one.",
+        "for a new one the service's (`retrieval.text_search_config`, english).",
     )
 
     @model_validator(mode="after")

@@ -195,12 +195,18 @@ class VectorStore:
         return Collection(*row)
 
     async def ensure_collection(
-        self, name: str, model: str, dimensions: int, text_search_config: str | None = None
+        self,
+        name: str,
+        model: str,
+        dimensions: int,
+        text_search_config: str | None = None,
+        new_text_search_config: str = "simple",
     ) -> Collection:
         """The collection `name`, created for `model` if new; vectors of models never mix.
 
-        `text_search_config` (PostgreSQL's, e.g. `english`; `simple` when None) is fixed when
-        the collection is created: asking an existing one for another is a 409.
+        `text_search_config` (PostgreSQL's, e.g. `english`) is fixed when the collection is
+        created (`new_text_search_config` when None): asking an existing one for another is a
+        409.
 
         Only a new collection creates its index, in the transaction that creates it (so it
         is never seen without one); an existing one takes no lock on `chunks` here.
@@ -211,14 +217,15 @@ class VectorStore:
                     await conn.execute(
                         "INSERT INTO collections"
                         " (name, embedding_model, dimensions, text_search_config)"
-                        " VALUES (%s, %s, %s, COALESCE(%s, 'simple')::regconfig)"
+                        " VALUES (%s, %s, %s, COALESCE(%s, %s)::regconfig)"
                         " ON CONFLICT (name) DO NOTHING RETURNING id",
-                        (name, model, dimensions, text_search_config),
+                        (name, model, dimensions, text_search_config, new_text_search_config),
                     )
                 ).fetchone()
             except psycopg.errors.UndefinedObject as exc:
                 raise InvalidData(
-                    f"There is no text-search configuration '{text_search_config}'."
+                    "There is no text-search configuration"
+                    f" '{text_search_config or new_text_search_config}'."
                 ) from exc
             row = await (
                 await conn.execute(_COLLECTION_COLUMNS + " WHERE name = %s", (name,))

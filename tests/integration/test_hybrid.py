@@ -185,8 +185,16 @@ def test_a_collection_keeps_its_text_search_configuration(external):
             with pytest.raises(TextSearchMismatch):
                 await store.ensure_collection("english", "m", 3, "simple")
             assert (await store.ensure_collection("english", "m", 3)).id == english.id
+            # A new collection that names none gets the default it is given; an existing one
+            # keeps its own.
+            fresh = await store.ensure_collection("fresh", "m", 3, None, "english")
+            assert fresh.text_search_config == "english"
+            kept = await store.ensure_collection("plain", "m", 3, None, "english")
+            assert kept.text_search_config == "simple"
             with pytest.raises(InvalidData):
                 await store.ensure_collection("klingon", "m", 3, "klingon")
+            with pytest.raises(InvalidData):
+                await store.ensure_collection("klingon", "m", 3, None, "klingon")
             assert "klingon" not in {c["name"] for c in await store.list_collections()}
         finally:
             await store.close()
@@ -353,12 +361,23 @@ def test_each_mode_answers_with_its_scores_and_is_cached_apart(codes):
     assert [r["document_id"] for r in filtered["results"]] == ["e2"]
 
 
+def test_a_new_collection_gets_the_services_text_search_configuration(codes):
+    """`retrieval.text_search_config` (english): "exceeding quotas" finds "quota is exceeded"
+    by its stems, which `simple` would not."""
+    response = codes.post(
+        "/v1/search",
+        json={"collection": "codes", "query": "exceeding quotas", "mode": "keyword"},
+    )
+    assert response.status_code == 200, response.text
+    assert [r["document_id"] for r in response.json()["results"]] == ["e1"]
+
+
 def test_rag_takes_a_mode_and_unknown_modes_are_refused(codes):
     response = codes.post(
         "/v1/rag/query",
         json={
             "collection": "codes",
-            "query": "What does E7700 mean?",
+            "query": "What is E7700?",
             "mode": "keyword",
             "rerank": False,
             "max_tokens": 8,
