@@ -67,7 +67,24 @@ class _Decoding:
         return self.settled
 
 
-class TransformersEngine:
+class TokenizerPrompts:
+    """Tokenizing and chat templating with a transformers tokenizer (`self.tokenizer`, and
+    `self.counter`, its `loading.TokenCounter`): shared by the engines that use one."""
+
+    tokenizer: Any
+    counter: loading.TokenCounter
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.counter(texts, add_special_tokens=False)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenize([text])[0]
+
+
+class TransformersEngine(TokenizerPrompts):
     """`GenerationEngine` over a transformers causal LM (deployments/engines/base.py)."""
 
     name = "transformers"
@@ -132,15 +149,6 @@ class TransformersEngine:
 
     def memory(self) -> dict[str, int]:
         return loading.memory_report(self.model, self.device)
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.counter(texts, add_special_tokens=False)["input_ids"]
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenize([text])[0]
 
     @property
     def end_of_turn(self) -> list[int]:

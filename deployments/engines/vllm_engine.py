@@ -29,11 +29,12 @@ from typing import Any
 
 from deployments.engines import loading
 from deployments.engines.base import Sequence, advance, merge
+from deployments.engines.hf import TokenizerPrompts
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import Delta, GenerationRequest
 
 
-class VllmEngine:
+class VllmEngine(TokenizerPrompts):
     """`GenerationEngine` over vLLM's `LLMEngine` on a CUDA device."""
 
     name = "vllm"
@@ -109,16 +110,7 @@ class VllmEngine:
             "gpu_reserved_bytes": torch.cuda.memory_reserved(),
         }
 
-    # Prompts and text: this project's, as in the transformers engine.
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.counter(texts, add_special_tokens=False)["input_ids"]
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenize([text])[0]
+    # Prompts and text: this project's (TokenizerPrompts), as in the transformers engine.
 
     @property
     def end_of_turn(self) -> list[int]:
