@@ -7,7 +7,8 @@ goes out at once (time to first token is untouched), then at most one merged del
 and the last (the one with the finish reason) at once. Ray Serve LLM does the same
 (`stream_batching_interval_ms`, 50 ms by default).
 
-Off by default here (`generator.stream_interval_ms: 0`), by measurement: served on 2 CPU cores
+Off by default here (`generator.stream_interval_ms: 0`), by one ad hoc profile that no script in
+the repo reproduces yet (a bench_generation phase for it is owed): served on 2 CPU cores
 with llama.cpp, the Ingress spent 0.90 ms of CPU per token at 0 ms and 0.96 at 50 ms, the
 Generator 9.8 and 9.7, and 8 streams decoded 101 tok/s either way (at 8 streams a step takes
 longer than 50 ms, so nothing merges; at 1 stream 41 against 39 tok/s). Decoding on CPU is

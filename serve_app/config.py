@@ -141,7 +141,8 @@ class GeneratorConfig(ModelDeployment):
     )
     # 0 by default: on 2 CPU cores each streamed message costs the Ingress ~0.9 ms of CPU per
     # token against ~10 ms of decoding, and 50 ms changed nothing measurable at 1 or 8 streams
-    # (deployments/streaming.py). Worth setting where decoding outruns message handling (GPUs).
+    # (deployments/streaming.py; an ad hoc profile, not yet a repo script). Worth setting where
+    # decoding outruns message handling (GPUs).
     stream_interval_ms: float = Field(
         default=0.0,
         ge=0.0,
