@@ -136,10 +136,9 @@ def candidate_terms(frequencies: dict[str, int], budget: int) -> list[str]:
 def idf(df: int, n: int) -> float:
     """BM25's inverse document frequency of a term in `df` of `n` chunks (always > 0).
 
-    `ts_rank_cd` alone weighs every word alike, so "the" counts as much as "chmod": on the
-    manual-page set that ranking found the labelled page in the top 10 for 0.37 of the
-    queries, and weighting each matched term by its rarity for 0.73
-    (docs/benchmarks/retrieval.md)."""
+    `ts_rank_cd` alone weighs every word alike, so "the" counts as much as "chmod"; weighting
+    each matched term by its rarity ranks the passage that holds the query's rare words first.
+    The keyword rows of docs/benchmarks/retrieval.md measure the ranking as built."""
     return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
 
 
