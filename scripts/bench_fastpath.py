@@ -59,7 +59,7 @@ import yaml
 from benchkit.child import OFFLINE, log_tail
 from benchkit.cluster import config_url, ray_running, serve_run
 from benchkit.corpus import Texts, man_corpus, man_sentences
-from benchkit.loadgen import Record, closed_loop, in_window, send, session
+from benchkit.loadgen import Window, send, window
 from benchkit.report import (
     ROOT,
     add_output_options,
@@ -147,37 +147,12 @@ def variant_env(name: str) -> dict[str, str]:
 
 
 # --- load ---------------------------------------------------------------------------------------
-async def closed_window(
-    url: str, path: str, requests: Iterator[dict], clients: int, warmup: float, duration: float
-) -> list[Record]:
-    """The answers of `clients` closed loops received within the window after `warmup`; the
-    requests still out when it ends are dropped (their connections closed), not awaited."""
-    records: list[Record] = []
-    end = warmup + duration
-    async with session(url, clients, REQUEST_TIMEOUT_S) as client:
-        t0 = time.perf_counter()
-        loop = closed_loop(
-            client,
-            path,
-            requests,
-            clients,
-            records,
-            t0,
-            end,
-            wait_retry_after=False,
-            error_pause=0.05,
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(loop, end + 0.05)
-    return in_window(records, warmup, end)
-
-
-def summarize(records: list[Record], items: int, unit: str, duration: float) -> dict:
-    statuses = Counter(r.status for r in records)
+def summarize(measured: Window, items: int, unit: str, duration: float) -> dict:
+    statuses = measured.statuses()
     ok = statuses.get("200", 0)
     return {
         f"{unit}_per_s": round(ok * items / duration, 2),
-        **percentiles_ms([r.latency for r in records if r.status == "200"]),
+        **percentiles_ms(measured.latencies()),
         "statuses": dict(statuses),
     }
 
@@ -341,8 +316,19 @@ def measure(url: str, texts: Texts, options: argparse.Namespace) -> dict:
     for name, path, inputs, clients, unit in PHASES:
         requests = bodies(name, inputs, texts)
         duration = options.rerank_duration if name == "rerank" else options.duration
-        records = asyncio.run(closed_window(url, path, requests, clients, options.warmup, duration))
-        out[name] = summarize(records, inputs, unit, duration)
+        measured = asyncio.run(
+            window(
+                url,
+                path,
+                requests,
+                clients,
+                options.warmup,
+                duration,
+                drop_in_flight=True,
+                timeout_s=REQUEST_TIMEOUT_S,
+            )
+        )
+        out[name] = summarize(measured, inputs, unit, duration)
         print(f"  {name}: {json.dumps(out[name])}", flush=True)
     out["burst"] = asyncio.run(burst(url, options.burst, texts))
     print(f"  burst: {json.dumps(out['burst'])}", flush=True)

@@ -112,31 +112,24 @@ def cpu_by_stage() -> dict[str, float]:
     return dict(totals)
 
 
-async def embeddings_load(url: str, texts: Texts, shape: str, warmup: float, duration: float):
+async def embeddings_load(
+    url: str, texts: Texts, shape: str, warmup: float, duration: float
+) -> dict:
     size, concurrency = SHAPES[shape]
     bodies = iter(lambda: {"input": texts.take(size)}, None)
-    records: list[loadgen.Record] = []
-    async with loadgen.session(url, concurrency, 120) as session:
-        t0 = time.perf_counter()
-        await loadgen.closed_loop(
-            session, "/v1/embeddings", bodies, concurrency, records, t0, warmup
-        )
-        before, started = cpu_by_stage(), time.perf_counter() - t0
-        await loadgen.closed_loop(
-            session, "/v1/embeddings", bodies, concurrency, records, t0, duration
-        )
-        ended, after = time.perf_counter() - t0, cpu_by_stage()
-    done = [r for r in loadgen.in_window(records, started, ended) if r.status == "200"]
-    errors = sum(r.status != "200" for r in loadgen.in_window(records, started, ended))
-    seconds = ended - started
+    measured = await loadgen.window(
+        url, "/v1/embeddings", bodies, concurrency, warmup, duration, meter=cpu_by_stage
+    )
+    done = measured.statuses().get("200", 0)
+    seconds = measured.end - measured.start
+    before, after = measured.before, measured.after
     return {
-        "sentences_per_s": len(done) * size / seconds,
-        "requests_per_s": len(done) / seconds,
-        **percentiles_ms([r.latency for r in done]),
-        "errors": errors,
+        "sentences_per_s": done * size / seconds,
+        "requests_per_s": done / seconds,
+        **percentiles_ms(measured.latencies()),
+        "errors": len(measured.records) - done,
         "cpu_ms_per_request": {
-            stage: 1000 * (after[stage] - before.get(stage, 0.0)) / max(len(done), 1)
-            for stage in after
+            stage: 1000 * (after[stage] - before.get(stage, 0.0)) / max(done, 1) for stage in after
         },
     }
 

@@ -53,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -296,7 +295,7 @@ def project_snapshot(url: str) -> dict:
     return parse_status(status)
 
 
-def status_probe():
+def status_probe() -> loadgen.Probe:
     """An async probe for `measure`: the snapshot, and whether no replica is starting."""
 
     async def probe(session: aiohttp.ClientSession) -> tuple[dict, bool]:
@@ -337,72 +336,44 @@ async def measure(
     concurrency: int,
     warmup_s: float,
     duration_s: float,
-    probe: Any = None,
-    max_settle_s: float = 60.0,
+    probe: loadgen.Probe | None = None,
 ) -> dict:
-    """`concurrency` closed-loop clients (`loadgen.closed_loop`): a warm-up, then a measured
-    window of `duration_s`.
+    """`loadgen.window`: a warm-up (with `probe`, see `status_probe`, on while replicas are
+    starting), then a measured window of `duration_s` with the machine's CPU busy over it.
 
     `requests` yields request bodies (None: a GET). Answers that arrive in the window count;
     requests still out at its end are awaited but not counted. Errors are non-200 answers and
-    transport failures; a client pauses 50 ms after one, so a refusing or dead server is not
-    hammered. With `probe` (see `status_probe`), the warm-up goes on past `warmup_s` while it
-    reports replicas starting (autoscaling under this load), for at most `max_settle_s`, and
-    its snapshots at the start and the end of the window are returned.
+    transport failures. With `probe`, its snapshots at the start and the end of the window are
+    returned.
     """
-    records: list[loadgen.Record] = []
-    stop = asyncio.Event()
-    window: dict[str, float] = {}
-    out: dict[str, Any] = {}
-
-    async def pace(session: aiohttp.ClientSession, t0: float) -> None:
-        await asyncio.sleep(warmup_s)
-        if probe is not None:
-            out["at_start"], settled = await probe(session)
-            while not settled and time.perf_counter() - t0 < warmup_s + max_settle_s:
-                await asyncio.sleep(1.0)
-                out["at_start"], settled = await probe(session)
-        out["warmup_s"] = round(time.perf_counter() - t0, 1)
-        cpu_before = cpu_times()
-        window["start"] = time.perf_counter() - t0
-        await asyncio.sleep(duration_s)
-        window["end"] = time.perf_counter() - t0
-        cpu_after = cpu_times()
-        if cpu_after[1] > cpu_before[1]:
-            busy = (cpu_after[0] - cpu_before[0]) / (cpu_after[1] - cpu_before[1])
-            out["cpu_busy_percent"] = round(100.0 * busy, 1)
-        if probe is not None:
-            out["at_end"], _ = await probe(session)
-        stop.set()
-
-    # +1 connection: the probe
-    async with loadgen.session(url, concurrency + 1, REQUEST_TIMEOUT_S) as session:
-        t0 = time.perf_counter()
-        pacer = asyncio.create_task(pace(session, t0))
-        await loadgen.closed_loop(
-            session,
-            path,
-            requests,
-            concurrency,
-            records,
-            t0,
-            stop=stop,
-            wait_retry_after=False,
-            error_pause=0.05,
-        )
-        await pacer
-    counted = loadgen.in_window(records, window["start"], window["end"])
-    statuses = Counter(r.status for r in counted)
+    measured = await loadgen.window(
+        url,
+        path,
+        requests,
+        concurrency,
+        warmup_s,
+        duration_s,
+        probe=probe,
+        meter=cpu_times,
+        timeout_s=REQUEST_TIMEOUT_S,
+    )
+    statuses = measured.statuses()
     ok = statuses.get("200", 0)
+    (busy_before, total_before), (busy_after, total_after) = measured.before, measured.after
+    busy = None
+    if total_after > total_before:
+        busy = round(100.0 * (busy_after - busy_before) / (total_after - total_before), 1)
+    snapshots = {"at_start": measured.at_start, "at_end": measured.at_end} if probe else {}
     return {
         "sentences_per_s": round(ok * items / duration_s, 2),
         "requests_per_s": round(ok / duration_s, 2),
-        **percentiles_ms([r.latency for r in counted if r.status == "200"]),
+        **percentiles_ms(measured.latencies()),
         "requests": sum(statuses.values()),
         "errors": sum(n for s, n in statuses.items() if s != "200"),
         "statuses": dict(statuses),
-        "cpu_busy_percent": None,
-        **out,
+        "cpu_busy_percent": busy,
+        "warmup_s": round(measured.start, 1),
+        **snapshots,
     }
 
 

@@ -3,13 +3,16 @@
 One generator serves every script: `closed_loop` runs N clients, each sending its next request
 when its last is answered, and records every answer as a `Record`. What a script measures
 (throughput of items, latency of 200s, refusals by reason) it derives from the records.
+`window` is the benchmarks' measurement on top of it: a warm-up, then a measured window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +23,9 @@ ALLOWED_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # Reads a detail out of an answer (status code, body bytes): a cache source, an item count.
 Reader = Callable[[int, bytes], Any]
+# Asks the service how it stands, on the load's session: a snapshot, and whether it has settled
+# (the measured window may start).
+Probe = Callable[[aiohttp.ClientSession], Awaitable[tuple[Any, bool]]]
 
 
 def local_url(url: str) -> str:
@@ -153,3 +159,93 @@ def session(base_url: str, concurrency: int, timeout_s: float | None) -> aiohttp
 def in_window(records: list[Record], start: float, end: float) -> list[Record]:
     """The records answered within [start, end] (seconds since t0)."""
     return [r for r in records if start <= r.done <= end]
+
+
+@dataclass(frozen=True)
+class Window:
+    """What `window` measured: the records answered within it, when it started and ended
+    (seconds since the load began), the probe's snapshots at its start and end, and the
+    meter's readings just before it started and just after it ended (None without them)."""
+
+    records: list[Record]
+    start: float
+    end: float
+    at_start: Any = None
+    at_end: Any = None
+    before: Any = None
+    after: Any = None
+
+    def statuses(self) -> Counter[str]:
+        return Counter(r.status for r in self.records)
+
+    def latencies(self) -> list[float]:
+        """The latencies of the 200s, in seconds."""
+        return [r.latency for r in self.records if r.status == "200"]
+
+
+async def window(
+    base_url: str,
+    path: str,
+    requests: Iterator[Any],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    *,
+    probe: Probe | None = None,
+    max_settle: float = 60.0,
+    meter: Callable[[], Any] | None = None,
+    drop_in_flight: bool = False,
+    timeout_s: float = 120.0,
+) -> Window:
+    """`concurrency` closed-loop clients (`closed_loop`) of `base_url` on a session of their
+    own: `warmup` seconds, then a measured window of `duration` s. `requests` yields the
+    bodies (None: a GET), each with new inputs where no cache may answer.
+
+    Clients ignore Retry-After and pause 50 ms after any failure, so a refusing or dead server
+    is not hammered. With `probe`, the warm-up goes on past `warmup` until it reports settled
+    (for at most `max_settle` s more; autoscaling under the load), and it is asked again at
+    the end. `meter` (CPU counters, say) is read just before the window and just after.
+    Requests still out when it ends are awaited and not counted, or with `drop_in_flight`
+    cancelled (their connections closed) rather than awaited.
+    """
+    records: list[Record] = []
+    stop = asyncio.Event()
+    at_start = at_end = None
+    async with session(base_url, concurrency + (probe is not None), timeout_s) as client:
+        t0 = time.perf_counter()
+        loop = asyncio.create_task(
+            closed_loop(
+                client,
+                path,
+                requests,
+                concurrency,
+                records,
+                t0,
+                stop=stop,
+                wait_retry_after=False,
+                error_pause=0.05,
+            )
+        )
+        try:
+            await asyncio.sleep(warmup)
+            if probe is not None:
+                at_start, settled = await probe(client)
+                while not settled and time.perf_counter() - t0 < warmup + max_settle:
+                    await asyncio.sleep(1.0)
+                    at_start, settled = await probe(client)
+            before = meter() if meter is not None else None
+            start = time.perf_counter() - t0
+            await asyncio.sleep(duration)
+            end = time.perf_counter() - t0
+            after = meter() if meter is not None else None
+            if probe is not None:
+                at_end, _ = await probe(client)
+        except BaseException:
+            loop.cancel()
+            raise
+        stop.set()
+        if drop_in_flight:
+            loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    return Window(in_window(records, start, end), start, end, at_start, at_end, before, after)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 import time
-from itertools import repeat
+from itertools import count, repeat
 from pathlib import Path
 
 import pytest
@@ -221,6 +221,76 @@ def test_closed_loop_stops_on_an_event_and_counts_transport_errors():
 def test_closed_loop_needs_an_end():
     with pytest.raises(ValueError):
         asyncio.run(loadgen.closed_loop(None, "/", iter(()), 1, [], 0.0))
+
+
+def test_window_probes_until_settled_reads_the_meter_and_counts_only_its_answers():
+    seen: list[int] = []
+    probes: list[int] = []
+    readings = count(1)
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/probe":
+            probes.append(len(probes) + 1)
+            return web.json_response({"n": len(probes)})
+        seen.append((await request.json())["n"])
+        await asyncio.sleep(0.02)
+        return web.Response(status=503 if len(seen) % 5 == 0 else 200)
+
+    async def probe(session) -> tuple[int, bool]:
+        async with session.get("/probe") as response:
+            n = (await response.json())["n"]
+        return n, n >= 2  # settled on the second ask
+
+    async def main() -> loadgen.Window:
+        runner, url = await serve(handler)
+        try:
+            return await loadgen.window(
+                url,
+                "/v1/x",
+                ({"n": n} for n in range(10**6)),
+                3,
+                0.2,
+                0.4,
+                probe=probe,
+                meter=lambda: next(readings),
+            )
+        finally:
+            await runner.cleanup()
+
+    measured = asyncio.run(main())
+    assert sorted(seen) == list(range(len(seen)))  # each input sent once
+    assert measured.start >= 1.2  # the warm-up went on a second for the probe to settle
+    assert 0.4 <= measured.end - measured.start < 0.6
+    assert (measured.at_start, measured.at_end) == (2, 3)
+    assert (measured.before, measured.after) == (1, 2)
+    assert all(measured.start <= r.done <= measured.end for r in measured.records)
+    assert 0 < len(measured.records) < len(seen)
+    statuses = measured.statuses()
+    assert statuses["200"] > 0 and statuses["503"] > 0  # refused clients went on (no Retry-After)
+    assert len(measured.latencies()) == statuses["200"]
+
+
+def test_window_awaits_or_drops_the_requests_still_out_at_its_end():
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.Response(text="ok")
+
+    async def main(drop: bool) -> tuple[loadgen.Window, float]:
+        runner, url = await serve(handler)
+        try:
+            start = time.perf_counter()
+            # Answers at 0.5 s fall in the window [0.2, 0.7]; those due at 1.0 s are still out.
+            measured = await loadgen.window(
+                url, "/healthz", repeat(None), 2, 0.2, 0.5, drop_in_flight=drop
+            )
+            return measured, time.perf_counter() - start
+        finally:
+            await runner.cleanup()
+
+    awaited, awaited_s = asyncio.run(main(False))
+    dropped, dropped_s = asyncio.run(main(True))
+    assert len(awaited.records) == len(dropped.records) == 2
+    assert awaited_s >= 0.95 and dropped_s < 0.85
 
 
 def test_a_worker_child_returns_its_result_or_why_not(tmp_path):
