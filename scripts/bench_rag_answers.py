@@ -28,6 +28,7 @@ from benchkit.report import add_output_options, machine, output_dir, write_repor
 
 from serve_app.config import AppConfig, RagConfig
 from serve_app.contracts import GenerationRequest
+from serve_app.pipelines.citations import filter_citations
 from serve_app.pipelines.rag import prompt
 from serve_app.protocol.documents import Citation
 
@@ -99,7 +100,7 @@ def answer_all(engine, requests: list[GenerationRequest], batch: int) -> list[st
     return answers
 
 
-def measure(generator, setting: RagConfig, build, all_cases: list[Case], options) -> dict:
+def answers_to(generator, setting: RagConfig, build, all_cases: list[Case], options):
     requests = [
         GenerationRequest(
             messages=build(setting.system_prompt, c.question, c.citations),
@@ -110,7 +111,10 @@ def measure(generator, setting: RagConfig, build, all_cases: list[Case], options
     ]
     start = time.perf_counter()
     answers = answer_all(generator, requests, options.batch)
-    elapsed = time.perf_counter() - start
+    return answers, time.perf_counter() - start
+
+
+def scored(setting: RagConfig, all_cases: list[Case], answers: list[str], seconds: float) -> dict:
     found = [
         (c, a)
         for c, a in zip(all_cases, answers, strict=True)
@@ -130,11 +134,27 @@ def measure(generator, setting: RagConfig, build, all_cases: list[Case], options
             grounded(a, " ".join(x.text for x in c.citations))
             for c, a in zip(all_cases, answers, strict=True)
         ),
-        "seconds": elapsed,
+        "seconds": seconds,
         "examples": [
             {"question": c.question, "answer": a}
             for c, a in zip(all_cases[:3], answers[:3], strict=True)
         ],
+    }
+
+
+def measure(generator, config: AppConfig, all_cases: list[Case], options) -> dict[str, dict]:
+    """Each setting's answers; the configured one twice: as the model wrote its markers, and
+    as the RAG route serves them (through its citation filter)."""
+    before, seconds = answers_to(generator, BEFORE, before_prompt, all_cases, options)
+    now, now_seconds = answers_to(generator, config.rag, prompt, all_cases, options)
+    served = [
+        filter_citations(a, c.citations, config.rag.grounding_citation)
+        for c, a in zip(all_cases, now, strict=True)
+    ]
+    return {
+        "before": scored(BEFORE, all_cases, before, seconds),
+        "now, model's markers": scored(config.rag, all_cases, now, now_seconds),
+        "now, served": scored(config.rag, all_cases, served, now_seconds),
     }
 
 
@@ -163,7 +183,10 @@ def markdown(report: dict) -> str:
             "",
             "`before`: the earlier prompt (sources, then the question) and plain greedy "
             "decoding. `now`: the configured `rag` settings (question, sources, the question "
-            "again; the answer never repeats its own n-grams).",
+            "again; the answer never repeats its own n-grams), first with the citation markers "
+            "as the model wrote them, then as the RAG route serves them: markers that name no "
+            "given source dropped, and an answer citing none given the source holding at least "
+            "half its words (`rag.grounding_citation`, serve_app/pipelines/citations.py).",
             "",
             "Made by `.venv/bin/python scripts/bench_rag_answers.py`.",
             "",
@@ -193,16 +216,12 @@ def main() -> None:
     all_cases = cases(options.questions, options.passages, options.top, embedder)
     del embedder
     generator = models.generation_engine(config.generator, config.model_cache_dir)
-    settings = {"before": (BEFORE, before_prompt), "now": (config.rag, prompt)}
     report = {
         "model": config.generator.name,
         "max_tokens": options.max_tokens,
         "top": options.top,
         "machine": machine("cpu", torch.get_num_threads()),
-        "settings": {
-            name: measure(generator, setting, build, all_cases, options)
-            for name, (setting, build) in settings.items()
-        },
+        "settings": measure(generator, config, all_cases, options),
     }
     write_report(report, "rag_answers", markdown, output_dir(options))
 

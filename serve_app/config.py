@@ -238,6 +238,13 @@ class RagConfig(Section):
         le=16,
         description="The answer never repeats an n-gram of its own tokens (0: off).",
     )
+    grounding_citation: bool = Field(
+        default=True,
+        description=(
+            "An answer that cites none of its sources gets the one holding at least half of "
+            "its words (pipelines/citations.py). Markers naming no source are always dropped."
+        ),
+    )
 
 
 class CacheConfig(Section):

@@ -1,9 +1,11 @@
-"""The RAG route's deployment: retrieve, rerank, and answer with numbered citations."""
+"""The RAG route's deployment: retrieve, rerank, and answer with numbered citations (kept to
+the given sources by `citations.CitationFilter`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -12,6 +14,7 @@ from serve_app.config import AppConfig
 from serve_app.contracts import Delta, Generated, GenerationRequest, Sources
 from serve_app.errors import QuestionTooLong
 from serve_app.metrics import generated_tokens, record_stages
+from serve_app.pipelines.citations import CitationFilter
 from serve_app.pipelines.retrieval import Retriever
 from serve_app.protocol.documents import Citation, RagRequest
 from serve_app.store import open_store
@@ -88,9 +91,13 @@ class Rag:
             no_repeat_ngram=self.settings.no_repeat_ngram,
         )
         tokens = 0
+        cited = CitationFilter(citations, self.settings.grounding_citation)
         async for delta in self.generator.options(stream=True).generate.remote(generation):
             tokens = delta.completion_tokens
-            yield delta
+            text = cited.feed(delta.text)
+            if delta.finish_reason is not None:
+                text += cited.close()
+            yield replace(delta, text=text)
         generate_ms = (time.perf_counter() - start) * 1000
         record_stages("rag", {"generate_ms": generate_ms})
         if tokens:
