@@ -152,3 +152,16 @@ def merge(first: Delta, later: Delta) -> Delta:
         completion_tokens=later.completion_tokens,
         truncated_prompt_tokens=later.truncated_prompt_tokens,
     )
+
+
+def run_to_end(engine: GenerationEngine, sequences: list[Sequence]) -> list[str]:
+    """Add `sequences` and step until none is in flight, as the Generator's loop does minus
+    Serve and streaming: each one's whole answer text. For tests and benchmarks."""
+    texts, seen = [""] * len(sequences), [None] * len(sequences)
+    engine.add(sequences)
+    while engine.in_flight():
+        engine.step()
+        for k, s in enumerate(sequences):
+            if s.delta is not None and s.delta is not seen[k]:
+                texts[k], seen[k] = texts[k] + s.delta.text, s.delta
+    return texts

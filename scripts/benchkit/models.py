@@ -49,14 +49,10 @@ def decode(engine, requests: list) -> tuple[list, list[str]]:
     """Decode `requests` (GenerationRequests) together to the end, as the Generator's loop
     does minus Serve: one prefill, then one step for all in flight. Their sequences (each
     `delta.completion_tokens` counts its tokens) and answer texts."""
+    from deployments.engines.base import run_to_end
+
     sequences = [engine.sequence(r) for r in requests]
-    texts, seen = [""] * len(sequences), [None] * len(sequences)
-    engine.add(sequences)
-    while engine.in_flight():
-        engine.step()
-        for k, s in enumerate(sequences):
-            if s.delta is not None and s.delta is not seen[k]:
-                texts[k], seen[k] = texts[k] + s.delta.text, s.delta
+    texts = run_to_end(engine, sequences)
     return sequences, texts
 
 

@@ -11,6 +11,7 @@ if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
     pytest.skip("the vllm engine needs CUDA and the vllm extra", allow_module_level=True)
 
 from deployments.engines import candidates, load_engine  # noqa: E402
+from deployments.engines.base import run_to_end  # noqa: E402
 from serve_app.config import GeneratorConfig  # noqa: E402
 from serve_app.contracts import GenerationRequest  # noqa: E402
 
@@ -25,31 +26,20 @@ def engine(tmp_path_factory):
     engine.reset()
 
 
-def _answer(engine, sequences):
-    texts = {id(s): "" for s in sequences}
-    engine.add(sequences)
-    while engine.in_flight():
-        engine.step()
-        for s in sequences:
-            if s.delta is not None:
-                texts[id(s)] += s.delta.text
-    return [texts[id(s)] for s in sequences]
-
-
 def test_greedy_answers_alone_and_batched_agree(engine):
     asks = [
         GenerationRequest(messages=[{"role": "user", "content": f"Count to {k}."}], max_tokens=12)
         for k in (3, 5, 7)
     ]
-    alone = [_answer(engine, [engine.sequence(r)])[0] for r in asks]
-    together = _answer(engine, [engine.sequence(r) for r in asks])
+    alone = [run_to_end(engine, [engine.sequence(r)])[0] for r in asks]
+    together = run_to_end(engine, [engine.sequence(r) for r in asks])
     assert all(alone) and alone == together
 
 
 def test_budget_and_stop_strings_end_the_answer(engine):
     ask = GenerationRequest(messages=[{"role": "user", "content": "Say hello."}], max_tokens=5)
     s = engine.sequence(ask)
-    _answer(engine, [s])
+    run_to_end(engine, [s])
     assert s.delta.finish_reason in ("stop", "length") and len(s.ids) <= 5
 
 

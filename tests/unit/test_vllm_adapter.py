@@ -11,6 +11,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 
 from deployments.engines import loading
+from deployments.engines.base import run_to_end
 from serve_app.config import AppConfig, GeneratorConfig
 from serve_app.contracts import GenerationRequest
 
@@ -93,21 +94,10 @@ def _ask(engine, content: str, answer: str, **settings):
     return sequence
 
 
-def _run(engine, sequences):
-    texts = {id(s): "" for s in sequences}
-    engine.add(sequences)
-    while engine.in_flight():
-        engine.step()
-        for s in sequences:
-            if s.delta is not None:
-                texts[id(s)] += s.delta.text
-    return [texts[id(s)] for s in sequences]
-
-
 def test_tokens_become_the_answer_with_its_ending(engine):
     a = _ask(engine, "First?", "The first answer has several words.", max_tokens=64)
     b = _ask(engine, "Second one?", "Short.", max_tokens=64)
-    got = _run(engine, [a, b])
+    got = run_to_end(engine, [a, b])
     assert got == ["The first answer has several words.", "Short."]
     assert a.delta.finish_reason == "stop" and b.delta.finish_reason == "stop"
     assert a.delta.completion_tokens == len(engine.tokenize([got[0]])[0]) + 1  # and the eos
@@ -115,7 +105,7 @@ def test_tokens_become_the_answer_with_its_ending(engine):
 
 def test_a_stop_string_ends_the_answer_and_the_request(engine):
     s = _ask(engine, "Stop?", "Keep this. STOP and not this.", max_tokens=64, stop=["STOP"])
-    assert _run(engine, [s]) == ["Keep this. "]
+    assert run_to_end(engine, [s]) == ["Keep this. "]
     assert s.delta.finish_reason == "stop"
     assert s.engine.request_id in engine.llm.aborted  # vLLM stops decoding it
 
