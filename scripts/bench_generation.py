@@ -263,6 +263,14 @@ def measure(options: argparse.Namespace) -> dict:
             for row in prefix_reuse(engine, options.rounds, options.smoke)
         ]
         print(design, flush=True)
+    if any(name.startswith("llama.cpp") for name in options.engines):
+        from deployments.engines import gguf
+
+        kinds = ["f16", *gguf.REQUANTIZE, "q4_0"]
+        kl = gguf.divergences(gguf_path(), kinds, model_cache_dir(), options.threads)
+        design["kl_from_shipped"] = {kind: round(value, 4) for kind, value in kl.items()}
+        design["kl_bound"] = gguf.MAX_KL
+        print(design["kl_from_shipped"], flush=True)
     rows = []
     for key, results in runs.items():
         name, n = key.split("|")
@@ -767,6 +775,21 @@ def markdown(result: dict) -> str:
                 f"{'yes' if r['prefix_copied'] else 'no'} | "
                 f"{r['prompt_tokens']} | {r['tokens_copied']} | {r['ttft_ms']} |"
                 for r in design["prefix_reuse"]
+            ),
+        ]
+    if design.get("kl_from_shipped"):
+        lines += [
+            "",
+            "Mean KL divergence (nats) of each llama.cpp weight type's next-token distributions "
+            "from the shipped weights', on the calibration text `precision: auto` compares "
+            "them on (`gguf.divergences`; a re-quantization is kept at most "
+            f"{design['kl_bound']}):",
+            "",
+            "| weights | KL from shipped | kept by auto's guard |",
+            "|---|---|---|",
+            *(
+                f"| {kind} | {value} | {'yes' if value <= design['kl_bound'] else 'no'} |"
+                for kind, value in design["kl_from_shipped"].items()
             ),
         ]
     if result.get("served"):

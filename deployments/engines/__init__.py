@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from deployments.engines import gguf, loading, precision
-from deployments.engines.base import GenerationEngine
+from deployments.engines.base import GenerationEngine, counting_sequences, run_to_end
 from deployments.engines.measured import MeasuredChoices
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import GenerationRequest
@@ -235,19 +235,9 @@ def _trial(name: str, engine: GenerationEngine, config: GeneratorConfig) -> Engi
     full = max(1, min(config.batching.max_batch_size, engine.max_sequences or 8))
     rates = []
     for count in (1, full):
-        sequences = [
-            engine.sequence(
-                GenerationRequest(
-                    messages=[{"role": "user", "content": f"Count from {k} to {k + 40}."}],
-                    max_tokens=TRIAL_TOKENS,
-                )
-            )
-            for k in range(count)
-        ]
+        sequences = counting_sequences(engine, count, TRIAL_TOKENS)
         start = time.perf_counter()
-        engine.add(sequences)
-        while engine.in_flight():
-            engine.step()
+        run_to_end(engine, sequences)
         tokens = sum(s.delta.completion_tokens for s in sequences if s.delta)
         rates.append(tokens / (time.perf_counter() - start))
     # A prompt no earlier one began with: a kept prefix must not read it for the engine.

@@ -165,3 +165,16 @@ def run_to_end(engine: GenerationEngine, sequences: list[Sequence]) -> list[str]
             if s.delta is not None and s.delta is not seen[k]:
                 texts[k], seen[k] = texts[k] + s.delta.text, s.delta
     return texts
+
+
+def counting_sequences(engine: GenerationEngine, count: int, max_tokens: int) -> list[Sequence]:
+    """`count` distinct short chat prompts ("Count from k to k+40.") for timing trials."""
+    return [
+        engine.sequence(
+            GenerationRequest(
+                messages=[{"role": "user", "content": f"Count from {k} to {k + 40}."}],
+                max_tokens=max_tokens,
+            )
+        )
+        for k in range(count)
+    ]

@@ -23,22 +23,25 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from filelock import FileLock
 
 from deployments.engines import precision as precision_
-from serve_app.contracts import GenerationRequest
+from deployments.engines.base import counting_sequences, run_to_end
+
+if TYPE_CHECKING:
+    from deployments.engines.llamacpp import LlamaCppEngine
 
 SHIPPED = "gguf"  # the file's own quantization
 # Candidates `auto` tries beside the shipped weights: a type never below the shipped one's bits.
 REQUANTIZE = ("q8_0",)
 # Mean KL divergence (nats) from the shipped model's next-token distribution that a
-# re-quantization may add. F16, which holds the shipped weights exactly, measures 0.005 here
-# (llama.cpp quantizes activations differently per weight type); Q8_0 0.008; Q4_0 0.49. Those
-# figures come from an ad hoc run; the trials `auto` records (exp(-KL) per candidate, in
-# /v1/status) and tests/unit/test_gguf_weights.py reproduce Q8_0 kept and Q4_0 refused.
+# re-quantization may add. `scripts/bench_generation.py` measures each type's (`divergences`):
+# F16, which holds the shipped weights exactly, is not at 0 (llama.cpp quantizes activations
+# differently per weight type); Q8_0 is near F16; Q4_0 is far past the bound.
 MAX_KL = 0.02
 MIN_SIMILARITY = math.exp(-MAX_KL)
 CALIBRATION_ROWS = 8  # calibration sentences scored (their full distributions are compared)
@@ -85,43 +88,45 @@ def weights_file(source: Path, kind: str, cache_dir: Path) -> Path:
     return source if kind == SHIPPED else requantized(source, kind, cache_dir)
 
 
+def trial_engine(source: Path, kind: str, cache_dir: Path, threads: int | None) -> LlamaCppEngine:
+    """A llama.cpp engine on `source`'s weights of `kind`, sized for the trials."""
+    from deployments.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(
+        weights_file(source, kind, cache_dir),
+        max_sequences=PROBE_SEQUENCES,
+        slot_tokens=512,
+        threads=threads,
+        prefix_cache=False,
+    )
+
+
+def calibration_rows(engine: LlamaCppEngine) -> list[list[int]]:
+    sentences = precision_.calibration_sentences()[:CALIBRATION_ROWS]
+    return [r for r in engine.tokenize(sentences) if len(r) > 1]
+
+
+def log_distributions(engine: LlamaCppEngine, rows: list[list[int]]) -> torch.Tensor:
+    """Next-token log-distributions of `engine` at every position of `rows`."""
+    return torch.log_softmax(torch.from_numpy(np.concatenate(engine.logits(rows))), dim=-1)
+
+
 def choose(source: Path, cache_dir: Path, threads: int | None, signature: str):
     """The weights `precision: auto` runs `source` with (a `precision.Choice` whose precision
     is `gguf` or a type in `REQUANTIZE`)."""
-    from deployments.engines.llamacpp import LlamaCppEngine
-
     rows: list[list[int]] = []
 
     def build(kind: str) -> LlamaCppEngine:
-        engine = LlamaCppEngine(
-            weights_file(source, kind, cache_dir),
-            max_sequences=PROBE_SEQUENCES,
-            slot_tokens=512,
-            threads=threads,
-            prefix_cache=False,
-        )
-        if not rows:
-            sentences = precision_.calibration_sentences()[:CALIBRATION_ROWS]
-            rows.extend(r for r in engine.tokenize(sentences) if len(r) > 1)
+        engine = trial_engine(source, kind, cache_dir, threads)
+        rows.extend([] if rows else calibration_rows(engine))
         return engine
 
     def probe(engine: LlamaCppEngine) -> torch.Tensor:
         """Log-distributions at every calibration position (compared), then a short decode of
         a full batch (timed with them: prefill and decode both count)."""
-        logits = np.concatenate(engine.logits(rows))
-        sequences = [
-            engine.sequence(
-                GenerationRequest(
-                    messages=[{"role": "user", "content": f"Count from {k} to {k + 40}."}],
-                    max_tokens=PROBE_TOKENS,
-                )
-            )
-            for k in range(PROBE_SEQUENCES)
-        ]
-        engine.add(sequences)
-        while engine.in_flight():
-            engine.step()
-        return torch.log_softmax(torch.from_numpy(logits), dim=-1)
+        distributions = log_distributions(engine, rows)
+        run_to_end(engine, counting_sequences(engine, PROBE_SEQUENCES, PROBE_TOKENS))
+        return distributions
 
     key = f"gguf|{source}|{source.stat().st_size}|{signature}"
     return precision_.choose(
@@ -135,7 +140,28 @@ def choose(source: Path, cache_dir: Path, threads: int | None, signature: str):
     )
 
 
+def divergences(
+    source: Path, kinds: list[str], cache_dir: Path, threads: int | None
+) -> dict[str, float]:
+    """Mean KL divergence (nats) of each weight type's next-token distributions from the
+    shipped weights', on the calibration text `choose` compares them on."""
+    shipped = trial_engine(source, SHIPPED, cache_dir, threads)
+    rows = calibration_rows(shipped)
+    reference = log_distributions(shipped, rows)
+    del shipped
+    out = {}
+    for kind in kinds:
+        engine = trial_engine(source, kind, cache_dir, threads)
+        out[kind] = divergence(reference, log_distributions(engine, rows))
+        del engine
+    return out
+
+
+def divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(reference || other) of two sets of next-token log-distributions."""
+    return (reference.exp() * (reference - other)).sum(-1).mean().item()
+
+
 def similarity(reference: torch.Tensor, other: torch.Tensor) -> float:
     """exp(-mean KL(reference || other)) of two sets of next-token log-distributions."""
-    kl = (reference.exp() * (reference - other)).sum(-1).mean().item()
-    return math.exp(-max(kl, 0.0))
+    return math.exp(-max(divergence(reference, other), 0.0))
