@@ -21,9 +21,11 @@ from deployments.engines import precision as precision_
 from serve_app.config import RerankerConfig
 
 Pair = tuple[str, str]
-# Pairs per forward pass. On CPU, larger passes buy no speed and cost memory: 8.7 pairs/s at 2
-# per pass, 7.8 at 16 with 3.5x the peak memory (scripts/bench_batch.py, docs/benchmarks/batch.md).
-PAIRS_PER_FORWARD = 2
+# Pairs per forward pass, measured by scripts/bench_batch.py (docs/benchmarks/batch.md) on the
+# two CPUs of the reference machines. AVX-512 without AMX: 8.7 pairs/s at 2 per pass, 8.5 at 8,
+# 7.8 at 16. AMX, whose bf16 tiles want taller matrices: 6.6 at 2, 12.9 at 8, 15.7 at 16 (with
+# 2.8x the peak memory of 8). 8 is within 2% of the best on the first and 1.95x 2 on the second.
+PAIRS_PER_FORWARD = 8
 
 
 class Scorer(Protocol):
