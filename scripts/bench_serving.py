@@ -6,9 +6,9 @@
 Phase 1 loads each model through the engine API its deployment wraps (deployments/engines,
 same device, precision and threads as its replica) in a child process and measures throughput
 across batch sizes. Phase 2 starts a private Ray cluster, deploys the config as `serve run`
-does, and drives closed-loop HTTP clients at concurrency 1, 8 and 64, reading the executed
-batch sizes from /v1/status. No input is sent twice, so no cache answers. Writes
-OUT/serving.json and serving.md.
+does with each model at one replica, and drives closed-loop HTTP clients at concurrency 1, 8
+and 64, reading the executed batch sizes from /v1/status. No input is sent twice, so no cache
+answers. Writes OUT/serving.json and serving.md.
 
 --smoke: two batch sizes per model, one second per scenario at concurrency 1 and 4.
 """
@@ -250,6 +250,18 @@ def drain(base_url: str, scenario: Scenario, texts: Texts, quiet_s: float = 2.0)
         last = now
 
 
+def one_replica(config: dict) -> list[dict]:
+    """Each model deployment held at one replica. `/v1/status` reads one replica's batch
+    counters, so a second replica (autoscaling adds one under load) would make the difference
+    of two readings meaningless; one replica is also what the raw phase compares with."""
+    deployments = config["applications"][0].get("deployments", [])
+    return [
+        {"name": d["name"], "num_replicas": 1, "autoscaling_config": None}
+        for d in deployments
+        if d["name"] in ("Embedder", "Reranker", "Generator")
+    ]
+
+
 def batch_counters(base_url: str, role: str) -> dict:
     return httpx.get(f"{base_url}/v1/status", timeout=30).json()["models"][role]
 
@@ -269,7 +281,7 @@ def run_http(config: dict, texts: Texts, duration: float, sizes: Sizes) -> list[
         ),
     ]
     results = []
-    with in_process(config) as base_url:
+    with in_process(config, overrides=one_replica(config)) as base_url:
         for scenario in scenarios:
             warm = Scenario(
                 scenario.name, scenario.path, scenario.role, scenario.unit, min(2.0, duration)
