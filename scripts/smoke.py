@@ -9,8 +9,8 @@ scripts that start a Ray cluster of their own run first, one at a time; then one
 with `serve run` (configs/test.yaml, its PostgreSQL in a temporary folder) for the scripts that
 load a running service: loadtest, fuzz, and chaos last, since it kills replicas.
 
-Needs the machine to itself (a Ray cluster of its own; `make bench-smoke` takes
-/tmp/ray.lock). Prints the wall time and result of every step; exits 1 when any failed.
+Needs the machine to itself (a Ray cluster of its own): where other work shares it, run it
+under `flock /tmp/ray.lock`. Prints the wall time and result of every step; exits 1 when any failed.
 `--list` prints the steps; `tests/unit/test_benchlib_smoke.py` checks they cover every script.
 """
 
