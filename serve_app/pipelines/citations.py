@@ -9,8 +9,8 @@ deltas and the client:
   answer's words, if it holds at least half of them (an answer that says the sources do not
   answer shares few of their words, and gets none).
 
-Markers are matched as they stream: a delta ending in a partial marker (`[`, `[1`) holds that
-part back until the next delta completes or clears it.
+Markers are matched as they stream: a delta ending in a partial marker (`[`, `[1`, or a space
+that may precede one) holds that part back until the next delta completes or clears it.
 docs/benchmarks/rag_answers.md measures answers with and without the filter.
 """
 
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from serve_app.protocol.documents import Citation
 
 MARKER = re.compile(r" ?\[(\d{1,3})\]")
-PARTIAL = re.compile(r" ?\[\d{0,3}$")
+# What may still become a marker, with the space a dropped marker takes along: held back.
+PARTIAL = re.compile(r" ?(?:\[\d{0,3})?$")
 WORD = re.compile(r"\w{4,}")  # words of 4+ letters, in any script
 GROUNDED = 0.5  # share of the answer's words a source must hold to be cited for it
 

@@ -1,5 +1,6 @@
 """Per-route limits, deadlines, load shedding and autoscaling, through real HTTP."""
 
+import itertools
 import statistics
 import threading
 import time
@@ -168,13 +169,14 @@ def test_cpu_stalls_refuse_only_requests_that_would_queue(server, client, restor
 
 
 def test_a_queue_waiting_too_long_refuses_newcomers(server, client, restore_ingress):
-    # The oldest queued chat has waited 5% of a 30 s deadline (1.5 s) while six run one
-    # after the other: a newcomer is refused at once rather than queued.
+    # The oldest queued chat has waited 1.25% of a 120 s deadline (1.5 s) while six run one
+    # after the other: a newcomer is refused at once rather than queued. The deadline leaves
+    # the six answers room on a slow CPU (about 5 tokens/s for fp32 transformers on 1 thread).
     configure_ingress(
         client,
         {
-            "shedding": {"queue_wait_fraction": 0.05},
-            "routes": {"chat": {"max_running": 1, "max_queued": 8, "deadline_s": 30}},
+            "shedding": {"queue_wait_fraction": 0.0125},
+            "routes": {"chat": {"max_running": 1, "max_queued": 8, "deadline_s": 120}},
         },
     )
     with ThreadPoolExecutor(6) as pool:
@@ -226,10 +228,14 @@ def test_embedder_scales_up_under_load_and_back_down(server, client):
     redeploy([{"name": "Embedder", "autoscaling_config": autoscaling}])
     stop = threading.Event()
 
-    def load():
+    sent = itertools.count()
+
+    def load():  # unique inputs: the embedding cache must not answer the load
         with httpx.Client(base_url=server, timeout=120) as c:
             while not stop.is_set():
-                c.post("/v1/embeddings", json={"input": ["sustained load"] * 16})
+                k = next(sent)
+                texts = [f"sustained load {k} sentence {i}" for i in range(16)]
+                c.post("/v1/embeddings", json={"input": texts})
 
     def wait_for(replica_count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
