@@ -21,10 +21,11 @@ from deployments.engines import precision as precision_
 from serve_app.config import RerankerConfig
 
 Pair = tuple[str, str]
-# Pairs per forward pass, measured by scripts/bench_batch.py (docs/benchmarks/batch.md) on the
-# two CPUs of the reference machines. AVX-512 without AMX: 8.7 pairs/s at 2 per pass, 8.5 at 8,
-# 7.8 at 16. AMX, whose bf16 tiles want taller matrices: 6.6 at 2, 12.9 at 8, 15.7 at 16 (with
-# 2.8x the peak memory of 8). 8 is within 2% of the best on the first and 1.95x 2 on the second.
+# Pairs per forward pass, measured by scripts/bench_batch.py on the two CPUs of the reference
+# machines. AMX, whose bf16 tiles want taller matrices (docs/benchmarks/batch.md): 6.6 pairs/s
+# at 2 per pass, 12.9 at 8, 15.7 at 16 (with 2.8x the peak memory of 8). AVX-512 without AMX
+# (the same script's report of 2026-11-21, AMD EPYC, in git history): 8.7 at 2, 8.5 at 8, 7.8
+# at 16. 8 is within 2% of the best without AMX and 1.95x 2 pairs with it.
 PAIRS_PER_FORWARD = 8
 
 

@@ -5,9 +5,9 @@ given, runs of such markers, or no marker at all. `CitationFilter` sits between 
 deltas and the client:
 - a marker that names no given source is dropped;
 - a finished answer that cites no given source gets one (unless `rag.grounding_citation` is
-  off): the source that holds the most of the
-  answer's words, if it holds at least half of them (an answer that says the sources do not
-  answer shares few of their words, and gets none).
+  off): the source that holds the most of the answer's words, if it holds at least half of
+  them (an answer that says the sources do not answer shares few of their words, and gets
+  none).
 
 Markers are matched as they stream: a delta ending in a partial marker (`[`, `[1`, or a space
 that may precede one) holds that part back until the next delta completes or clears it.
@@ -55,7 +55,7 @@ class CitationFilter:
 
     def feed(self, text: str) -> str:
         text = self.held + text
-        partial = PARTIAL.search(text)
+        partial = PARTIAL.search(text)  # matches at the end at least (an empty tail)
         cut = partial.start() if partial else len(text)
         self.held = text[cut:]
         out = MARKER.sub(self._keep, text[:cut])
