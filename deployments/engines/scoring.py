@@ -22,10 +22,11 @@ from serve_app.config import RerankerConfig
 
 Pair = tuple[str, str]
 # Pairs per forward pass, measured by scripts/bench_batch.py on the two CPUs of the reference
-# machines. AMX, whose bf16 tiles want taller matrices (docs/benchmarks/batch.md): 6.6 pairs/s
-# at 2 per pass, 12.9 at 8, 15.7 at 16 (with 2.8x the peak memory of 8). AVX-512 without AMX
-# (the same script's report of 2026-11-21, AMD EPYC, in git history): 8.7 at 2, 8.5 at 8, 7.8
-# at 16. 8 is within 2% of the best without AMX and 1.95x 2 pairs with it.
+# machines. AMX, whose bf16 tiles want taller matrices (docs/benchmarks/batch.md): 6.5 pairs/s
+# at 2 per pass, 8.3 at 8, 8.9 at 16 with 1.9x the peak memory of 8 (an earlier run the same day:
+# 6.6, 12.9, 15.7). AVX-512 without AMX (the same script's report of 2026-11-21, AMD EPYC, in
+# git history): 8.7 at 2, 8.5 at 8, 7.8 at 16. 8 is within 2% of the best without AMX and
+# 1.3-1.95x 2 pairs with it.
 PAIRS_PER_FORWARD = 8
 
 
