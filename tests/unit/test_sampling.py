@@ -9,7 +9,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.engines.sampling import GREEDY_BELOW, LOGIT_BOUND, new_rng, repeating, sample_row
+from deployments.engines.sampling import (
+    GREEDY_BELOW,
+    LOGIT_BOUND,
+    NUCLEUS_FIRST_K,
+    new_rng,
+    nucleus,
+    repeating,
+    sample_row,
+)
 from serve_app.contracts import GenerationRequest
 from serve_app.protocol.openai import ChatCompletionRequest
 
@@ -112,6 +120,25 @@ def test_a_seed_repeats_its_samples_and_different_seeds_differ():
     assert draws(request) == draws(request)
     other = GenerationRequest(messages=[], max_tokens=8, temperature=1.0, seed=2**64 - 1)
     assert draws(request) != draws(other)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    spread=st.floats(0.01, 20.0),
+    top_p=st.one_of(st.floats(0.0, 1.0, exclude_min=True), st.sampled_from([1e-300, 0.999999])),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_nucleus_is_the_set_a_sort_of_the_whole_row_keeps(spread, top_p, seed):
+    """Peaked and flat rows of a vocabulary many times `NUCLEUS_FIRST_K`, so the top-k search
+    stops early on some rows and doubles up to the whole row on others."""
+    vocab = NUCLEUS_FIRST_K * 40
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread
+    probs = torch.softmax(logits, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    expected = order[ordered.cumsum(-1) - ordered <= top_p]
+    kept, ids = nucleus(probs, top_p)
+    assert set(ids.tolist()) == set(expected.tolist())
+    assert torch.equal(kept, probs[ids]) and len(ids) >= 1
 
 
 def test_penalties_steer_away_from_what_was_said():
