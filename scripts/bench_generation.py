@@ -679,11 +679,14 @@ def served_markdown(served: dict) -> list[str]:
         f"Generator engine in effect: **{g['engine']}** (asked: {g['engine_requested']}; "
         f"{g['engine_reason']}); weights: {g.get('precision') or '-'} "
         f"(`{Path(g.get('model_file') or '-').name}`). Trials (tok/s decoding 1 sequence / "
-        "all slots / prefilling one RAG-sized prompt):",
+        "all slots / prefilling one RAG-sized prompt; then the seconds `auto` reckons a user "
+        "waits for each typical answer):",
         "",
         *(
             f"- {t['engine']}: {t['tokens_per_s_1']} / {t['tokens_per_s_full']} / "
-            f"{t.get('prefill_tokens_per_s')}" + (f" ({t['error']})" if t.get("error") else "")
+            f"{t.get('prefill_tokens_per_s')}"
+            + (f"; waits {t['waits_s']}" if t.get("waits_s") else "")
+            + (f" ({t['error']})" if t.get("error") else "")
             for t in g.get("engine_trials") or []
         ),
         "",

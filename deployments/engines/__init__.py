@@ -4,10 +4,10 @@ call it directly.
 
 `load_engine` loads the generation engine a `GeneratorConfig` names. `auto` measures, once per
 machine and model (like `precision: auto`), every engine that can run the model here, and
-keeps the fastest: llama.cpp only for a GGUF model with llama-cpp-python installed (its weights
-as shipped or re-quantized, `gguf.py`), vllm only on CUDA with vllm installed, and
-transformers for any model. The trials are kept in the model cache folder and shown in
-`/v1/status`."""
+keeps the one whose typical answers users wait least for (`EngineTrial.wait_s`): llama.cpp
+only for a GGUF model with llama-cpp-python installed (its weights as shipped or re-quantized,
+`gguf.py`), vllm only on CUDA with vllm installed, and transformers for any model. The trials
+are kept in the model cache folder and shown in `/v1/status`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 TRIAL_TOKENS = 24
 TRIAL_ROUNDS = 3
 TRIAL_PROMPT_WORDS = 600
+# The answers `auto` weighs, as (prompt tokens, answer tokens, streams decoding together): a
+# chat question alone, a RAG answer alone (the RAG prompt of docs/benchmarks/generation.md is
+# ~450 tokens), and a chat answer while every slot decodes (`None`: the trial's full batch).
+WAIT_SHAPES: dict[str, tuple[int, int, int | None]] = {
+    "chat": (40, 64, 1),
+    "rag": (450, 64, 1),
+    "busy": (40, 64, None),
+}
 
 
 class EngineUnavailable(RuntimeError):
@@ -46,20 +54,34 @@ class EngineUnavailable(RuntimeError):
 class EngineTrial:
     engine: str
     tokens_per_s_1: float | None  # one sequence decoding
-    tokens_per_s_full: float | None  # `max_sequences` decoding together
+    tokens_per_s_full: float | None  # `full_sequences` decoding together
     error: str | None = None
     prefill_tokens_per_s: float | None = None  # one long (RAG-sized) prompt read
+    full_sequences: int | None = None
+
+    def waits_s(self) -> dict[str, float] | None:
+        """Seconds a user waits for each answer of `WAIT_SHAPES`: its prompt read, then its
+        tokens at this engine's rate per stream (None: a rate was not measured)."""
+        one, full, prefill = self.tokens_per_s_1, self.tokens_per_s_full, self.prefill_tokens_per_s
+        if not (one and full and prefill and self.full_sequences):
+            return None
+        waits = {}
+        for shape, (prompt, answer, streams) in WAIT_SHAPES.items():
+            together = streams or self.full_sequences
+            per_stream = one if together == 1 else full / together
+            waits[shape] = prompt * together / prefill + answer / per_stream
+        return waits
 
     @property
-    def score(self) -> float:
-        """Every shape counts: the geometric mean of the three rates. Prefill is what a RAG
-        answer waits on before its first token, decoding what a chat stream waits on after;
-        the engines differ most in opposite ones (bf16 matrix units read prompts fast, GGUF
+    def wait_s(self) -> float:
+        """The geometric mean of `waits_s`, lower is better (inf: not fully measured). The whole
+        answer counts: a prompt read 8x as fast saves a RAG answer a few hundred ms, while
+        decoding 3x as fast saves it seconds (bf16 matrix units read prompts fast, GGUF
         kernels decode fast)."""
-        rates = (self.tokens_per_s_1, self.tokens_per_s_full, self.prefill_tokens_per_s)
-        if not all(rates):
-            return 0.0
-        return math.prod(rates) ** (1 / len(rates))  # type: ignore[arg-type]
+        waits = self.waits_s()
+        if waits is None:
+            return math.inf
+        return math.prod(waits.values()) ** (1 / len(waits))
 
 
 @dataclass
@@ -76,13 +98,17 @@ class EngineChoice:
             "engine_requested": requested,
             "engine_reason": self.reason,
             "engine_measured": self.measured,
-            "engine_trials": [asdict(t) for t in self.trials],
+            "engine_trials": [asdict(t) | {"waits_s": _rounded(t.waits_s())} for t in self.trials],
         }
 
 
+def _rounded(waits: dict[str, float] | None) -> dict[str, float] | None:
+    return None if waits is None else {shape: round(w, 2) for shape, w in waits.items()}
+
+
 def load_engine(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, EngineChoice]:
-    """The generation engine `config.engine` names (`auto`: the fastest measured here), loaded
-    and warm, and how it was chosen."""
+    """The generation engine `config.engine` names (`auto`: the one measured to answer soonest
+    here), loaded and warm, and how it was chosen."""
     if config.engine != "auto":
         engine = _load(config.engine, config, cache_dir)
         return engine, EngineChoice(engine.name, [], False, "named in the configuration")
@@ -177,7 +203,7 @@ def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, E
             *runnable,
             f"threads={config.threads}",
             f"sequences={config.batching.max_batch_size}",
-            "scored=decode+prefill",
+            "scored=wait",
             _signature(loading.pick_device(config)),
         ]
     )
@@ -204,16 +230,17 @@ def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, E
                 max(r[k].tokens_per_s_1 or 0.0 for r in rounds),
                 max(r[k].tokens_per_s_full or 0.0 for r in rounds),
                 prefill_tokens_per_s=max(r[k].prefill_tokens_per_s or 0.0 for r in rounds),
+                full_sequences=rounds[0][k].full_sequences,
             )
             for k, name in enumerate(engines)
         ]
-        best = max(trials, key=lambda trial: trial.score)
+        best = min(trials, key=lambda trial: trial.wait_s)
         for name, engine in engines.items():
             if name != best.engine:
                 _close(engine)
         trials += failed
         best_engine = engines[best.engine]
-        choice = EngineChoice(best.engine, trials, True, "the fastest measured here")
+        choice = EngineChoice(best.engine, trials, True, "the shortest waits measured here")
         _write(cache_dir, key, choice)
         logger.info("engine auto for %s: %s (%s)", config.model, best.engine, trials)
         return best_engine, choice
@@ -255,7 +282,9 @@ def _trial(name: str, engine: GenerationEngine, config: GeneratorConfig) -> Engi
     prefill = len(sequence.prompt) / (time.perf_counter() - start)
     while engine.in_flight():
         engine.step()
-    return EngineTrial(name, round(rates[0], 1), round(rates[1], 1), None, round(prefill, 1))
+    return EngineTrial(
+        name, round(rates[0], 1), round(rates[1], 1), None, round(prefill, 1), full_sequences=full
+    )
 
 
 def _close(engine: GenerationEngine) -> None:

@@ -69,13 +69,18 @@ def test_the_registry_loads_the_named_engine_and_says_why_it_cannot(monkeypatch,
     assert "llama-cpp-python is not installed" in chosen.reason
 
 
-def test_a_fast_prompt_reader_can_outscore_a_fast_decoder():
-    """What a RAG answer waits on first counts: 3x faster decoding alone does not win
-    against 12x faster prompt reading (a bf16 engine on matrix units against GGUF kernels)."""
-    decoder = engines.EngineTrial("llama.cpp", 42.0, 140.0, prefill_tokens_per_s=300.0)
-    reader = engines.EngineTrial("transformers", 15.0, 90.0, prefill_tokens_per_s=3600.0)
-    assert reader.score > decoder.score
-    assert engines.EngineTrial("x", 42.0, 140.0).score == 0.0  # a shape not measured
+def test_auto_weighs_the_whole_answer_a_user_waits_for():
+    """A 12x faster prompt read does not make up for decoding at a third of the speed (a
+    bf16 engine on matrix units against GGUF kernels), but it wins when decoding is close."""
+    decoder = engines.EngineTrial("llama.cpp", 42.0, 140.0, None, 300.0, full_sequences=8)
+    reader = engines.EngineTrial("transformers", 15.0, 90.0, None, 3600.0, full_sequences=8)
+    assert decoder.wait_s < reader.wait_s
+    waits = decoder.waits_s()
+    assert waits is not None and waits["rag"] == pytest.approx(450 / 300 + 64 / 42)
+    assert waits["busy"] == pytest.approx(8 * 40 / 300 + 64 / (140 / 8))
+    close_reader = engines.EngineTrial("transformers", 38.0, 150.0, None, 3600.0, full_sequences=8)
+    assert close_reader.wait_s < decoder.wait_s
+    assert engines.EngineTrial("x", 42.0, 140.0).wait_s == math.inf  # a shape not measured
 
 
 def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tmp_path):
@@ -90,7 +95,7 @@ def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tm
     def trial(name, engine, config):
         measured.append(name)
         one, full, prefill = rates[name]
-        return engines.EngineTrial(name, one, full, prefill_tokens_per_s=prefill)
+        return engines.EngineTrial(name, one, full, None, prefill, full_sequences=8)
 
     monkeypatch.setattr(engines, "_load", load)
     monkeypatch.setattr(engines, "_trial", trial)
@@ -98,7 +103,8 @@ def test_auto_keeps_the_fastest_engine_measured_once_per_machine(monkeypatch, tm
         engines, "candidates", lambda config: {"llama.cpp": None, "transformers": None}
     )
     first, chosen = engines.load_engine(GeneratorConfig(), tmp_path)
-    # Geometric means 176 against 140: every shape counts, not the batch alone.
+    # Waits 1.8 s against 3.1 s: llama.cpp decodes one stream 3.6x as fast, and transformers'
+    # better prompt read and batch do not make up for it.
     assert first.name == "llama.cpp" and closed == ["transformers"]
     assert measured == ["llama.cpp", "transformers"] * engines.TRIAL_ROUNDS
     info = chosen.report("auto")
