@@ -19,7 +19,9 @@ no sequence can take another's room.
 
 Threads default to the cores this process may run on. llama.cpp's threads spin at every
 barrier, so on cores shared with other busy processes fewer threads decode faster: give the
-engine its share of the cores, not the machine's.
+engine its share of the cores, not the machine's. Reading a prompt (prefill, and scoring rows)
+is one burst of work rather than a step every few ms, and runs on `prompt_threads` (default:
+every core the process may use); decode steps run on `threads`.
 
 Prompt prefixes are reused across requests: RAG prompts share the template and the system
 prompt. The spare slot keeps the KV of a recent prompt; a new sequence whose prompt shares at
@@ -88,6 +90,7 @@ class LlamaCppEngine:
         max_sequences: int = 8,
         slot_tokens: int = 2048,
         threads: int | None = None,
+        prompt_threads: int | None = None,
         prefix_cache: bool = True,
         gpu_layers: int = 0,
         weights: dict[str, Any] | None = None,
@@ -99,6 +102,7 @@ class LlamaCppEngine:
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF model at {self.path}")
         self.threads = threads or len(os.sched_getaffinity(0))
+        self.prompt_threads = prompt_threads or len(os.sched_getaffinity(0))
         self.prefix_cache = prefix_cache
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
@@ -183,6 +187,7 @@ class LlamaCppEngine:
             **self.weights,
             "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "cpu+gpu",
             "threads": self.threads,
+            "prompt_threads": self.prompt_threads,
             "context_tokens": self.context_tokens,
             "max_sequences": self.max_sequences,
             "kv_cache": True,
@@ -395,6 +400,10 @@ class LlamaCppEngine:
         ]
         outputs: list[np.ndarray] = []
         batch = self.batch
+        # llama.cpp runs a batch of more than one token on its batch threads: a prompt's.
+        reading = len(flat) > len(rows)
+        batch_threads = self.prompt_threads if reading else self.threads
+        llama_cpp.llama_set_n_threads(self.ctx, self.threads, batch_threads)
         for first in range(0, len(flat), self.n_batch):
             chunk = flat[first : first + self.n_batch]
             for i, (seq_id, token, position, keep) in enumerate(chunk):
