@@ -175,7 +175,8 @@ def markdown(report: dict) -> str:
         [
             "# RAG answers on a labelled set",
             "",
-            f"{report['model']}, greedy, {report['max_tokens']} new tokens at most, "
+            f"{report['model']} on {report.get('engine', '-')}, greedy, "
+            f"{report['max_tokens']} new tokens at most, "
             f"{report['top']} sources a question; {m['cpu']}, {m['threads']} threads, "
             f"{m['date']}.",
             "",
@@ -218,6 +219,8 @@ def main() -> None:
     generator = models.generation_engine(config.generator, config.model_cache_dir)
     report = {
         "model": config.generator.name,
+        # The engine `auto` picked here: answers differ between engines and weights.
+        "engine": f"{generator.info()['engine']} ({generator.info().get('precision', '-')})",
         "max_tokens": options.max_tokens,
         "top": options.top,
         "machine": machine("cpu", torch.get_num_threads()),
