@@ -37,11 +37,11 @@ from serve_app.metrics import DecodeSteps
 
 # Admission batches that may be in flight at once; they share the one decode loop. A batch
 # stays in flight until its last sequence ends, so with fewer batches than decode slots a
-# request can wait a whole answer while slots are free: at 4, 8 closed-loop streams on 8 slots
-# saw TTFT p99 3.3 s against llama-server's 0.6 s (docs/benchmarks/generation.md). At the
-# default 8 slots, every request can be a batch of its own; the engine's slots and token bound
-# (`_take_admissions`) decide what decodes. 8 x max_batch_size 8 = max_ongoing_requests 64.
-CONCURRENT_BATCHES = 8
+# request can wait a whole answer while slots are free (8 closed-loop streams on 8 slots: TTFT
+# p99 3.3 s against llama-server's 0.6 s, docs/benchmarks/generation.md). Raising it to 8
+# measured worse on 2 cores with the llama.cpp engine: its step of 8 sequences costs 128 ms
+# against 55 ms for 4 (in-process), and 8 streams fell from 71.5 to 37-40 tokens/s served.
+CONCURRENT_BATCHES = 4
 # Constrained choices (Generator.choose) waiting for their lane before new ones are refused.
 CHOICE_QUEUE = 64
 logger = logging.getLogger("ray.serve")

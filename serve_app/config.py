@@ -133,14 +133,16 @@ class GeneratorConfig(ModelDeployment):
         "run the model here, once per machine, and keeps the one whose typical answers come "
         "soonest (deployments/engines/__init__.py).",
     )
-    # A prompt is one burst of work between decode steps: llama.cpp reads a 1,000-token RAG
-    # prompt at 145 tokens/s on one thread and 211 on two (2 cores, q8_0; AMX Xeon).
+    # In-process, llama.cpp reads a 1,000-token RAG prompt at 145 tokens/s on one thread and
+    # 211 on two (2 cores, q8_0, AMX Xeon). Served on those 2 cores, two prompt threads halved
+    # chat at 4 streams (64 -> 27-34 tokens/s; bench_generation), likely by taking the core
+    # the proxy and ingress stream on.
     prompt_threads: int | None = Field(
         default=None,
         ge=1,
         le=256,
-        description="llama.cpp threads reading a prompt; default every core the replica may "
-        "use. Decode steps keep `threads`.",
+        description="llama.cpp threads reading a prompt; default `threads`. More pays where "
+        "cores are idle while prompts are read (RAG on a node of its own).",
     )
     model: str = DEFAULT_GENERATION_MODEL
     num_gpus: float = Field(default=0.5, ge=0.0, le=8.0)

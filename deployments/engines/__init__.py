@@ -180,7 +180,7 @@ def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngi
         # Each sequence's slot holds its share of the token bound: prompt and answer.
         slot_tokens=max(batching.max_batch_tokens // batching.max_batch_size, 256),
         threads=config.threads,
-        prompt_threads=config.prompt_threads,
+        prompt_threads=config.prompt_threads or config.threads,
         gpu_layers=-1 if device == "cuda" else 0,
         weights={
             "weights": weights.precision,

@@ -20,8 +20,8 @@ no sequence can take another's room.
 Threads default to the cores this process may run on. llama.cpp's threads spin at every
 barrier, so on cores shared with other busy processes fewer threads decode faster: give the
 engine its share of the cores, not the machine's. Reading a prompt (prefill, and scoring rows)
-is one burst of work rather than a step every few ms, and runs on `prompt_threads` (default:
-every core the process may use); decode steps run on `threads`.
+runs on `prompt_threads` (default: `threads`), decode steps on `threads`: where cores sit idle
+while prompts are read, more threads read them faster.
 
 Prompt prefixes are reused across requests: RAG prompts share the template and the system
 prompt. The spare slot keeps the KV of a recent prompt; a new sequence whose prompt shares at
@@ -102,7 +102,7 @@ class LlamaCppEngine:
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF model at {self.path}")
         self.threads = threads or len(os.sched_getaffinity(0))
-        self.prompt_threads = prompt_threads or len(os.sched_getaffinity(0))
+        self.prompt_threads = prompt_threads or self.threads
         self.prefix_cache = prefix_cache
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
