@@ -264,7 +264,9 @@ def test_a_shared_prompt_prefix_is_copied_not_prefilled(engine):
 def test_prompts_are_read_on_prompt_threads_and_steps_run_on_threads(engine, monkeypatch):
     monkeypatch.setattr(engine, "threads", 1)
     monkeypatch.setattr(engine, "prompt_threads", 3)
-    sequences = [engine.sequence(_request(q, max_tokens=4)) for q in ("Name a sea.", "Name a tree.")]
+    sequences = [
+        engine.sequence(_request(q, max_tokens=4)) for q in ("Name a sea.", "Name a tree.")
+    ]
     engine.add(sequences)
     assert llama_cpp.llama_n_threads_batch(engine.ctx) == 3  # two prompts of many tokens
     engine.step()  # one token for each of the two sequences: a step, not a prompt
