@@ -109,10 +109,12 @@ def test_truncation_is_reported_in_usage(client):
         "/v1/rerank", json={"query": "which word?", "documents": [long_text, "a short one"]}
     ).json()
     assert rerank["usage"]["truncated_documents"] == 1
-    chat = client.post(
+    answer = client.post(
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hello " * 9000}], "max_tokens": 2},
-    ).json()
+    )
+    assert answer.status_code == 200, answer.text
+    chat = answer.json()
     assert chat["usage"]["truncated_prompt_tokens"] > 0
     assert chat["usage"]["prompt_tokens"] + 2 <= 8192
 
