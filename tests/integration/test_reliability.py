@@ -100,7 +100,10 @@ def test_sql_in_values_is_data(client):
     assert none == []
 
 
-def test_truncation_is_reported_in_usage(client):
+def test_truncation_is_reported_in_usage(client, restore_ingress):
+    # The chat below reads a whole 8,192-token context in fp32 on one thread: ~60 s alone,
+    # past the test config's 120 s chat deadline when the machine is busy.
+    configure_ingress(client, {"routes": {"chat": {"deadline_s": 600}}})
     long_text = "word " * 2000  # far past the embedder's 256 tokens
     usage = client.post("/v1/embeddings", json={"input": [long_text, "short"]}).json()["usage"]
     assert usage["truncated_inputs"] == 1
@@ -112,6 +115,7 @@ def test_truncation_is_reported_in_usage(client):
     answer = client.post(
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hello " * 9000}], "max_tokens": 2},
+        timeout=600,
     )
     assert answer.status_code == 200, answer.text
     chat = answer.json()
