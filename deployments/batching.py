@@ -13,6 +13,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
 from deployments.engines.batching import BatchStats, Piece, split
 from serve_app.cache import EmbeddingCache, ResponseCache
 from serve_app.config import Batching, ModelLive, overlay
@@ -44,6 +47,15 @@ async def isolate(
     return results
 
 
+def deployment_name(default: str) -> str:
+    """The Serve deployment this replica belongs to (two Generator deployments run one class),
+    or `default` outside Serve (tests, benchmarks)."""
+    try:
+        return serve.get_replica_context().deployment
+    except RayServeException:
+        return default
+
+
 class BatchedModel:
     """What the three model deployments share: live batch settings and a `model_info` report.
 
@@ -62,6 +74,7 @@ class BatchedModel:
     def __init__(self, defaults: Batching) -> None:
         self.stats = BatchStats()
         self.info: dict[str, object] = {}
+        self.deployment = deployment_name(type(self).__name__)
         self.started = time.perf_counter()
         self.defaults = ModelLive.model_validate(defaults.model_dump())
         self.apply_batching({})
@@ -80,7 +93,7 @@ class BatchedModel:
         """One executed batch: into the counters of `model_info` and the histograms of items
         and tokens per batch."""
         self.stats.record(requests, items, tokens)
-        tags = {"deployment": type(self).__name__}
+        tags = {"deployment": self.deployment}
         batch_sizes().observe(items, tags=tags)
         batch_tokens().observe(tokens, tags=tags)
 

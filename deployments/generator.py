@@ -61,10 +61,12 @@ class Generator(BatchedModel):
 
     batched = ("_generate_batch",)
 
-    def __init__(self, config: GeneratorConfig, cache_dir: Path) -> None:
+    def __init__(self, config: GeneratorConfig, cache_dir: Path, answers: str = "all") -> None:
+        """`answers`: what this deployment serves (engines.ANSWERS), which `engine: auto`
+        weighs: every route, or chat alone beside a Generator of RAG's own."""
         super().__init__(config.batching)
         self.stream_interval_s = config.stream_interval_ms / 1000
-        engine, chosen = load_engine(config, cache_dir)
+        engine, chosen = load_engine(config, cache_dir, answers)
         self._drive(engine)
         self.info.update(
             **chosen.report(config.engine),
@@ -86,7 +88,7 @@ class Generator(BatchedModel):
         self.waiting: list[_Admission] = []
         self.running: list[_Admission] = []
         self.loop_task: asyncio.Task | None = None
-        self.steps = DecodeSteps()  # tokens per step, time per output token
+        self.steps = DecodeSteps(deployment=self.deployment)  # tokens per step, TPOT
 
     def memory(self) -> dict[str, int]:
         return self.engine.memory()

@@ -458,13 +458,16 @@ def summarize(answers: list[Streamed], wall: float, streams: int) -> dict:
     }
 
 
-def generator_engine(base_url: str) -> dict:
-    """How the Generator's engine was chosen, as /v1/status reports it."""
+def generator_engine(base_url: str, role: str = "generator") -> dict | None:
+    """How a Generator's engine was chosen, as /v1/status reports it (`rag_generator`: RAG's
+    own, None when RAG shares chat's)."""
     info = httpx.get(f"{base_url}/v1/status", timeout=60, trust_env=False).json()
-    generator = info["models"]["generator"]
+    generator = info["models"].get(role)
+    if generator is None:
+        return None
     keys = (
-        "engine", "engine_requested", "engine_reason", "engine_measured", "engine_trials",
-        "model_file", "precision", "weights", "precision_trials",
+        "engine", "engine_requested", "engine_reason", "engine_measured", "engine_answers",
+        "engine_trials", "model_file", "precision", "weights", "precision_trials",
     )  # fmt: skip
     return {k: generator.get(k) for k in keys}
 
@@ -559,8 +562,11 @@ def measure_served(options: argparse.Namespace) -> dict:
         options.peer_threads = options.peer_threads or threads
         print(f"launching the app from {options.config} ...", flush=True)
         project = stack.enter_context(in_process(config, num_cpus=os.cpu_count()))
-        engine = generator_engine(project)
+        engine: dict = generator_engine(project)  # type: ignore[assignment]
+        rag_engine = generator_engine(project, "rag_generator")
         print(f"generator engine: {engine['engine']} ({engine['engine_reason']})", flush=True)
+        if rag_engine:
+            print(f"RAG's generator engine: {rag_engine['engine']}", flush=True)
         # The peer runs the weights the Generator runs (equal precision); the GGUF as shipped
         # when the Generator is not on llama.cpp.
         weights = Path(engine.get("model_file") or gguf_path())
@@ -600,6 +606,7 @@ def measure_served(options: argparse.Namespace) -> dict:
             "peer_threads": options.peer_threads,
         },
         "generator": engine,
+        "rag_generator": rag_engine,
         "peer": peer,
         "rows": served_rows(runs, options.streams),
         "rag": rag,
@@ -705,8 +712,23 @@ def served_markdown(served: dict) -> list[str]:
             f"{fmt(q.get('ttft_p50_ms'))} / {fmt(q.get('ttft_p99_ms'))} | "
             f"{fmt(p.get('tpot_p50_ms'))} / {fmt(q.get('tpot_p50_ms'))} |"
         )
-    rag = served["rag"]
+    rag, rag_engine = served["rag"], served.get("rag_generator")
+    answered_by = (
+        f"RAG's own Generator (`rag.generator: own`) on **{rag_engine['engine']}** (asked: "
+        f"{rag_engine['engine_requested']}; {rag_engine['engine_reason']}; waits weighed: "
+        f"{', '.join(rag_engine.get('engine_answers') or [])}"
+        + "".join(
+            f"; {t['engine']} {t['waits_s']}"
+            for t in rag_engine.get("engine_trials") or []
+            if t.get("waits_s")
+        )
+        + ")"
+        if rag_engine
+        else "the Generator above (`rag.generator: shared`)"
+    )
     lines += [
+        "",
+        f"Answered by {answered_by}.",
         "",
         f"RAG over this repository's {len(rag['documents'])} docs/*.md (ingested in "
         f"{rag['ingest_s']} s), {rag['answered']} of {rag['questions']} unique questions "

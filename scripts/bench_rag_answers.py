@@ -30,7 +30,7 @@ from serve_app.config import AppConfig, RagConfig
 from serve_app.contracts import GenerationRequest
 from serve_app.pipelines.citations import filter_citations
 from serve_app.pipelines.rag import prompt
-from serve_app.protocol.documents import Citation
+from serve_app.protocol.documents import Citation, RagRequest
 
 # The prompt and decoding RAG used before answers were kept from repeating themselves.
 BEFORE = RagConfig(
@@ -199,7 +199,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--passages", type=int, default=400, help="manual pages searched")
-    parser.add_argument("--top", type=int, default=3, help="sources per question")
+    served = RagRequest.model_fields["rerank_top_n"].default  # the sources RAG reads
+    parser.add_argument(
+        "--top", type=int, default=served, help=f"sources per question (served: {served})"
+    )
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     add_output_options(parser, "4 questions over 40 pages, 16 tokens each")
@@ -216,7 +219,9 @@ def main() -> None:
     embedder = SentenceTransformer(local_path(config.embedder.model), device="cpu")
     all_cases = cases(options.questions, options.passages, options.top, embedder)
     del embedder
-    generator = models.generation_engine(config.generator, config.model_cache_dir)
+    # The engine of the Generator RAG answers on (its own, unless `rag.generator: shared`).
+    answers = "rag" if config.rag.generator == "own" else "all"
+    generator = models.generation_engine(config.generator, config.model_cache_dir, answers)
     report = {
         "model": config.generator.name,
         # The engine `auto` picked here: answers differ between engines and weights.

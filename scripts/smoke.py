@@ -56,6 +56,7 @@ STEPS = (
     Step("bench_precision.py", reports=("precision",)),
     Step("bench_batch.py", reports=("batch",)),
     Step("bench_generation.py", reports=("generation",)),
+    Step("bench_rag_generator.py", reports=("rag_generator",)),
     Step("bench_serving.py", reports=("serving",)),
     Step("bench_retrieval.py", reports=("retrieval",)),
     Step("bench_precompute.py", reports=("precompute",)),

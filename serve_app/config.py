@@ -256,6 +256,16 @@ class RagConfig(Section):
             "its words (pipelines/citations.py). Markers naming no source are always dropped."
         ),
     )
+    # own: on a 2-core AMX Xeon, llama.cpp (chat's engine there) reads a ~950-token RAG prompt
+    # at ~145 tokens/s, transformers' bf16 at ~1,200: RAG's first token came after 6.8 s
+    # sharing chat's engine (docs/benchmarks/generation.md).
+    generator: Literal["own", "shared"] = Field(
+        default="own",
+        description="own: RAG answers come from a Generator deployment of their own "
+        "(RagGenerator, the generator's settings), whose `engine: auto` picks the engine "
+        "that answers a long-prompt RAG question soonest, and chat's load never queues them. "
+        "shared: the one Generator answers every route (one copy of the model in memory).",
+    )
 
 
 class CacheConfig(Section):

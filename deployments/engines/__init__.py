@@ -36,13 +36,26 @@ logger = logging.getLogger(__name__)
 TRIAL_TOKENS = 24
 TRIAL_ROUNDS = 3
 TRIAL_PROMPT_WORDS = 600
-# The answers `auto` weighs, as (prompt tokens, answer tokens, streams decoding together): a
-# chat question alone, a RAG answer alone (the RAG prompt of docs/benchmarks/generation.md is
-# ~450 tokens), and a chat answer while every slot decodes (`None`: the trial's full batch).
+# The waits `auto` weighs, as (prompt tokens, answer tokens, streams decoding together): a
+# chat answer alone, a RAG answer alone and its first token (what a reader of the stream waits
+# for), and a chat answer while every slot decodes (`None`: the trial's full batch). A RAG
+# prompt holds 4 sources (RagRequest.rerank_top_n) of up to 200 tokens (Chunking.max_tokens)
+# beside the system prompt and the question twice: ~950 tokens, served over this repository's
+# docs.
 WAIT_SHAPES: dict[str, tuple[int, int, int | None]] = {
     "chat": (40, 64, 1),
-    "rag": (450, 64, 1),
+    "rag": (950, 64, 1),
+    "rag_first_token": (950, 1, 1),
     "busy": (40, 64, None),
+}
+# What each Generator deployment answers, as the waits its `auto` weighs: one Generator for
+# every route, or chat (and classify) on one and RAG on its own (`rag.generator: own`). A RAG
+# answer is waited for whole (JSON) or read as it streams: both count, so an engine that
+# starts a RAG answer 4x sooner wins one that ends it 10% sooner.
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "all": ("chat", "rag", "busy"),
+    "chat": ("chat", "busy"),
+    "rag": ("rag", "rag_first_token"),
 }
 
 
@@ -59,26 +72,26 @@ class EngineTrial:
     prefill_tokens_per_s: float | None = None  # one long (RAG-sized) prompt read
     full_sequences: int | None = None
 
-    def waits_s(self) -> dict[str, float] | None:
-        """Seconds a user waits for each answer of `WAIT_SHAPES`: its prompt read, then its
-        tokens at this engine's rate per stream (None: a rate was not measured)."""
+    def waits_s(self, shapes: tuple[str, ...] = ANSWERS["all"]) -> dict[str, float] | None:
+        """Seconds a user waits for each answer of `shapes` (`WAIT_SHAPES`): its prompt read,
+        then its tokens at this engine's rate per stream (None: a rate was not measured)."""
         one, full, prefill = self.tokens_per_s_1, self.tokens_per_s_full, self.prefill_tokens_per_s
         if not (one and full and prefill and self.full_sequences):
             return None
         waits = {}
-        for shape, (prompt, answer, streams) in WAIT_SHAPES.items():
+        for shape in shapes:
+            prompt, answer, streams = WAIT_SHAPES[shape]
             together = streams or self.full_sequences
             per_stream = one if together == 1 else full / together
             waits[shape] = prompt * together / prefill + answer / per_stream
         return waits
 
-    @property
-    def wait_s(self) -> float:
+    def wait_s(self, shapes: tuple[str, ...] = ANSWERS["all"]) -> float:
         """The geometric mean of `waits_s`, lower is better (inf: not fully measured). The whole
-        answer counts: a prompt read 8x as fast saves a RAG answer a few hundred ms, while
+        answer counts: a prompt read 8x as fast saves a chat answer a few hundred ms, while
         decoding 3x as fast saves it seconds (bf16 matrix units read prompts fast, GGUF
-        kernels decode fast)."""
-        waits = self.waits_s()
+        kernels decode fast); a RAG answer's long prompt can turn that around."""
+        waits = self.waits_s(shapes)
         if waits is None:
             return math.inf
         return math.prod(waits.values()) ** (1 / len(waits))
@@ -91,6 +104,8 @@ class EngineChoice:
     measured: bool  # False: read from an earlier measurement on this machine
     reason: str
 
+    answers: tuple[str, ...] = ANSWERS["all"]  # the shapes it was chosen for
+
     def report(self, requested: str) -> dict:
         """How the engine was chosen, as the Generator's `model_info` reports it."""
         return {
@@ -98,7 +113,10 @@ class EngineChoice:
             "engine_requested": requested,
             "engine_reason": self.reason,
             "engine_measured": self.measured,
-            "engine_trials": [asdict(t) | {"waits_s": _rounded(t.waits_s())} for t in self.trials],
+            "engine_answers": list(self.answers),
+            "engine_trials": [
+                asdict(t) | {"waits_s": _rounded(t.waits_s(self.answers))} for t in self.trials
+            ],
         }
 
 
@@ -106,13 +124,16 @@ def _rounded(waits: dict[str, float] | None) -> dict[str, float] | None:
     return None if waits is None else {shape: round(w, 2) for shape, w in waits.items()}
 
 
-def load_engine(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, EngineChoice]:
-    """The generation engine `config.engine` names (`auto`: the one measured to answer soonest
-    here), loaded and warm, and how it was chosen."""
+def load_engine(
+    config: GeneratorConfig, cache_dir: Path, answers: str = "all"
+) -> tuple[GenerationEngine, EngineChoice]:
+    """The generation engine `config.engine` names (`auto`: the one measured to give the
+    `answers` (`ANSWERS`) soonest here), loaded and warm, and how it was chosen."""
+    shapes = ANSWERS[answers]
     if config.engine != "auto":
         engine = _load(config.engine, config, cache_dir)
-        return engine, EngineChoice(engine.name, [], False, "named in the configuration")
-    return _auto(config, cache_dir)
+        return engine, EngineChoice(engine.name, [], False, "named in the configuration", shapes)
+    return _auto(config, cache_dir, shapes)
 
 
 def gguf_file(model: str) -> Path | None:
@@ -190,13 +211,15 @@ def _load(name: str, config: GeneratorConfig, cache_dir: Path) -> GenerationEngi
     )
 
 
-def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, EngineChoice]:
+def _auto(
+    config: GeneratorConfig, cache_dir: Path, shapes: tuple[str, ...]
+) -> tuple[GenerationEngine, EngineChoice]:
     possible = candidates(config)
     runnable = [name for name, why_not in possible.items() if why_not is None]
     if len(runnable) == 1:
         reasons = "; ".join(f"{n}: {w}" for n, w in possible.items() if w)
         return _load(runnable[0], config, cache_dir), EngineChoice(
-            runnable[0], [], False, f"the only engine that runs it here ({reasons})"
+            runnable[0], [], False, f"the only engine that runs it here ({reasons})", shapes
         )
     key = "|".join(
         [
@@ -211,10 +234,16 @@ def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, E
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    # Replicas starting together measure once: the others wait, then read the result.
+    # Replicas starting together measure once: the others wait, then read the trials (the
+    # rates do not depend on the answers a deployment weighs them for).
     with FileLock(str(cache_dir / f"engine-{digest}.lock")):
-        if (known := _read(cache_dir, key)) is not None and known.engine in runnable:
-            return _load(known.engine, config, cache_dir), known
+        if (trials := _read(cache_dir, key)) is not None:
+            measured = [t for t in trials if t.engine in runnable and t.error is None]
+            if measured:
+                best = min(measured, key=lambda trial: trial.wait_s(shapes))
+                reason = "the shortest waits measured here (earlier)"
+                known = EngineChoice(best.engine, trials, False, reason, shapes)
+                return _load(best.engine, config, cache_dir), known
         engines, failed = {}, []
         for name in runnable:
             try:
@@ -236,13 +265,14 @@ def _auto(config: GeneratorConfig, cache_dir: Path) -> tuple[GenerationEngine, E
             )
             for k, name in enumerate(engines)
         ]
-        best = min(trials, key=lambda trial: trial.wait_s)
+        best = min(trials, key=lambda trial: trial.wait_s(shapes))
         for name, engine in engines.items():
             if name != best.engine:
                 _close(engine)
         trials += failed
         best_engine = engines[best.engine]
-        choice = EngineChoice(best.engine, trials, True, "the shortest waits measured here")
+        reason = "the shortest waits measured here"
+        choice = EngineChoice(best.engine, trials, True, reason, shapes)
         _write(cache_dir, key, choice)
         logger.info("engine auto for %s: %s (%s)", config.model, best.engine, trials)
         return best_engine, choice
@@ -299,12 +329,12 @@ def _choices(cache_dir: Path) -> MeasuredChoices:
     return MeasuredChoices(cache_dir / "engine-choices.json")
 
 
-def _read(cache_dir: Path, key: str) -> EngineChoice | None:
+def _read(cache_dir: Path, key: str) -> list[EngineTrial] | None:
+    """The trials of an earlier measurement of `key` on this machine."""
     entry = _choices(cache_dir).read(key)
     with contextlib.suppress(KeyError, TypeError):
         if entry is not None:
-            trials = [EngineTrial(**t) for t in entry["trials"]]
-            return EngineChoice(entry["engine"], trials, False, entry["reason"] + " (earlier)")
+            return [EngineTrial(**t) for t in entry["trials"]]
     return None
 
 

@@ -38,11 +38,11 @@ def score_pairs(loaded, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]
     return scoring.score_sorted(loaded, pairs)
 
 
-def generation_engine(config: GeneratorConfig, cache_dir: Path):
-    """The Generator's engine (`deployments.engines.load_engine`), warm."""
+def generation_engine(config: GeneratorConfig, cache_dir: Path, answers: str = "all"):
+    """The engine of a Generator serving `answers` (`deployments.engines.load_engine`), warm."""
     from deployments.engines import load_engine
 
-    return load_engine(config, cache_dir)[0]
+    return load_engine(config, cache_dir, answers)[0]
 
 
 def decode(engine, requests: list) -> tuple[list, list[str]]:

@@ -39,6 +39,7 @@ class Ingress:
         embedder: DeploymentHandle,
         reranker: DeploymentHandle,
         generator: DeploymentHandle,
+        rag_generator: DeploymentHandle | None,
         search: DeploymentHandle,
         rag: DeploymentHandle,
         documents: DeploymentHandle,
@@ -47,7 +48,15 @@ class Ingress:
         config: AppConfig,
     ) -> None:
         handles = Handles(
-            embedder, reranker, generator, search, rag, documents, classifier, precompute
+            embedder,
+            reranker,
+            generator,
+            search,
+            rag,
+            documents,
+            classifier,
+            precompute,
+            rag_generator,
         )
         self.config = config
         settings = config.ingress.live

@@ -33,10 +33,14 @@ class Handles:
     documents: DeploymentHandle
     classifier: DeploymentHandle
     precompute: DeploymentHandle
+    rag_generator: DeploymentHandle | None = None  # RAG's own Generator (`rag.generator: own`)
 
     def models(self) -> dict[str, DeploymentHandle]:
         """The model deployments by role, as /ready and /v1/status report them."""
-        return {"embedder": self.embedder, "reranker": self.reranker, "generator": self.generator}
+        models = {"embedder": self.embedder, "reranker": self.reranker, "generator": self.generator}
+        if self.rag_generator is not None:
+            models["rag_generator"] = self.rag_generator
+        return models
 
 
 @dataclass

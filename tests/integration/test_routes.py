@@ -19,7 +19,7 @@ def test_health_ready_and_models(client):
 
 def test_status_reports_model_precision_device_memory(client):
     status = client.get("/v1/status").json()
-    for role in ("embedder", "reranker", "generator"):
+    for role in ("embedder", "reranker", "generator", "rag_generator"):
         info = status["models"][role]
         assert info["precision"] == "fp32"
         assert info["device"] == "cpu"

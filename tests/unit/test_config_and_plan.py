@@ -6,8 +6,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.app import deployment_options, plan
-from serve_app.config import Admission, AppConfig, Batching, IngressLive, PrecomputeLive, overlay
+from serve_app.app import deployment_options, generators, plan
+from serve_app.config import (
+    Admission,
+    AppConfig,
+    Batching,
+    IngressLive,
+    PrecomputeLive,
+    RagConfig,
+    overlay,
+)
 from serve_app.http.ingress import Ingress
 from serve_app.pipelines.classify import Classify
 from serve_app.pipelines.documents import Documents
@@ -51,6 +59,26 @@ def test_gpu_config_falls_back_to_cpu_without_gpus():
     assert config.generator.max_new_tokens == 1024
 
 
+def test_rag_gets_its_own_generator_in_the_shares_of_the_one():
+    """`own` (the default): two Generators, chat's and RAG's, each weighing its own answers in
+    `engine: auto` and each with half the generator's shares; `shared`: the one, whole."""
+    config = AppConfig(generator={"num_cpus": 0.4, "num_gpus": 0.5})
+    split = generators(config)
+    assert {name: answers for name, (_, answers) in split.items()} == {
+        "Generator": "chat",
+        "RagGenerator": "rag",
+    }
+    for options, _ in split.values():
+        assert options["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.25}
+        assert options["user_config"] == config.generator.batching.model_dump()
+    assert split["RagGenerator"][0]["graceful_shutdown_timeout_s"] >= 120  # RAG's deadline
+    [(options, answers)] = generators(
+        config.model_copy(update={"rag": RagConfig(generator="shared")})
+    ).values()
+    assert answers == "all" and options["name"] == "Generator"
+    assert options["ray_actor_options"] == {"num_cpus": 0.4, "num_gpus": 0.5}
+
+
 def test_options_carry_cpus_and_batching():
     config = AppConfig(**app_args("serve_config.yaml"))
     options = deployment_options(config.embedder)
@@ -85,12 +113,17 @@ def test_config_files_name_real_deployments(path):
 def test_default_graph_fits_two_cores_at_max_replicas():
     config = AppConfig(**app_args("serve_config.yaml"))
     tuned = overrides("serve_config.yaml")
-    cpus = {deployment_options(m)["name"]: m.num_cpus for m in config.models().values()}
+    cpus = {deployment_options(m)["name"]: m.num_cpus for m in (config.embedder, config.reranker)}
+    cpus |= {
+        name: o["ray_actor_options"]["num_cpus"] for name, (o, _) in generators(config).items()
+    }
     cpus |= {name: d.ray_actor_options["num_cpus"] for name, d in ROUTE_DEPLOYMENTS.items()}
+    assert "RagGenerator" in cpus  # RAG answers on a Generator of their own by default
     total = 0.0
     for name, share in cpus.items():
-        override = tuned[name]
-        assert "autoscaling_config" in override or name in ("Ingress", "Precompute")
+        override = tuned.get(name, {})  # RagGenerator: one replica, options from build_app
+        fixed = ("Ingress", "Precompute", "RagGenerator")
+        assert "autoscaling_config" in override or name in fixed
         replicas = override.get("autoscaling_config", {}).get("max_replicas", 1)
         total += share * override.get("num_replicas", replicas)
     assert tuned["Embedder"]["autoscaling_config"]["max_replicas"] >= 2
