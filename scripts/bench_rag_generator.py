@@ -157,11 +157,7 @@ def markdown(result: dict) -> str:
             f"{fmt(m['rag_total_p50_ms'])} |"
         )
     own, shared = (result["runs"][k]["medians"] for k in SETTINGS)
-    ratio = (
-        own["chat_tok_s"] / shared["chat_tok_s"]
-        if own["chat_tok_s"] and shared["chat_tok_s"]
-        else None
-    )
+    ratio = ratio_of(own["chat_tok_s"], shared["chat_tok_s"])
     lines += [
         "",
         f"Chat tokens/s, own / shared: **{fmt(ratio, 2)}**. RAG TTFT p50, shared / own: "

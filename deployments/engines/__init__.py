@@ -39,13 +39,12 @@ TRIAL_PROMPT_WORDS = 600
 # The waits `auto` weighs, as (prompt tokens, answer tokens, streams decoding together): a
 # chat answer alone, a RAG answer alone and its first token (what a reader of the stream waits
 # for), and a chat answer while every slot decodes (`None`: the trial's full batch). A RAG
-# prompt holds 4 sources (RagRequest.rerank_top_n) of up to 200 tokens (Chunking.max_tokens)
-# beside the system prompt and the question twice: ~950 tokens, served over this repository's
-# docs.
+# prompt holds 3 sources (RagRequest.rerank_top_n) of up to 200 tokens (Chunking.max_tokens)
+# beside the system prompt and the question twice: ~750 tokens over this repository's docs.
 WAIT_SHAPES: dict[str, tuple[int, int, int | None]] = {
     "chat": (40, 64, 1),
-    "rag": (950, 64, 1),
-    "rag_first_token": (950, 1, 1),
+    "rag": (750, 64, 1),
+    "rag_first_token": (750, 1, 1),
     "busy": (40, 64, None),
 }
 # What each Generator deployment answers, as the waits its `auto` weighs: one Generator for

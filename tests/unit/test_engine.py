@@ -76,7 +76,7 @@ def test_auto_weighs_the_whole_answer_a_user_waits_for():
     reader = engines.EngineTrial("transformers", 15.0, 90.0, None, 3600.0, full_sequences=8)
     assert decoder.wait_s() < reader.wait_s()
     waits = decoder.waits_s()
-    assert waits is not None and waits["rag"] == pytest.approx(950 / 300 + 64 / 42)
+    assert waits is not None and waits["rag"] == pytest.approx(750 / 300 + 64 / 42)
     assert waits["busy"] == pytest.approx(8 * 40 / 300 + 64 / (140 / 8))
     close_reader = engines.EngineTrial("transformers", 38.0, 150.0, None, 3600.0, full_sequences=8)
     assert close_reader.wait_s() < decoder.wait_s()
