@@ -256,9 +256,11 @@ class RagConfig(Section):
             "its words (pipelines/citations.py). Markers naming no source are always dropped."
         ),
     )
-    # own: on a 2-core AMX Xeon, llama.cpp (chat's engine there) reads a ~950-token RAG prompt
-    # at ~145 tokens/s, transformers' bf16 at ~1,200: RAG's first token came after 6.8 s
-    # sharing chat's engine (docs/benchmarks/generation.md).
+    # own: on a 2-core AMX Xeon, llama.cpp (chat's engine there) reads a RAG prompt at 145-165
+    # tokens/s, transformers' bf16 at 800-1,200. With chat streaming (4 clients) and RAG at
+    # once: RAG's first token after 1.8 s (own) against 5.8 s (shared), and chat 48.0 tokens/s
+    # against 20.8, as every RAG prompt read stalls a shared decode loop
+    # (docs/benchmarks/rag_generator.md).
     generator: Literal["own", "shared"] = Field(
         default="own",
         description="own: RAG answers come from a Generator deployment of their own "
