@@ -51,9 +51,10 @@ def deployment_name(default: str) -> str:
     """The Serve deployment this replica belongs to (two Generator deployments run one class),
     or `default` outside Serve (tests, benchmarks)."""
     try:
-        return serve.get_replica_context().deployment
+        context = serve.get_replica_context()
     except RayServeException:
         return default
+    return getattr(context, "deployment", default)
 
 
 class BatchedModel:

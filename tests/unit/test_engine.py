@@ -154,9 +154,9 @@ def test_each_generator_gets_the_engine_of_its_own_answers_from_one_measurement(
     assert rag.name == "transformers" and measured == [] and not chosen.measured
     report = chosen.report("auto")
     assert report["engine_answers"] == ["rag", "rag_first_token"]
-    # Its whole answer comes ~10% later, its first token 4.5x sooner.
+    # Its whole answer comes ~25% later, its first token 4.4x sooner.
     waits = {t["engine"]: t["waits_s"] for t in report["engine_trials"]}
-    assert waits["transformers"]["rag"] < 1.2 * waits["llama.cpp"]["rag"]
+    assert waits["transformers"]["rag"] < 1.3 * waits["llama.cpp"]["rag"]
     assert waits["transformers"]["rag_first_token"] * 4 < waits["llama.cpp"]["rag_first_token"]
     # One Generator for every route weighs all three answers: llama.cpp.
     every, _ = engines.load_engine(GeneratorConfig(), tmp_path, "all")

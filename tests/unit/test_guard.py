@@ -144,7 +144,7 @@ def test_an_ingress_started_without_user_config_loads_its_keys(monkeypatch):
     monkeypatch.setattr(served, "state", State())
 
     async def construct() -> None:
-        await user_class.__init__(object.__new__(user_class), *[None] * 8, AppConfig())
+        await user_class.__init__(object.__new__(user_class), *[None] * 9, AppConfig())
 
     asyncio.run(construct())
     assert len(served.state.api_keys.digests) == 1
