@@ -236,6 +236,61 @@ def prefix_reuse(engine, rounds: int, smoke: bool) -> list[dict]:
     ]
 
 
+def flash_attention(weights: Path, threads: int, rounds: int, smoke: bool) -> list[dict]:
+    """llama.cpp's flash attention against the engine's default (off), on the same weights:
+    ms a decode step of 1 and 8 sequences (median over rounds, interleaved), and how far it
+    moves each answer token's log-probability (mean and max |difference| over README lines
+    scored token by token)."""
+    from deployments.engines.base import counting_sequences
+    from deployments.engines.llamacpp import LlamaCppEngine
+
+    engines = {
+        on: LlamaCppEngine(
+            weights, max_sequences=8, slot_tokens=1024, threads=threads, flash_attention=on
+        )
+        for on in (False, True)
+    }
+    steps: dict[tuple[bool, int], list[float]] = {}
+    for _ in range(rounds):
+        for on, engine in engines.items():
+            for n in (1, 8):
+                engine.add(counting_sequences(engine, n, 40))
+                engine.step()
+                began, counted = time.perf_counter(), 0
+                for _ in range(5 if smoke else 20):
+                    engine.step()
+                    counted += 1
+                steps.setdefault((on, n), []).append((time.perf_counter() - began) / counted)
+                for s in engine.in_flight():
+                    s.abandoned = True
+                while engine.in_flight():
+                    engine.step()
+    texts = [line for line in (report.ROOT / "README.md").read_text().splitlines()]
+    texts = [t for t in texts if len(t.split()) > 12][: 4 if smoke else 16]
+    off = engines[False]
+    rows = off.tokenize(texts)
+    tails = [len(r) - 1 for r in rows]
+    scored = {on: engine.logprobs(rows, tails) for on, engine in engines.items()}
+    moved = [
+        abs(a - b)
+        for row_on, row_off in zip(scored[True], scored[False], strict=True)
+        for a, b in zip(row_on, row_off, strict=True)
+    ]
+    for engine in engines.values():
+        engine.close()
+    return [
+        {
+            "flash_attention": on,
+            "step_ms_1": round(statistics.median(steps[(on, 1)]) * 1000, 1),
+            "step_ms_8": round(statistics.median(steps[(on, 8)]) * 1000, 1),
+            "logprob_moved_mean": round(statistics.mean(moved), 4) if on else 0.0,
+            "logprob_moved_max": round(max(moved), 3) if on else 0.0,
+            "tokens_scored": len(moved),
+        }
+        for on in (False, True)
+    ]
+
+
 def measure(options: argparse.Namespace) -> dict:
     engines, loads = {}, {}
     for name in options.engines:
@@ -262,6 +317,9 @@ def measure(options: argparse.Namespace) -> dict:
             for name, engine in llama.items()
             for row in prefix_reuse(engine, options.rounds, options.smoke)
         ]
+        design["flash_attention"] = flash_attention(
+            first.path, options.threads, options.rounds, options.smoke
+        )
         print(design, flush=True)
     if any(name.startswith("llama.cpp") for name in options.engines):
         from deployments.engines import gguf
@@ -476,6 +534,7 @@ def peer_command(binary: Path, weights: Path, port: int, slots: int, threads: in
     return [
         str(binary), "-m", str(weights), "--alias", PEER_ALIAS, "--host", "127.0.0.1",
         "--port", str(port), "-t", str(threads), "--no-webui", "-np", str(slots), "-c", "16384",
+        "-fa", "off",
     ]  # fmt: skip
 
 
@@ -667,7 +726,9 @@ def served_markdown(served: dict) -> list[str]:
     s, g, peer = served["settings"], served["generator"], served["peer"]
     against = (
         f"`{peer['command']}` ({', '.join(peer['version'])}), on the weights the Generator "
-        "runs (the GGUF as shipped where it is not on llama.cpp)"
+        "runs (the GGUF as shipped where it is not on llama.cpp), with flash attention off as "
+        "the engine runs it (equal precision; the flash attention table above has what it "
+        "would change)"
         if peer
         else "no peer (no llama-server given)"
     )
@@ -800,6 +861,24 @@ def markdown(result: dict) -> str:
                 f"{'yes' if r['prefix_copied'] else 'no'} | "
                 f"{r['prompt_tokens']} | {r['tokens_copied']} | {r['ttft_ms']} |"
                 for r in design["prefix_reuse"]
+            ),
+        ]
+    if design.get("flash_attention"):
+        rows = design["flash_attention"]
+        lines += [
+            "",
+            "Flash attention (llama.cpp's, `-fa` in its server; the engine keeps it off), on "
+            "the weights above, on the threads of the engines above: ms a decode step of 1 and "
+            "of 8 sequences (medians), and how far it moves the log-probability of each token of "
+            f"README lines scored token by token ({rows[0]['tokens_scored']} tokens):",
+            "",
+            "| flash attention | step, 1 sequence (ms) | step, 8 sequences (ms) "
+            "| mean / max |Δ log p| (nats) |",
+            "|---|---|---|---|",
+            *(
+                f"| {'on' if r['flash_attention'] else 'off (the engine)'} | {r['step_ms_1']} | "
+                f"{r['step_ms_8']} | {r['logprob_moved_mean']} / {r['logprob_moved_max']} |"
+                for r in rows
             ),
         ]
     if design.get("kl_from_shipped"):

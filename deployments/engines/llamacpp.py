@@ -94,8 +94,15 @@ class LlamaCppEngine:
         prefix_cache: bool = True,
         gpu_layers: int = 0,
         weights: dict[str, Any] | None = None,
+        flash_attention: bool = False,
     ) -> None:
-        """`weights`: how the GGUF file was chosen (deployments/engines/gguf.py), reported."""
+        """`weights`: how the GGUF file was chosen (deployments/engines/gguf.py), reported.
+
+        `flash_attention` off by default: on CPU, llama.cpp's flash attention sums attention
+        in half precision. It decodes a step sooner, but moves next-token log-probabilities by
+        more than the 0.02 nats `precision: auto` allows a re-quantization, and a sequence's
+        logits then depend on where its cache sits. docs/benchmarks/generation.md measures
+        both (bench_generation's flash attention table)."""
         _init_backend()
         self.weights = weights or {}
         self.path = Path(model_path)
@@ -126,8 +133,12 @@ class LlamaCppEngine:
         params.no_perf = True
         # Without flash attention a sequence's logits do not depend on where its cache sits
         # (alone, beside others, or copied from the prefix slot): greedy answers repeat exactly.
-        # It measured no slower here.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attention
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        self.flash_attention = flash_attention
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -187,6 +198,7 @@ class LlamaCppEngine:
             **self.weights,
             "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "cpu+gpu",
             "threads": self.threads,
+            "flash_attention": self.flash_attention,
             "prompt_threads": self.prompt_threads,
             "context_tokens": self.context_tokens,
             "max_sequences": self.max_sequences,

@@ -272,3 +272,22 @@ def test_prompts_are_read_on_prompt_threads_and_steps_run_on_threads(engine, mon
     engine.step()  # one token for each of the two sequences: a step, not a prompt
     assert llama_cpp.llama_n_threads_batch(engine.ctx) == 1
     assert llama_cpp.llama_n_threads(engine.ctx) == 1
+
+
+def test_flash_attention_reaches_llama_cpp_and_is_off_by_default(engine):
+    """On: llama.cpp's half-precision attention sums, so the same rows score slightly
+    differently (docs/benchmarks/generation.md measures by how much); off by default."""
+    assert engine.info()["flash_attention"] is False
+    flash = LlamaCppEngine(engine.path, max_sequences=1, slot_tokens=256, threads=2,
+                           flash_attention=True)  # fmt: skip
+    try:
+        assert flash.info()["flash_attention"] is True
+        row = engine.chat_prompt([{"role": "user", "content": "Name a colour of the sky."}])
+        row += engine.tokenize(["The sky is blue on a clear day."])[0]
+        tail = len(row) - 1
+        moved = np.abs(
+            np.array(flash.logprobs([row], [tail])[0]) - np.array(engine.logprobs([row], [tail])[0])
+        )
+        assert moved.max() > 0 and moved.mean() < 0.5
+    finally:
+        flash.close()
