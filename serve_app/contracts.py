@@ -154,6 +154,13 @@ class Sources:
 
 @dataclass(frozen=True)
 class Generated:
-    """The last event of an answer."""
+    """The last event of an answer: ms from asking the generator to its last token, and to
+    its first text (None when it streamed none)."""
 
     generate_ms: float
+    first_token_ms: float | None = None
+
+    def timings(self) -> dict[str, float]:
+        """The answer's stage timings, as RAG reports them."""
+        first = {} if self.first_token_ms is None else {"first_token_ms": self.first_token_ms}
+        return {**first, "generate_ms": self.generate_ms}

@@ -291,8 +291,8 @@ def stage_latency_ms() -> metrics.Histogram:
 
 
 def record_stages(pipeline: str, timings: dict[str, float]) -> None:
-    """The retriever's `timings` (`embed_ms`, `search_ms`, `rerank_ms`; none for a cached
-    answer) into the stage histogram."""
+    """Stage `timings` into the stage histogram: the retriever's (`embed_ms`, `search_ms`,
+    `rerank_ms`; none for a cached answer), RAG's `fit_ms`, `first_token_ms`, `generate_ms`."""
     histogram = stage_latency_ms()
     for name, ms in timings.items():
         histogram.observe(ms, tags={"pipeline": pipeline, "stage": name.removesuffix("_ms")})

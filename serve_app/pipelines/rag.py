@@ -77,32 +77,36 @@ class Rag:
         retrieved = await self.retriever.retrieve(request.model_copy(update={"rerank_top_n": keep}))
         hits = retrieved.hits[:keep]
         scores = retrieved.rerank_scores or [h.score for h in hits]
+        start = time.perf_counter()
         hits = hits[: await self._fitting(request, [h.text for h in hits])]
+        timings = {**retrieved.timings, "fit_ms": (time.perf_counter() - start) * 1000}
         citations = [
             Citation(number=n, document_id=h.document_id, chunk_id=h.chunk_id, score=s, text=h.text)
             for n, (h, s) in enumerate(zip(hits, scores, strict=False), start=1)
         ]
-        record_stages("rag", retrieved.timings)
-        yield Sources(citations, retrieved.timings)
+        record_stages("rag", timings)
+        yield Sources(citations, timings)
         start = time.perf_counter()
         generation = GenerationRequest(
             messages=prompt(self.settings.system_prompt, request.query, citations),
             max_tokens=request.max_tokens,
             no_repeat_ngram=self.settings.no_repeat_ngram,
         )
-        tokens = 0
+        tokens, first_token_ms = 0, None
         cited = CitationFilter(citations, self.settings.grounding_citation)
         async for delta in self.generator.options(stream=True).generate.remote(generation):
             tokens = delta.completion_tokens
             text = cited.feed(delta.text)
             if delta.finish_reason is not None:
                 text += cited.close()
+            if text and first_token_ms is None:
+                first_token_ms = (time.perf_counter() - start) * 1000
             yield replace(delta, text=text)
-        generate_ms = (time.perf_counter() - start) * 1000
-        record_stages("rag", {"generate_ms": generate_ms})
+        generated = Generated((time.perf_counter() - start) * 1000, first_token_ms)
+        record_stages("rag", generated.timings())
         if tokens:
             generated_tokens().inc(tokens, tags={"route": "rag"})
-        yield Generated(generate_ms)
+        yield generated
 
     async def _fitting(self, request: RagRequest, texts: list[str]) -> int:
         """How many of `texts` (best first) fit the generator's context with the question."""

@@ -180,6 +180,8 @@ class Timings(BaseModel):
     embed_ms: float = 0.0
     search_ms: float = 0.0
     rerank_ms: float = 0.0
+    fit_ms: float = 0.0  # counting the sources' tokens to keep those that fit the context
+    first_token_ms: float = 0.0  # from asking the generator to its first text
     generate_ms: float = 0.0
 
 
@@ -260,7 +262,7 @@ class RagResponse(BaseModel):
             finish_reason=last.finish_reason,
             citations=sources.citations,
             usage=RagUsage(**Usage.of(last).model_dump()),
-            timings=Timings(**sources.timings, generate_ms=generated.generate_ms),
+            timings=Timings(**sources.timings, **generated.timings()),
         )
 
 
@@ -284,7 +286,7 @@ class RagDone(BaseModel):
     finish_reason: Literal["stop", "length"]
     citations: list[Citation]
     usage: StreamUsage
-    timings: dict[str, float]  # the stages that ran, and generate_ms
+    timings: dict[str, float]  # the stages that ran, then first_token_ms and generate_ms
     cached: bool | None = None
     cache: CacheInfo | None = None
 
@@ -294,7 +296,7 @@ class RagDone(BaseModel):
             finish_reason=last.finish_reason,
             citations=sources.citations,
             usage=StreamUsage(**Usage.of(last).model_dump()),
-            timings={**sources.timings, "generate_ms": generated.generate_ms},
+            timings={**sources.timings, **generated.timings()},
         )
 
     @classmethod

@@ -203,7 +203,9 @@ def test_rag_answers_with_citations(client, corpus):
     assert {c["document_id"] for c in citations} <= {d["id"] for d in CORPUS}
     assert "Paris" in body["answer"]
     timings = body["timings"]
-    assert all(timings[k] > 0 for k in ("embed_ms", "search_ms", "rerank_ms", "generate_ms"))
+    stages = ("embed_ms", "search_ms", "rerank_ms", "fit_ms", "first_token_ms", "generate_ms")
+    assert all(timings[k] > 0 for k in stages)
+    assert timings["first_token_ms"] <= timings["generate_ms"]
     assert body["usage"]["completion_tokens"] > 0
 
 
