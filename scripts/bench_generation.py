@@ -873,7 +873,7 @@ def markdown(result: dict) -> str:
             f"README lines scored token by token ({rows[0]['tokens_scored']} tokens):",
             "",
             "| flash attention | step, 1 sequence (ms) | step, 8 sequences (ms) "
-            "| mean / max |Δ log p| (nats) |",
+            "| mean / max of abs(Δ log p) (nats) |",
             "|---|---|---|---|",
             *(
                 f"| {'on' if r['flash_attention'] else 'off (the engine)'} | {r['step_ms_1']} | "
