@@ -102,8 +102,8 @@ class LlamaCppEngine:
         in half precision. It can decode a step sooner, but it moves answer tokens'
         log-probabilities by ~0.08 nats on average, where `precision: auto` keeps re-quantized
         weights only within 0.02 nats of mean KL, and a sequence's logits then depend on where
-        its cache sits. docs/benchmarks/generation.md measures
-        both (bench_generation's flash attention table)."""
+        its cache sits. docs/benchmarks/generation.md measures both (bench_generation's flash
+        attention table)."""
         _init_backend()
         self.weights = weights or {}
         self.path = Path(model_path)
