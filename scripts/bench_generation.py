@@ -265,8 +265,8 @@ def flash_attention(weights: Path, threads: int, rounds: int, smoke: bool) -> li
                     s.abandoned = True
                 while engine.in_flight():
                     engine.step()
-    texts = [line for line in (report.ROOT / "README.md").read_text().splitlines()]
-    texts = [t for t in texts if len(t.split()) > 12][: 4 if smoke else 16]
+    lines = (report.ROOT / "README.md").read_text().splitlines()
+    texts = [t for t in lines if len(t.split()) > 12][: 4 if smoke else 16]
     off = engines[False]
     rows = off.tokenize(texts)
     tails = [len(r) - 1 for r in rows]
