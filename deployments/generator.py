@@ -176,10 +176,14 @@ class Generator(BatchedModel):
         if admitted:
             await self._join(admitted)
         if stepping := self.engine.in_flight():
-            # Each forward pass runs off the event loop, so requests keep arriving.
-            await asyncio.to_thread(self.engine.step)
+            # Sampling and each forward pass run off the event loop, so requests keep
+            # arriving. The tokens go out before the next pass: each one a pass sooner.
+            await asyncio.to_thread(self.engine.sample)
+            ended = self._publish()
+            await asyncio.to_thread(self.engine.forward)
             self.steps.stepped(stepping)
-            self._publish()
+            for s in ended:  # they have left the engine: StopIteration from the next step on
+                s.delta, s.error = None, None
 
     async def _join(self, admitted: list[_Admission]) -> None:
         """Prefill `admitted` and put them in flight. A prefill that raises is tried again
@@ -228,9 +232,10 @@ class Generator(BatchedModel):
         self.record_batch(sum(len(a.sequences) for a in taken), in_flight, tokens)
         return taken
 
-    def _publish(self) -> None:
-        """Hand each running admission this step's outputs, one per request."""
-        still = []
+    def _publish(self) -> list[Sequence]:
+        """Hand each running admission this step's outputs, one per request; the sequences
+        that ended in this step."""
+        still, ended = [], []
         for admission in self.running:
             out = [_output(s) for s in admission.sequences]
             admission.outputs.put_nowait(out)
@@ -238,10 +243,9 @@ class Generator(BatchedModel):
                 admission.outputs.put_nowait(None)
             else:
                 still.append(admission)
-            for s in admission.sequences:
-                if s.done:
-                    s.delta, s.error = None, None  # ended: StopIteration from the next step on
+            ended += [s for s in admission.sequences if s.done]
         self.running = still
+        return ended
 
 
 def _output(sequence: Sequence) -> Delta | Exception | type[StopIteration]:

@@ -42,7 +42,7 @@ from benchkit import loadgen, report
 from benchkit.child import Children, free_port, wait_healthy
 from benchkit.cluster import in_process, with_args
 from benchkit.corpus import Texts
-from benchkit.measure import fmt, model_cache_dir
+from benchkit.measure import cpu_by_stage, fmt, model_cache_dir
 
 from serve_app.config import GeneratorConfig
 from serve_app.contracts import GenerationRequest
@@ -104,11 +104,12 @@ def run_once(engine, requests: list[GenerationRequest]) -> dict:
     engine.add(sequences)
     while engine.in_flight():
         stepping = engine.in_flight()
-        engine.step()
+        engine.sample()  # the tokens the Generator streams before the next forward pass
         now = time.perf_counter()
         for s in stepping:
             first.setdefault(id(s), now)
             last[id(s)] = now
+        engine.forward()
     wall = time.perf_counter() - start
     tokens = [s.delta.completion_tokens for s in sequences]
     ttft = [first[id(s)] - start for s in sequences]
@@ -387,6 +388,7 @@ RAG_QUESTIONS = (
 RAG_COLLECTION = "bench-generation-docs"
 PEER_ALIAS = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
+SERVERS = ("project", "llama-server")  # the served rounds' servers, in the report's order
 
 
 @dataclass(frozen=True)
@@ -496,10 +498,14 @@ async def streaming_loop(
         return answers, time.perf_counter() - start
 
 
-def summarize(answers: list[Streamed], wall: float, streams: int) -> dict:
-    """One load run: completion tok/s of all streams, TTFT p50/p99, TPOT p50 (ms)."""
+def summarize(
+    answers: list[Streamed], wall: float, streams: int, cpu: dict[str, float] | None = None
+) -> dict:
+    """One load run: completion tok/s of all streams, TTFT p50/p99, TPOT p50 (ms), and the
+    machine's CPU ms per token by process kind, from the run's `cpu` seconds by kind."""
     ok = [a for a in answers if a.status == "200" and a.ttft is not None]
     tokens = sum(a.tokens for a in ok)
+    per_token = {k: round(1000 * v / tokens, 2) for k, v in (cpu or {}).items()} if tokens else {}
     tpot = [a.decode / (a.tokens - 1) for a in ok if a.tokens > 1]
     ttft = report.percentiles_ms([a.ttft for a in ok])
     return {
@@ -513,6 +519,7 @@ def summarize(answers: list[Streamed], wall: float, streams: int) -> dict:
         "tokens_per_answer": round(tokens / len(ok), 1) if ok else None,
         "tokens_from_usage": all(a.from_usage for a in ok),
         "wall_s": round(wall, 2),
+        "cpu_ms_per_token": per_token,
     }
 
 
@@ -643,11 +650,13 @@ def measure_served(options: argparse.Namespace) -> dict:
                 used = 0
                 for name, url in order:  # one server decodes at a time, the same questions
                     bodies = chat_bodies(questions, issued, options.max_tokens)
+                    before = cpu_by_stage()
                     answers, wall = asyncio.run(
                         streaming_loop(url, bodies, streams, options.seconds)
                     )
+                    cpu = {k: v - before.get(k, 0.0) for k, v in cpu_by_stage().items()}
                     used = max(used, len(answers))
-                    result = summarize(answers, wall, streams)
+                    result = summarize(answers, wall, streams, cpu)
                     runs.setdefault(f"{name}|{streams}", []).append(result)
                     print(f"round {round_ + 1} {name} x{streams}: {result}", flush=True)
                 issued += used
@@ -683,12 +692,19 @@ def served_rows(runs: dict[str, list[dict]], streams: list[int]) -> list[dict]:
     rows = []
     for n in streams:
         row: dict[str, Any] = {"streams": n}
-        for name in ("project", "llama-server"):
+        for name in SERVERS:
             results = runs.get(f"{name}|{n}")
             if results:
                 keys = ("tok_s", "tok_s_per_stream", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")
                 row[name] = {k: median(results, k) for k in keys}
                 row[name]["failed"] = sum(r["failed"] for r in results)
+                stages = {k for r in results for k in r.get("cpu_ms_per_token", {})}
+                row[name]["cpu_ms_per_token"] = {
+                    k: round(
+                        statistics.median(r["cpu_ms_per_token"].get(k, 0.0) for r in results), 2
+                    )
+                    for k in sorted(stages)
+                }
         peer = row.get("llama-server")
         if peer and peer["tok_s"] and row.get("project"):
             row["ratio"] = round(row["project"]["tok_s"] / peer["tok_s"], 2)
@@ -719,6 +735,41 @@ def targets(served: dict) -> list[dict]:
         }
         for name, sign, goal, value in measured
     ]
+
+
+def cpu_markdown(rows: list[dict]) -> list[str]:
+    """Where a streamed token's CPU goes, by process kind, for each server and concurrency."""
+    kinds = sorted(
+        {
+            k
+            for row in rows
+            for name in SERVERS
+            for k in row.get(name, {}).get("cpu_ms_per_token", {})
+        }
+    )
+    if not kinds:
+        return []
+    lines = [
+        "",
+        "The machine's CPU per streamed token, by process (ms; CPU seconds of each kind over "
+        "a round, from its first request to its last answer, over the round's tokens; medians "
+        "of the rounds). What a server's own process kinds use beyond the engine's decoding is "
+        "the cost of serving it; the load generator is this script's HTTP clients.",
+        "",
+        "| server | streams | " + " | ".join(kinds) + " | total |",
+        "|---|---|" + "---|" * (len(kinds) + 1),
+    ]
+    for name in SERVERS:
+        for row in rows:
+            per = row.get(name, {}).get("cpu_ms_per_token")
+            if per:
+                cells = [fmt(per.get(k, 0.0), 2) for k in kinds]
+                lines.append(
+                    f"| {name} | {row['streams']} | "
+                    + " | ".join(cells)
+                    + f" | {fmt(sum(per.values()), 2)} |"
+                )
+    return lines
 
 
 def served_markdown(served: dict) -> list[str]:
@@ -773,6 +824,7 @@ def served_markdown(served: dict) -> list[str]:
             f"{fmt(q.get('ttft_p50_ms'))} / {fmt(q.get('ttft_p99_ms'))} | "
             f"{fmt(p.get('tpot_p50_ms'))} / {fmt(q.get('tpot_p50_ms'))} |"
         )
+    lines += cpu_markdown(served["rows"])
     rag, rag_engine = served["rag"], served.get("rag_generator")
     answered_by = (
         f"RAG's own Generator (`rag.generator: own`) on **{rag_engine['engine']}** (asked: "

@@ -28,13 +28,12 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections import defaultdict
 from typing import Any
 
-import psutil
 from benchkit import loadgen
 from benchkit.cluster import in_process, redeploy
 from benchkit.corpus import Texts, man_sentences
+from benchkit.measure import cpu_by_stage
 from benchkit.report import (
     ROOT,
     add_output_options,
@@ -60,15 +59,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uncoalesced-target4": {"coalescing": {"enabled": False}, "embedder_target": 4},
 }
 SHAPES = {"A": (1, 64), "B": (32, 8)}  # inputs per request, concurrency
-STAGES = (  # process kind: a substring of its command line, first match wins
-    ("HTTP proxy (HAProxy)", "haproxy"),
-    ("HTTP proxy (Serve)", "ProxyActor"),
-    ("Ingress", "ServeReplica:rag:Ingress"),
-    ("Embedder", "ServeReplica:rag:Embedder"),
-    ("Generator", "ServeReplica:rag:Generator"),
-    ("other replicas", "ServeReplica"),
-    ("Ray (controller, raylet, GCS)", "ray"),
-)
 
 
 def overrides(config: dict, variant: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,31 +75,6 @@ def overrides(config: dict, variant: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": "Ingress", "user_config": ingress},
         {"name": "Embedder", "autoscaling_config": embedder},
     ]
-
-
-def stage_of(process: psutil.Process, me: int) -> str | None:
-    if process.pid == me:
-        return "load generator (this script)"
-    try:
-        line = " ".join(process.cmdline()) or process.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    return next((stage for stage, key in STAGES if key in line), None)
-
-
-def cpu_by_stage() -> dict[str, float]:
-    """CPU seconds (user + system) so far of every process of each stage."""
-    me, totals = psutil.Process().pid, defaultdict(float)
-    for process in psutil.process_iter():
-        stage = stage_of(process, me)
-        if stage is None:
-            continue
-        try:
-            times = process.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        totals[stage] += times.user + times.system
-    return dict(totals)
 
 
 async def embeddings_load(

@@ -6,9 +6,15 @@ time, from a thread:
 
     sequence = engine.sequence(request)     # template and tokenize; raises on bad input
     engine.add([sequence, ...])             # prefill, and join the sequences in flight
-    engine.step()                           # one token for every sequence in flight
-    ... each sequence's `delta` (or `error`) holds what its caller gets for this step;
-    ... a sequence that is done has left the engine, and its cache with it.
+    engine.sample()                         # one token for every sequence in flight
+    ... each sequence's `delta` (or `error`) holds what its caller gets for this step:
+    ... the Generator streams it now, before the next forward pass runs;
+    engine.forward()                        # done sequences leave (and their cache); one
+                                            # forward pass for the rest, for the next sample
+
+`step()` is `sample()` then `forward()`, for callers that stream nothing. Streaming between the
+two sends each token one forward pass sooner, the first included: the prompt's own pass gives
+the first token's logits.
 
 Scoring (the reranker's query likelihood, `/v1/classify`'s constrained choice) goes through
 `logprobs`, on the same engine as the answers.
@@ -87,10 +93,19 @@ class GenerationEngine(Protocol):
         the sequences already in flight are untouched."""
         ...
 
+    def sample(self) -> None:
+        """One token for every sequence in flight, from the last pass's logits: each gets its
+        `delta` (or its `error`, if something failed for it alone). Abandoned sequences end
+        here. No forward pass."""
+        ...
+
+    def forward(self) -> None:
+        """Done and abandoned sequences leave; one forward pass of the sampled tokens for the
+        others. If it raises, the sequences in flight are lost: call `reset`."""
+        ...
+
     def step(self) -> None:
-        """One token for every sequence in flight: each gets its `delta` (or its `error`, if
-        something failed for it alone). Done and abandoned sequences leave. If it raises, the
-        sequences in flight are lost: call `reset`."""
+        """`sample()`, then `forward()`."""
         ...
 
     def in_flight(self) -> list[Sequence]:
@@ -160,10 +175,11 @@ def run_to_end(engine: GenerationEngine, sequences: list[Sequence]) -> list[str]
     texts, seen = [""] * len(sequences), [None] * len(sequences)
     engine.add(sequences)
     while engine.in_flight():
-        engine.step()
+        engine.sample()
         for k, s in enumerate(sequences):
             if s.delta is not None and s.delta is not seen[k]:
                 texts[k], seen[k] = texts[k] + s.delta.text, s.delta
+        engine.forward()
     return texts
 
 

@@ -44,6 +44,7 @@ class DecodeState:
     mask: torch.Tensor  # (rows, cached tokens): 0 where a row is left-padded
     positions: torch.Tensor  # (rows,) position of each row's last token
     logits: torch.Tensor  # (rows, vocab) next-token logits, not yet sampled
+    sampled: list[int] | None = None  # each row's token from `logits`, not yet passed forward
 
 
 @dataclass
@@ -193,12 +194,14 @@ class TransformersEngine(TokenizerPrompts):
         ).logits[:, -1]
         return DecodeState(sequences, cache, mask, positions[:, -1], logits)
 
-    @torch.inference_mode()
     def step(self) -> None:
-        """Sample one token per sequence, emit its text, drop finished ones, run the next pass.
+        self.sample()
+        self.forward()
 
-        A sequence whose sampling or advancing raises takes the error as its output and
-        leaves; the others go on."""
+    @torch.inference_mode()
+    def sample(self) -> None:
+        """One token per sequence, and its text. A sequence whose sampling or advancing raises
+        takes the error as its output (and leaves at `forward`); the others go on."""
         state = self.state
         assert state is not None
         logits = state.logits.float()
@@ -214,7 +217,15 @@ class TransformersEngine(TokenizerPrompts):
                 logger.warning("Generator: a sequence failed in a decode step (%r)", exc)
                 token, sequence.error = 0, exc
             chosen.append(token)
-        tokens = torch.tensor(chosen, device=state.logits.device)
+        state.sampled = chosen
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Drop finished sequences, and run the next pass on the sampled tokens."""
+        state = self.state
+        assert state is not None and state.sampled is not None
+        tokens = torch.tensor(state.sampled, device=state.logits.device)
+        state.sampled = None
         keep = [k for k, s in enumerate(state.sequences) if not s.done]
         if not keep:
             self.state = None

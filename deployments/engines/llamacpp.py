@@ -287,8 +287,10 @@ class LlamaCppEngine:
             self._keep_prefix(sequences)
 
     def step(self) -> None:
-        with _one_torch_thread():
-            self._sample()
+        self.sample()
+        self.forward()
+
+    def forward(self) -> None:
         for s in [s for s in self.flight if s.done]:
             self._leave(s)
         if not self.flight:
@@ -298,8 +300,12 @@ class LlamaCppEngine:
             s.engine.position += 1
             s.engine.logits = row
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         """Each sequence's next token and text; a sequence that fails here fails alone."""
+        with _one_torch_thread():
+            self._sample()
+
+    def _sample(self) -> None:
         for s in self.flight:
             slot: _Slot = s.engine
             try:

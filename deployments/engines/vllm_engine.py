@@ -8,7 +8,8 @@ vLLM are both present.
 The contract maps onto vLLM's step-driven `LLMEngine`:
 
     add     -> add_request(prompt token ids, SamplingParams) per sequence
-    step    -> one `LLMEngine.step()`: each running request's new tokens
+    sample  -> one `LLMEngine.step()`: each running request's new tokens (vLLM samples
+               inside its own step, so `forward` has nothing left to do)
     leave   -> abort_request (done, cancelled, or ended by a stop string here)
     logprobs-> a request with `prompt_logprobs`, one token of answer
 
@@ -149,6 +150,12 @@ class VllmEngine(TokenizerPrompts):
             self.flight[s.engine.request_id] = s
 
     def step(self) -> None:
+        self.sample()
+
+    def forward(self) -> None:
+        """Nothing: vLLM's own step (in `sample`) runs the forward pass before it samples."""
+
+    def sample(self) -> None:
         for s in [s for s in self.flight.values() if s.abandoned]:
             s.delta = advance(s, 0, self.eos_ids, lambda ids, s=s: s.engine.text)
         with self.lock:

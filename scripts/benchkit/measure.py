@@ -1,10 +1,12 @@
-"""Process measurements for the in-process benchmarks: memory, CPU time, the device."""
+"""Process measurements for the benchmarks: memory, CPU time (this process's, and the
+machine's by process kind), the device."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,51 @@ def process_cpu_s() -> float:
 
     times = psutil.Process().cpu_times()
     return times.user + times.system
+
+
+# Process kinds of a served app and its peers: a substring of the command line, first match wins.
+STAGES = (
+    ("HTTP proxy (HAProxy)", "haproxy"),
+    ("HTTP proxy (Serve)", "ProxyActor"),
+    ("Ingress", "ServeReplica:rag:Ingress"),
+    ("Embedder", "ServeReplica:rag:Embedder"),
+    ("Generator", "ServeReplica:rag:Generator"),
+    ("other replicas", "ServeReplica"),
+    ("Ray (controller, raylet, GCS)", "ray"),
+    ("llama-server", "llama-server"),
+)
+LOAD_GENERATOR = "load generator (this script)"
+
+
+def stage_of(process, me: int) -> str | None:
+    """The STAGES kind of `process` (a psutil.Process); LOAD_GENERATOR for pid `me`."""
+    import psutil
+
+    if process.pid == me:
+        return LOAD_GENERATOR
+    try:
+        line = " ".join(process.cmdline()) or process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return next((stage for stage, key in STAGES if key in line), None)
+
+
+def cpu_by_stage() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process of each STAGES kind: read before
+    and after a load window, the difference is where the window's CPU went, hop by hop."""
+    import psutil
+
+    me, totals = psutil.Process().pid, defaultdict(float)
+    for process in psutil.process_iter():
+        stage = stage_of(process, me)
+        if stage is None:
+            continue
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        totals[stage] += times.user + times.system
+    return dict(totals)
 
 
 def cpu_share(cpu_s: float, wall_s: float, threads: int) -> float | None:

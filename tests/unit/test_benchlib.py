@@ -15,7 +15,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))  # as when a script runs as a file: `benchkit` beside it
 
-from benchkit import child, cluster, corpus, loadgen, report  # noqa: E402
+from benchkit import child, cluster, corpus, loadgen, measure, report  # noqa: E402
 
 
 def test_percentiles_in_milliseconds():
@@ -82,6 +82,31 @@ def test_package_descriptions_become_labelled_queries(tmp_path):
     assert curl["text"].startswith("curl is a command line tool for transferring data")
     assert "POP3S. curl supports SSL" in curl["text"] and "Homepage" not in curl["text"]
     assert corpus.package_corpus(10, tmp_path / "missing") == []
+
+
+def test_cpu_by_stage_counts_each_process_under_its_kind():
+    """A live child whose command line names llama-server spends ~0.3 s of CPU: the meter
+    counts it under that kind (and only once), and this process under the load generator."""
+    import subprocess
+
+    burn = (
+        "import sys, time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\nsys.stdin.read()"
+    )
+    before = measure.cpu_by_stage()
+    child_ = subprocess.Popen([sys.executable, "-c", burn, "llama-server"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            measure.cpu_by_stage().get("llama-server", 0.0) - before.get("llama-server", 0.0) < 0.3
+        ):
+            assert time.monotonic() < deadline, "the child's CPU never showed up"
+            time.sleep(0.05)
+        after = measure.cpu_by_stage()
+    finally:
+        child_.communicate(b"")
+    assert 0.3 <= after["llama-server"] - before.get("llama-server", 0.0) < 1.5
+    assert after[measure.LOAD_GENERATOR] > before.get(measure.LOAD_GENERATOR, 0.0)
 
 
 def test_write_report_writes_json_markdown_and_plot(tmp_path, capsys):

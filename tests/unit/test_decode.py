@@ -262,6 +262,25 @@ def test_the_loop_answers_as_the_engine_does_and_batches_do_not_mix(tiny):
     assert a == text(alone(tiny, reqs[0])) and b == text(alone(tiny, reqs[1]))
 
 
+def test_each_token_goes_out_before_the_forward_pass_after_it(tiny):
+    """The loop streams what `sample` gave before `forward` runs: the first token straight
+    after the prompt's own pass, and every later one a pass sooner than after a whole step."""
+    g = generator(tiny)
+    admission = _Admission([g.engine.sequence(request("hello there", max_tokens=5))])
+    g.waiting.append(admission)
+    forward, published = g.engine.forward, []
+
+    def recording() -> None:
+        published.append(admission.outputs.qsize())
+        forward()
+
+    g.engine.forward = recording
+    asyncio.run(g._decode_loop())
+    # Before the k-th pass, k tokens were out; before the last, the 5th and the end marker.
+    assert published == [1, 2, 3, 4, 6]
+    assert asyncio.run(outcomes(admission)) == [served_alone(tiny, request("hello there", 5))]
+
+
 def test_a_hostile_temperature_samples_greedily_beside_others(tiny):
     greedy = served_alone(tiny, request("the same prompt"))
     hostile = [
