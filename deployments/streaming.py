@@ -7,10 +7,11 @@ goes out at once (time to first token is untouched), then at most one merged del
 and the last (the one with the finish reason) at once. Ray Serve LLM does the same
 (`stream_batching_interval_ms`, 50 ms by default).
 
-Off by default here (`generator.stream_interval_ms: 0`), by one ad hoc profile that no script in
-the repo reproduces yet (a bench_generation phase for it is owed): served on 2 CPU cores
-with llama.cpp, the Ingress spent 0.90 ms of CPU per token at 0 ms and 0.96 at 50 ms, the
-Generator 9.8 and 9.7, and 8 streams decoded 101 tok/s either way (at 8 streams a step takes
+Off by default here (`generator.stream_interval_ms: 0`). bench_generation's table of CPU per
+streamed token by process (docs/benchmarks/generation.md) has the cost at 0: served on 2 CPU
+cores with llama.cpp, the Ingress spent 3.1 ms of CPU per token at 1 stream and 1.7 at 8, the
+Generator 31.8 and 15.0. An ad hoc profile at 50 ms (not a repo run) saw the Ingress at 0.90
+against 0.96 ms per token and 8 streams at 101 tok/s either way (at 8 streams a step takes
 longer than 50 ms, so nothing merges; at 1 stream 41 against 39 tok/s). Decoding on CPU is
 slow next to message handling; on a GPU, where one step serves many fast streams, it is not.
 """

@@ -150,10 +150,11 @@ class GeneratorConfig(ModelDeployment):
     default_temperature: float = Field(
         default=0.0, ge=0.0, le=2.0, description="Used when a request sets none; 0 is greedy."
     )
-    # 0 by default: on 2 CPU cores each streamed message costs the Ingress ~0.9 ms of CPU per
-    # token against ~10 ms of decoding, and 50 ms changed nothing measurable at 1 or 8 streams
-    # (deployments/streaming.py; an ad hoc profile, not yet a repo script). Worth setting where
-    # decoding outruns message handling (GPUs).
+    # 0 by default: on 2 CPU cores a streamed token costs the Ingress 1.7-3.1 ms of CPU against
+    # 15-32 ms in the Generator (bench_generation's CPU-per-token table, docs/benchmarks/
+    # generation.md), and 50 ms changed nothing measurable at 1 or 8 streams in an ad hoc
+    # profile (deployments/streaming.py). Worth setting where decoding outruns message handling
+    # (GPUs).
     stream_interval_ms: float = Field(
         default=0.0,
         ge=0.0,
