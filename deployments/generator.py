@@ -37,11 +37,13 @@ from serve_app.metrics import DecodeSteps
 
 # Admission batches that may be in flight at once; they share the one decode loop. A batch
 # stays in flight until its last sequence ends, so with fewer batches than decode slots a
-# request can wait a whole answer while slots are free (8 closed-loop streams on 8 slots: TTFT
-# p99 3.3 s against llama-server's 0.6 s, docs/benchmarks/generation.md). Raising it to 8
-# measured worse on 2 cores with the llama.cpp engine: its step of 8 sequences costs 128 ms
-# against 55 ms for 4 (in-process), and 8 streams fell from 71.5 to 37-40 tokens/s served.
-CONCURRENT_BATCHES = 4
+# request can wait a whole answer while slots are free. As many as the default slots
+# (`max_batch_size` 8), so that with no batch wait (each request its own batch, joining the
+# loop between steps) every slot can fill: in two bench_generation runs against 4 batches and
+# a 20 ms wait, one stream's first token came after 125 ms against 156 (llama-server: 70 and
+# 74), eight streams' after 584 ms against 705, at 0.85 of llama-server's tokens/s against
+# 0.79 (serve_config.yaml).
+CONCURRENT_BATCHES = 8
 # Constrained choices (Generator.choose) waiting for their lane before new ones are refused.
 CHOICE_QUEUE = 64
 logger = logging.getLogger("ray.serve")

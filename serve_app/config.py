@@ -163,8 +163,9 @@ class GeneratorConfig(ModelDeployment):
         "tokens decoded meanwhile go out together (deployments/streaming.py). 0: one per step.",
     )
     # Tokens: KV cache of every sequence in flight at its full max_tokens.
+    # No batch wait: each request joins the running decode between steps (serve_config.yaml).
     batching: Batching = Batching(
-        max_batch_size=8, max_batch_tokens=16384, batch_wait_timeout_s=0.02
+        max_batch_size=8, max_batch_tokens=16384, batch_wait_timeout_s=0.0
     )
 
 
