@@ -11,8 +11,8 @@
   after.
 - `child`: child processes: a JSON-spec worker run to completion, or a server kept until
   stopped.
-- `measure`: process measurements (memory, CPU time) and device choice for the in-process
-  benchmarks.
+- `measure`: process measurements (memory, CPU time, and the machine's CPU by process kind:
+  proxy, ingress, each model, Ray, a peer server) and device choice.
 - `models`: the models as their replicas load them, through the Ray-free engine APIs in
   deployments/engines, for the raw in-process phases; `minilm`: the peers' plain
   sentence-transformers model.
