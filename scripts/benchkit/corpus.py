@@ -106,11 +106,16 @@ def troff_to_text(source: str) -> tuple[str, str]:
 
 def man_corpus(limit: int, max_chars: int) -> list[dict]:
     """Pages of every section; the ~16,000 near-identical gcloud pages only fill up to `limit`
-    (as distractors, `labelled: False`), so the labelled queries stay diverse."""
+    (as distractors, `labelled: False`), so the labelled queries stay diverse.
+
+    A page installed under several names (CPU_SET.3 and CPU_ZERO.3, readv.2 and writev.2) is
+    one page: its later copies are left out. Kept, each copy would be a second right answer
+    that a one-answer labelled set scores as wrong (a quarter of the first 2,000 pages here).
+    Pages that share their NAME line with another are documents but not queries."""
     pages = sorted(MAN.glob("man[1-8]/*.gz"))
     ordered = [p for p in pages if not p.name.startswith("gcloud")]
     ordered += [p for p in pages if p.name.startswith("gcloud")]
-    docs = []
+    docs, seen = [], set()
     for path in ordered:
         try:
             with gzip.open(path) as page:
@@ -118,8 +123,9 @@ def man_corpus(limit: int, max_chars: int) -> list[dict]:
         except (OSError, EOFError):  # an unreadable page is skipped, not fatal
             continue
         description, body = troff_to_text(source)
-        if len(body) < 300 or len(description.split()) < 3:
+        if len(body) < 300 or len(description.split()) < 3 or body in seen:
             continue
+        seen.add(body)
         docs.append(
             {
                 "id": path.name.removesuffix(".gz"),
@@ -132,6 +138,11 @@ def man_corpus(limit: int, max_chars: int) -> list[dict]:
         )
         if len(docs) == limit:
             break
+    # A NAME line that several pages share ("macros for manipulating CPU sets") asks for any
+    # of them: those pages stay as documents, not as queries.
+    shared = Counter(d["query"] for d in docs)
+    for doc in docs:
+        doc["labelled"] = doc["labelled"] and shared[doc["query"]] == 1
     return docs
 
 
