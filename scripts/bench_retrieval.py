@@ -7,7 +7,8 @@
 Two labelled sets of real text from this machine, each query with one right document:
 - man pages (/usr/share/man): a page's NAME line ("ls - list directory contents") is the query,
   the rest of the page its document, so the query text never appears verbatim in what is
-  searched;
+  searched (a page installed under several names counts once, and a NAME line that several
+  pages share asks for none of them);
 - Debian packages (the installed packages' descriptions in /var/lib/dpkg/status): a package's
   one-line synopsis is the query, its long description the document.
 
@@ -496,9 +497,10 @@ def labelled_sets(options: argparse.Namespace) -> dict[str, dict]:
         "man pages": {
             "collection": "man",
             "docs": man,
-            "corpus": f"{len(man)} pages of /usr/share/man "
-            f"({sum(d['labelled'] for d in man)} outside gcloud, the others distractors), "
-            f"first {options.max_chars} characters of each; query: the NAME line",
+            "corpus": f"{len(man)} distinct pages of /usr/share/man "
+            f"({sum(d['labelled'] for d in man)} outside gcloud with a NAME line of their own "
+            f"can be asked for; the others are distractors), first {options.max_chars} "
+            "characters of each; query: the NAME line",
         },
         "debian packages": {
             "collection": "packages",
