@@ -47,6 +47,31 @@ def test_troff_is_stripped():
     assert "Description" in body and "ls" in body and "\\" not in body
 
 
+def _man_page(folder, name: str, description: str, body: str) -> None:
+    import gzip
+
+    source = f".TH X 1\n.SH NAME\n{name} \\- {description}\n.SH DESCRIPTION\n{body}\n"
+    with gzip.open(folder / f"{name}.1.gz", "wt") as page:
+        page.write(source)
+
+
+def test_man_pages_count_once_and_shared_names_are_no_queries(tmp_path, monkeypatch):
+    """A page installed under two names is one document; two different pages with the same
+    NAME line stay documents, but neither is asked for."""
+    folder = tmp_path / "man1"
+    folder.mkdir()
+    text = "Lots of words about the command and what it does with its files. " * 6
+    _man_page(folder, "alpha", "first of the commands here", text)
+    _man_page(folder, "alias", "first of the commands here", text)  # the same page again
+    _man_page(folder, "beta", "one shared description line", "Beta's own long text. " * 20)
+    _man_page(folder, "gamma", "one shared description line", "Gamma's own long text. " * 20)
+    monkeypatch.setattr(corpus, "MAN", tmp_path)
+    docs = corpus.man_corpus(10, 2000)
+    assert sorted(d["id"] for d in docs) == ["alias.1", "beta.1", "gamma.1"]
+    asked = {d["id"] for d in docs if d["labelled"]}
+    assert asked == {"alias.1"}
+
+
 STATUS = """Package: curl
 Status: install ok installed
 Description: command line tool for transferring data with URL syntax
