@@ -9,7 +9,8 @@ query whose right source is that page. For every setting the report gives:
   citation markers;
 - `grounded`: the share whose words (4+ letters) come mostly (over half) from their sources.
 
-    .venv/bin/python scripts/bench_rag_answers.py [--out docs/benchmarks]  # 48 questions
+    .venv/bin/python scripts/bench_rag_answers.py [--config serve_config.yaml] \
+        [--out docs/benchmarks]  # 48 questions
     .venv/bin/python scripts/bench_rag_answers.py --smoke  # 4 questions, report in a temp folder
 """
 
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 from benchkit import models
 from benchkit.corpus import man_corpus
-from benchkit.report import add_output_options, machine, output_dir, write_report
+from benchkit.report import ROOT, add_output_options, machine, output_dir, write_report
 
 from serve_app.config import AppConfig, RagConfig
 from serve_app.contracts import GenerationRequest
+from serve_app.launch import load_config
 from serve_app.pipelines.citations import filter_citations
 from serve_app.pipelines.rag import prompt
 from serve_app.protocol.documents import Citation, RagRequest
@@ -197,6 +199,9 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", default="serve_config.yaml", help="the app's settings (models, threads, rag)"
+    )
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--passages", type=int, default=400, help="manual pages searched")
     served = RagRequest.model_fields["rerank_top_n"].default  # the sources RAG reads
@@ -215,7 +220,8 @@ def main() -> None:
 
     from deployments.engines.loading import local_path
 
-    config = AppConfig()
+    # The served settings: the Generator's threads decide the engine `auto` picks.
+    config = AppConfig(**load_config(ROOT / options.config)["applications"][0]["args"])
     embedder = SentenceTransformer(local_path(config.embedder.model), device="cpu")
     all_cases = cases(options.questions, options.passages, options.top, embedder)
     del embedder
