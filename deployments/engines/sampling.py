@@ -75,10 +75,14 @@ def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
     k = min(NUCLEUS_FIRST_K, probs.numel())
     while True:
         top, ids = probs.topk(k)
-        if k == probs.numel() or float(top.sum()) > top_p:
+        # The stop test and the cut compare the same running sums in the row's own precision:
+        # a `top_p` that rounds to 1.0 there (0.9999999999999999 in float32) keeps every token
+        # whose mass before it does not pass 1.0, as a sort of the whole row does.
+        mass = top.cumsum(-1)
+        if k == probs.numel() or bool(mass[-1] > top_p):
             break
         k = min(2 * k, probs.numel())
-    inside = top.cumsum(-1) - top <= top_p
+    inside = mass - top <= top_p
     return top[inside], ids[inside]
 
 
