@@ -65,7 +65,7 @@ import aiohttp
 import httpx
 import psutil
 import yaml
-from benchkit.child import OFFLINE, Children, free_port, log_tail
+from benchkit.child import OFFLINE, Children, free_port, log_tail, wait_healthy
 from benchkit.cluster import config_url, ray_running, serve_run
 from benchkit.corpus import Texts, man_corpus, man_sentences
 from benchkit.loadgen import Window, send, window
@@ -90,11 +90,7 @@ VARIANTS: dict[str, dict[str, str]] = {
         "RAY_SERVE_HAPROXY_NBTHREAD": str(os.cpu_count() or 1),
     },
 }
-FLAGS = (
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED",
-    "RAY_SERVE_ENABLE_HA_PROXY",
-    "RAY_SERVE_HAPROXY_NBTHREAD",
-)
+FLAGS = {name for env in VARIANTS.values() for name in env}  # what a variant may set
 # name, path, inputs per request, clients, unit of throughput
 PHASES = (
     ("shape_a", "/v1/embeddings", 1, 64, "sentences"),
@@ -124,8 +120,9 @@ BODY = {FLOOR_BODY!r}.encode()
 HEADERS = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
 async def app(scope, receive, send):
     if scope["type"] == "http":
-        await send({{"type": "http.response.start", "status": 503, "headers": HEADERS}})
-        await send({{"type": "http.response.body", "body": BODY}})
+        status = 200 if scope["path"] == "/healthz" else 503
+        await send({{"type": "http.response.start", "status": status, "headers": HEADERS}})
+        await send({{"type": "http.response.body", "body": BODY if status == 503 else b"{{}}"}})
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
 HAPROXY_503_CONFIG = """global
@@ -138,6 +135,8 @@ defaults
     timeout server 30s
 frontend refuse
     bind 127.0.0.1:{port}
+    acl health path /healthz
+    http-request return status 200 content-type application/json string '{{}}' if health
     http-request return status 503 content-type application/json hdr retry-after 1 string '{body}'
 """
 
@@ -288,20 +287,13 @@ def burst_floors(size: int, texts: Texts, logs: Path) -> dict:
                     )
                 )
                 cmd = [haproxy_binary(), "-db", "-f", str(config)]
-            proc = children.start(cmd, logs / f"floor-{name}.log")
+            log = logs / f"floor-{name}.log"
+            proc = children.start(cmd, log)
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(url, timeout=1, trust_env=False)
-                    break
-                except httpx.HTTPError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the {name} floor did not start") from None
-                    time.sleep(0.2)
+            wait_healthy(proc, f"{url}/healthz", log, timeout_s=30)
             out[name] = asyncio.run(floor_burst(url, size, texts))
             children.stop(proc)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError) as e:
         out["error"] = str(e)
     finally:
         children.stop_all()
