@@ -76,21 +76,23 @@ class Texts:
 
 # --- manual pages -----------------------------------------------------------------------------
 def troff_to_text(source: str) -> tuple[str, str]:
-    """(NAME description, body text) of a man page, with troff markup stripped."""
+    """(NAME description, body text) of a man page, with troff markup stripped: comments,
+    macro definitions (`.de` ... `..`), ignored blocks (`.ig`) and control lines (those that
+    start with `.` or `'`) are left out; text lines keep their words."""
+    source = re.sub(r"^(?:[.'][ \t]*\\\".*|\\\".*)$", "", source, flags=re.M)  # comments
+    source = re.sub(r"^\.(?:de|de1|am|ig)\b.*?^\.\.[ \t]*$", "", source, flags=re.M | re.S)
     source = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", source)
     source = source.replace("\\-", "-").replace("\\&", "").replace("\\(em", "-")
     source = re.sub(r"\\[(,/|^~]", "", source)
     source = re.sub(r"\\\(..|\\\*.|\\.", " ", source)
     name, body, section = "", [], ""
     for line in source.splitlines():
-        if line.startswith(('.\\"', "'\\\"")):
-            continue
         if line.startswith(".SH") or line.startswith(".SS"):
             section = line[3:].strip().strip('"').upper()
             if section != "NAME":
                 body.append("\n" + section.title() + "\n")
             continue
-        if line.startswith("."):
+        if line.startswith((".", "'")):
             macro, _, rest = line.partition(" ")
             if macro in (".B", ".I", ".BR", ".IR", ".BI", ".IB", ".RB", ".RI") and rest:
                 line = rest.replace('"', "")
@@ -98,7 +100,7 @@ def troff_to_text(source: str) -> tuple[str, str]:
                 continue
         if section == "NAME":
             name += " " + line
-        elif line.strip():
+        elif line.strip() and section:  # text before the first heading is preamble
             body.append(line.strip())
     description = name.split(" - ", 1)[1].strip() if " - " in name else ""
     return description, re.sub(r"[ \t]+", " ", " ".join(body)).strip()

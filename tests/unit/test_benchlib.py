@@ -47,6 +47,37 @@ def test_troff_is_stripped():
     assert "Description" in body and "ls" in body and "\\" not in body
 
 
+def test_troff_preambles_comments_and_macro_definitions_are_no_text():
+    """The forms Pod::Man, rst2man and asciidoc pages start with: none of it is page text."""
+    source = "\n".join(
+        [
+            "'\\\" t",
+            '.\\" Standard preamble:',
+            '.de Vb \\" Begin verbatim text',
+            ".ne \\\\$1",
+            "..",
+            ".ie n \\{\\",
+            "\\{\\",
+            ".de1 rstReportMargin",
+            "\\\\$1 \\\\n[an-margin]",
+            "level \\\\n[rst2man-indent-level]",
+            "..",
+            ".ig",
+            "ignored words",
+            "..",
+            ".SH NAME",
+            "tool \\- do a thing",
+            ".SH SYNOPSIS",
+            "'br",
+            ".B tool",
+            "[options]",
+        ]
+    )
+    description, body = corpus.troff_to_text(source)
+    assert description == "do a thing"
+    assert body == "Synopsis\n tool [options]"
+
+
 def _man_page(folder, name: str, description: str, body: str) -> None:
     import gzip
 
