@@ -142,11 +142,16 @@ def idf(df: int, n: int) -> float:
     return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
 
 
-def reciprocal_rank_fusion(dense: list[Hit], keyword: list[Hit], k: int = 60) -> list[Hit]:
+def reciprocal_rank_fusion(
+    dense: list[Hit], keyword: list[Hit], k: int = 60, limit: int | None = None
+) -> list[Hit]:
     """One list from two rankings: each chunk scores the sum of 1 / (k + rank) over the
     lists that hold it (rank from 1), highest first; ties keep the dense order, then the
     keyword order. Each hit carries both lists' scores (None where a list lacks it), the
-    fused score as `score` and its place as `fused_rank`."""
+    fused score as `score` and its place as `fused_rank`.
+
+    `limit` keeps the first `limit` hits only (the same as slicing the whole list), and builds
+    no others: a hybrid search fuses ~80 candidates to return 10."""
     fused: dict[int, float] = {}
     dense_scores: dict[int, float] = {}
     keyword_scores: dict[int, float] = {}
@@ -162,6 +167,8 @@ def reciprocal_rank_fusion(dense: list[Hit], keyword: list[Hit], k: int = 60) ->
             fused[hit.chunk_id] = fused.get(hit.chunk_id, 0.0) + 1.0 / (k + rank)
             hits.setdefault(hit.chunk_id, hit)
     order = sorted(fused, key=lambda chunk: -fused[chunk])  # stable: first-seen order on ties
+    if limit is not None:
+        order = order[:limit]
     return [
         replace(
             hits[chunk],

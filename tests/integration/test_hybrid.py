@@ -590,3 +590,47 @@ async def idf_of(conn, collection, term: str) -> float:
         )
     ).fetchone()
     return idf(row[1], row[0])
+
+
+METADATA = [
+    {"kind": "law", "year": 2019, "score": 1.5, "tags": ["a", "b"], "nested": {"x": None}},
+    {"kind": "recipe", "title": '김치찌개 "spicy" \\ stew', "ok": True},
+    {},
+]
+
+
+def test_hybrid_hits_are_those_of_each_side_with_their_metadata(external):
+    async def check() -> None:
+        store = await open_store(external)
+        try:
+            collection = await store.ensure_collection("rows", "m", 4)
+            rng = np.random.default_rng(0)
+            vectors = rng.normal(size=(30, 4)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            docs = [
+                DocumentChunks(
+                    f"d{i}",
+                    METADATA[i % len(METADATA)],
+                    [f"stew number {i}", f"law {i} of the land"],
+                    vectors[2 * i : 2 * i + 2],
+                )
+                for i in range(15)
+            ]
+            await store.replace_documents(collection, docs)
+            query = vectors[3]
+            dense = {h.chunk_id: h for h in await store.search(collection, query, 40)}
+            keyword = {h.chunk_id: h for h in await store.keyword_search(collection, "stew", 40)}
+            hits = await store.hybrid_search(collection, query, "stew", 8, candidates=40)
+            assert len(hits) == 8
+            for h in hits:
+                side = dense.get(h.chunk_id) or keyword[h.chunk_id]
+                assert (h.document_id, h.text, h.metadata) == (
+                    side.document_id,
+                    side.text,
+                    side.metadata,
+                )
+                assert h.metadata == METADATA[int(h.document_id[1:]) % len(METADATA)]
+        finally:
+            await store.close()
+
+    asyncio.run(check())

@@ -110,3 +110,15 @@ def test_fusion_holds_each_chunk_once_ordered_by_its_fused_score(dense_ids, keyw
         assert abs(h.score - expected) < 1e-12
         assert (h.dense_score is None) == (h.chunk_id not in dense_ids)
         assert (h.keyword_score is None) == (h.chunk_id not in keyword_ids)
+
+
+# Few distinct ids and a small k: many chunks tie on their fused score.
+tied = st.lists(st.integers(0, 12), unique=True, max_size=12)
+
+
+@given(tied, tied, st.integers(1, 5), st.integers(0, 30))
+def test_a_limit_keeps_the_first_hits_of_the_whole_fusion(dense_ids, keyword_ids, k, limit):
+    dense = [hit(i, dense=1.0 - n / 100) for n, i in enumerate(dense_ids)]
+    keyword = [hit(i, keyword=1.0 - n / 100) for n, i in enumerate(keyword_ids)]
+    whole = reciprocal_rank_fusion(dense, keyword, k)
+    assert reciprocal_rank_fusion(dense, keyword, k, limit=limit) == whole[:limit]
