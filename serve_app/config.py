@@ -180,9 +180,9 @@ class StoreConfig(Section):
     )
     data_dir: Path = Field(default=Path("data/pgdata"), description="The embedded server's data.")
     # 1GB, not PostgreSQL's 128MB: an HNSW index must stay in shared buffers to be fast, and
-    # 100k chunks of 384-d vectors make a 195 MB one. At 100k chunks a hybrid search took 7.8 ms
-    # p50 with 512MB against 13.4 ms with 128MB (dense 5.8 against 9.2; interleaved, the same
-    # data). Memory is taken as the data fills it; 1GB holds the index of ~500k such chunks.
+    # the vectors of 100k 384-d chunks alone take 154 MB (100k x 384 x 4 bytes). With it,
+    # hybrid search at 100k chunks measured 11.5 ms p50 (docs/benchmarks/retrieval.md). Memory
+    # is taken as the data fills it.
     shared_buffers: str = Field(
         default="1GB",
         pattern=r"^[1-9][0-9]*(kB|MB|GB)$",
